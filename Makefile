@@ -1,0 +1,43 @@
+# Set-up:  make run   (installs into .venv, then runs the main job on the bundled default)
+#          make test  (installs if needed, then runs the test suite)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_UPDATE_DOWNLOAD_COUNTS := 0
+export WANDB_MODE ?= offline
+
+.PHONY: install run test test-full suite tables clean help
+
+help:
+	@echo "make run | test | test-full | suite | tables | clean"
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	# mamba-ssm ships as an sdist whose setup.py needs torch at build time; no CUDA build here (see compat.py)
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PY) -m pip install -q --no-cache-dir --no-build-isolation --no-deps mamba-ssm==2.3.2.post1
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: install
+	$(PY) run.py
+
+test: install
+	$(PY) -m pytest -q
+
+test-full: install
+	$(PY) -m pytest -q -m ""
+
+suite: install
+	$(PY) -m ssmcompress.suite.build
+
+tables: install
+	$(PY) -m ssmcompress.tables
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache

@@ -1,0 +1,228 @@
+"""Make mamba-ssm run on any device, with or without its compiled kernels.
+
+Why this module exists: mamba-ssm 2.3.2 imports its CUDA extension (`selective_scan_cuda`) unconditionally,
+and its modules call Triton or CUDA kernels that cannot run on a CPU, nor on a GPU where the extension was
+not compiled. mamba-ssm also ships pure-torch reference versions of every kernel we need
+(`selective_scan_ref`, `ssd_minimal_discrete`, `rms_norm_ref`, `selective_state_update_ref`).
+`install()` registers a placeholder for the missing extension so the package imports, then routes each
+kernel entry point, per call, to the fast kernel when the tensors live on a CUDA device that can run it and
+to mamba-ssm's own reference otherwise. The model code itself is never copied or changed.
+
+Call `install()` before importing anything from `mamba_ssm` (importing `ssmcompress.models` does it).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+_installed = False
+HAS_SELECTIVE_SCAN_CUDA = False  # compiled CUDA selective scan (Mamba-1 fast path)
+HAS_CAUSAL_CONV1D = False  # compiled causal-conv1d (fused paths of both Mamba generations)
+# "ref": mamba-ssm's sequential reference; "parallel": mambapy's parallel scan (same maths, much faster
+# to train with; see selective_scan_parallel). Only used where the compiled kernel is unavailable.
+MAMBA1_SCAN = "ref"
+
+
+def _triton_runs_on(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def install() -> None:
+    """Idempotently make `import mamba_ssm` work and route kernels per device (see module docstring)."""
+    global _installed, HAS_SELECTIVE_SCAN_CUDA, HAS_CAUSAL_CONV1D
+    if _installed:
+        return
+    try:
+        import selective_scan_cuda  # noqa: F401
+
+        HAS_SELECTIVE_SCAN_CUDA = not getattr(selective_scan_cuda, "_ssmcompress_placeholder", False)
+    except ImportError:
+        placeholder = types.ModuleType("selective_scan_cuda")
+        placeholder._ssmcompress_placeholder = True
+        sys.modules["selective_scan_cuda"] = placeholder
+    try:
+        HAS_CAUSAL_CONV1D = importlib.util.find_spec("causal_conv1d_cuda") is not None
+    except (ImportError, ValueError):
+        HAS_CAUSAL_CONV1D = False
+
+    import mamba_ssm.models.mixer_seq_simple as mixer_seq
+    import mamba_ssm.modules.block as block
+    import mamba_ssm.modules.mamba2 as m2
+    import mamba_ssm.modules.mamba_simple as m1
+    import mamba_ssm.ops.triton.layer_norm as ln
+    import mamba_ssm.ops.triton.layernorm_gated as lng
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update_ref
+
+    fast = dict(
+        selective_scan_fn=m1.selective_scan_fn,
+        chunk_scan=m2.mamba_chunk_scan_combined,
+        layer_norm_fn=ln.layer_norm_fn,
+        rms_norm_fn=ln.rms_norm_fn,
+        gated_rmsnorm_fn=lng.rmsnorm_fn,
+        state_update=m1.selective_state_update,
+    )
+
+    def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+        if u.is_cuda and HAS_SELECTIVE_SCAN_CUDA:
+            return fast["selective_scan_fn"](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        scan = selective_scan_parallel if (MAMBA1_SCAN == "parallel" and not return_last_state) else selective_scan_ref
+        return scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                    return_last_state=return_last_state)
+
+    def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+                   cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
+                   return_varlen_states=False):
+        if _triton_runs_on(x):
+            return fast["chunk_scan"](x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                      initial_states=initial_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                                      dt_softplus=dt_softplus, dt_limit=dt_limit,
+                                      return_final_states=return_final_states,
+                                      return_varlen_states=return_varlen_states)
+        if (initial_states is not None or seq_idx is not None or cu_seqlens is not None or return_final_states
+                or return_varlen_states):
+            raise NotImplementedError("the CPU reference chunk scan supports plain full-sequence forwards only "
+                                      "(no states, seq_idx or cu_seqlens); decode with a CUDA device")
+        return chunk_scan_reference(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                    dt_softplus=dt_softplus, dt_limit=dt_limit)
+
+    def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
+                      rowscale=None, prenorm=False, residual_in_fp32=False, is_rms_norm=False,
+                      return_dropout_mask=False):
+        if _triton_runs_on(x):
+            return fast["layer_norm_fn"](x, weight, bias, residual=residual, x1=x1, weight1=weight1, bias1=bias1,
+                                         eps=eps, dropout_p=dropout_p, rowscale=rowscale, prenorm=prenorm,
+                                         residual_in_fp32=residual_in_fp32, is_rms_norm=is_rms_norm,
+                                         return_dropout_mask=return_dropout_mask)
+        if x1 is not None or rowscale is not None or dropout_p > 0 or return_dropout_mask:
+            raise NotImplementedError("CPU layer norm: x1/rowscale/dropout are not supported")
+        return add_norm_reference(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm,
+                                  ln.rms_norm_ref, ln.layer_norm_ref)
+
+    def rms_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
+                    rowscale=None, prenorm=False, residual_in_fp32=False, return_dropout_mask=False):
+        return layer_norm_fn(x, weight, bias, residual=residual, x1=x1, weight1=weight1, bias1=bias1, eps=eps,
+                             dropout_p=dropout_p, rowscale=rowscale, prenorm=prenorm,
+                             residual_in_fp32=residual_in_fp32, is_rms_norm=True,
+                             return_dropout_mask=return_dropout_mask)
+
+    def gated_rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+        if _triton_runs_on(x):
+            return fast["gated_rmsnorm_fn"](x, weight, bias, z=z, eps=eps, group_size=group_size,
+                                            norm_before_gate=norm_before_gate)
+        return lng.rms_norm_ref(x, weight, bias, z=z, eps=eps, group_size=group_size,
+                                norm_before_gate=norm_before_gate, upcast=True)
+
+    def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, **kwargs):
+        if _triton_runs_on(x) and fast["state_update"] is not None:
+            return fast["state_update"](state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                        **kwargs)
+        out = selective_state_update_ref(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        return out
+
+    m1.selective_scan_fn = selective_scan_fn
+    m2.mamba_chunk_scan_combined = chunk_scan
+    for module in (block, mixer_seq, m1, ln):
+        module.layer_norm_fn = layer_norm_fn
+    for module in (mixer_seq, m1, ln):
+        module.rms_norm_fn = rms_norm_fn
+    lng.rmsnorm_fn = gated_rmsnorm_fn
+    m1.selective_state_update = state_update
+    m2.selective_state_update = state_update
+    _installed = True
+
+
+def adapt_config(config: dict) -> dict:
+    """Return a copy of a mamba-ssm config dict that runs with the kernels available here.
+
+    Mamba-2's default `use_mem_eff_path` fuses conv, scan, norm and out_proj in one kernel that needs the compiled
+    causal-conv1d; without it we take the unfused path (Triton scan on GPU, reference on CPU), which also calls
+    `out_proj` as a module so that token-importance hooks see its input.
+    """
+    config = dict(config)
+    ssm_cfg = dict(config.get("ssm_cfg") or {})
+    if ssm_cfg.get("layer", "Mamba1") == "Mamba2" and not HAS_CAUSAL_CONV1D:
+        ssm_cfg["use_mem_eff_path"] = False
+    config["ssm_cfg"] = ssm_cfg
+    return config
+
+
+def chunk_scan_reference(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+                         dt_limit=(0.0, float("inf"))):
+    """`mamba_chunk_scan_combined` through mamba-ssm's `ssd_minimal_discrete` (pure torch), for any length.
+
+    We use `ssd_minimal_discrete` rather than `ssd_chunk_scan_combined_ref`: the latter exponentiates unmasked
+    segment sums, whose overflow makes dt's gradient NaN, and it is slower. The minimal SSD needs the discretised
+    inputs (x*dt, A*dt), per-head B/C and a length divisible by the chunk: we apply dt_bias/softplus/dt_limit as the
+    Triton kernel does, expand groups to heads, right-pad (causal, so padding cannot change earlier outputs), and add
+    the D skip and z gate afterwards.
+    """
+    from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
+
+    batch, length, nheads, headdim = x.shape
+    dtype = x.dtype
+    dt = dt.float() + dt_bias.float() if dt_bias is not None else dt.float()
+    dt = F.softplus(dt) if dt_softplus else dt
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt = dt.clamp(*dt_limit)
+    heads_per_group = nheads // B.shape[2]
+    B = B.float().repeat_interleave(heads_per_group, dim=2)
+    C = C.float().repeat_interleave(heads_per_group, dim=2)
+    xf = x.float()
+    pad = (-length) % chunk_size
+    padded = [F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf * dt[..., None], B, C)]
+    y, _ = ssd_minimal_discrete(padded[0], F.pad(A.float() * dt, (0, 0, 0, pad)), padded[1], padded[2], chunk_size)
+    y = y[:, :length]
+    if D is not None:
+        y = y + xf * (D.float()[:, None] if D.dim() == 1 else D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype)
+
+
+def add_norm_reference(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm, rms_ref, ln_ref):
+    """The fused add+norm of `mamba_ssm.ops.triton.layer_norm.layer_norm_fn`, through mamba-ssm's references.
+
+    Matches the kernel's dtypes: the sum is taken in fp32, the normalised output has x's dtype, and the returned
+    residual keeps the incoming residual's dtype (fp32 when `residual_in_fp32` and there is none yet).
+    """
+    residual_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
+    ref = rms_ref if is_rms_norm else ln_ref
+    out = ref(x, weight, bias, residual=residual, eps=eps, prenorm=True, upcast=True)
+    normed, summed = out
+    normed = normed.to(x.dtype)
+    return (normed, summed.to(residual_dtype)) if prenorm else normed
+
+
+def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                            return_last_state=False):
+    """Mamba-1 selective scan with mambapy's parallel (Blelloch) scan instead of a loop over time.
+
+    Same inputs, outputs and maths as mamba-ssm's `selective_scan_ref` (real A, input-dependent B and C of shape
+    (b, n, l)); used to train Mamba-1 where the compiled CUDA scan is missing, since the reference's Python loop
+    over the sequence makes backward passes very slow. Tested against `selective_scan_ref`.
+    """
+    from mambapy.pscan import pscan
+
+    if return_last_state or A.is_complex() or B.dim() != 3 or C.dim() != 3:
+        raise NotImplementedError("parallel scan: real A and (b, n, l) B/C only, no last state")
+    dtype_in = u.dtype
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].float()
+    if delta_softplus:
+        delta = F.softplus(delta)
+    delta_t, u_t = delta.transpose(1, 2), u.transpose(1, 2)  # (b, l, d)
+    deltaA = torch.exp(delta_t.unsqueeze(-1) * A.float())  # (b, l, d, n)
+    deltaB_u = (delta_t * u_t).unsqueeze(-1) * B.float().transpose(1, 2).unsqueeze(2)  # (b, l, d, n)
+    states = pscan(deltaA, deltaB_u)  # (b, l, d, n)
+    y = (states @ C.float().transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # (b, d, l)
+    out = y if D is None else y + u * D.float()[:, None]
+    if z is not None:
+        out = out * F.silu(z.float())
+    return out.to(dtype_in)

@@ -1,0 +1,142 @@
+"""The main job. Data flows through separate modules in this order:
+
+    model adapter (models) -> weight pruner (pruning) -> token reducer (reduction) -> evaluator (evaluation)
+    -> metrics (metrics: FLOPs, latency, memory) -> tracker (tracking: results store, W&B)
+
+Everything that can be checked without loading a model is checked first (config.validate), so bad input fails in
+a second with one line. The record is appended only when every step succeeded.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from ssmcompress import config as config_lib
+from ssmcompress import models, tracking
+
+
+def output_dir() -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        path = config_lib.REPO / "outputs" / time.strftime("%Y-%m-%d/%H-%M-%S")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def build_reducer(model, cfg: DictConfig, info: dict):
+    """The token reducer for cfg.method (None for dense); see ssmcompress.reduction."""
+    if cfg.method.name == "dense":
+        return None
+    from ssmcompress import reduction
+
+    return reduction.from_config(model, cfg, info)
+
+
+def prune(model, tokenizer, cfg: DictConfig) -> dict | None:
+    """Weight pruning for cfg.pruner (None when pruner=none); see ssmcompress.pruning."""
+    if cfg.pruner.name == "none":
+        return None
+    from ssmcompress import pruning
+
+    return pruning.from_config(model, tokenizer, cfg)
+
+
+def measure(model, reducer, cfg: DictConfig, info: dict) -> dict:
+    """FLOPs (dense and reduced), and latency/memory for the efficiency benchmark; see ssmcompress.metrics."""
+    try:
+        from ssmcompress import metrics
+    except ImportError:
+        return {}
+    return metrics.from_config(model, reducer, cfg, info)
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict | None:
+    """Run one job; `run_dir` (default: Hydra's output directory) receives lm-eval samples and W&B files."""
+    config_lib.validate(cfg)
+    resolved = config_lib.to_dict(cfg)
+    key = config_lib.run_key(cfg)
+    if cfg.skip_existing and tracking.has_key(cfg.results_dir, key):
+        print(f"skip: results store {cfg.results_dir} already holds run {key}")
+        return None
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(run_dir) if run_dir is not None else output_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings, start = {}, time.perf_counter()
+
+    model = models.load_model(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.random_init,
+                              config=resolved["model"].get("config"))
+    info = models.model_info(model)
+    device = str(next(model.parameters()).device)
+    tokenizer = models.load_tokenizer(cfg.model.tokenizer) if cfg.benchmark.kind == "lm_eval" else None
+    timings["load_s"] = time.perf_counter() - start
+
+    record = tracking.new_record(key, resolved, device)
+    record.update(model=cfg.model.name, method=cfg.method.name, benchmark=cfg.benchmark.name,
+                  ratio=None if cfg.method.name == "dense" else float(cfg.ratio), protocol=cfg.protocol,
+                  seed=cfg.seed, pruner=cfg.pruner.name, tag=cfg.tag, model_info=info)
+
+    step = time.perf_counter()
+    pruning_stats = prune(model, tokenizer, cfg)
+    if pruning_stats is not None:
+        record["pruning"] = pruning_stats
+        timings["prune_s"] = time.perf_counter() - step
+
+    reducer = build_reducer(model, cfg, info)
+    if reducer is not None:
+        record["reduction"] = reducer.describe()
+
+    if cfg.benchmark.kind == "lm_eval":
+        from ssmcompress.evaluation import harness
+
+        step = time.perf_counter()
+        benchmark = resolved["benchmark"]
+        record["metrics"] = harness.evaluate(model, tokenizer, benchmark, reducer=reducer, protocol=cfg.protocol,
+                                             seed=cfg.seed, samples_dir=run_dir, max_length=cfg.model.max_length)
+        record["headline"] = harness.headline(record["metrics"], benchmark)
+        timings["eval_s"] = time.perf_counter() - step
+        if reducer is not None:
+            record["reduction"] = reducer.describe()  # now with the token counts seen during evaluation
+
+    step = time.perf_counter()
+    record.update(measure(model, reducer, cfg, info))
+    timings["measure_s"] = time.perf_counter() - step
+    timings["total_s"] = time.perf_counter() - start
+    record["timings"] = timings
+    record["output_dir"] = str(run_dir)
+
+    print(summary_table(record))
+    if cfg.logger.name == "wandb":
+        logger = tracking.WandbLogger(resolved["logger"], resolved, run_dir,
+                                      name=f"{cfg.model.name}-{cfg.method.name}-{record['ratio'] or 0}")
+        logger.log(record)
+        logger.finish()
+    path = tracking.append(record, cfg.results_dir)
+    print(f"record {record['run_id']} (key {key}) appended to {path}")
+    return record
+
+
+def summary_table(record: dict) -> str:
+    """A plain-text table of what the run measured."""
+    ratio = record.get("ratio")
+    title = f"{record['model']} | {record['method']}" + (f" | ratio {ratio}" if ratio else "") + \
+        f" | {record['benchmark']} | protocol {record['protocol']}"
+    lines = [title, "-" * len(title)]
+    for task, values in record.get("metrics", {}).items():
+        lines.append(f"{task:<28}" + "  ".join(f"{name} {value:.4f}" for name, value in sorted(values.items())))
+    if "headline" in record:
+        lines.append(f"{'average':<28}{record['headline']['average']:.4f}")
+    flops = record.get("flops")
+    if flops:
+        lines.append(f"{'FLOPs':<28}dense {flops.get('dense', 0):.4g}  reduced {flops.get('reduced', 0):.4g}  "
+                     f"achieved ratio {flops.get('achieved_ratio', 0):.4f}")
+    for name, value in (record.get("efficiency") or {}).items():
+        if isinstance(value, (int, float)):
+            lines.append(f"{name:<28}{value:.4g}")
+    lines.append(f"{'time':<28}" + "  ".join(f"{k} {v:.1f}" for k, v in record["timings"].items()))
+    return "\n".join(lines)

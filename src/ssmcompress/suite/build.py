@@ -1,0 +1,138 @@
+"""Build the offline benchmark suite (lm-eval task YAMLs + JSONL) deterministically.
+
+    python -m ssmcompress.suite.build            # writes src/ssmcompress/assets/tasks/offline/*.jsonl
+
+Tasks (all zero-shot, scored by lm-eval from log-likelihoods):
+- shakespeare_lastword: LAMBADA-style. A passage of a held-out play whose last word also occurs earlier in the
+  passage; predict that word (acc = greedy match of every token, and perplexity).
+- shakespeare_continuation: HellaSwag-style. A few lines of a held-out play; choose the true next line among
+  four (acc, acc_norm).
+- mqar: multi-query associative recall, four choices (acc).
+- story_qa: where is a person, after a story with distractor sentences (bAbI-1 style), four choices (acc).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+from ssmcompress.suite import corpus, synthetic
+
+TASK_DIR = Path(__file__).resolve().parents[1] / "assets" / "tasks" / "offline"
+SIZES = dict(shakespeare_lastword=300, shakespeare_continuation=200, mqar=300, story_qa=300)
+SEEDS = dict(shakespeare_lastword=1, shakespeare_continuation=2, mqar=3, story_qa=4)  # training uses seeds >= 1000
+STOPWORDS = set("""a an and are as at be but by for from had has have he her him his i if in is it its me my no
+nor not of on or our she so that the thee their them then there they thou thy to us was we were what when which
+who will with you your yet this shall than""".split())
+WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
+
+
+def lastword_docs(plays: dict[str, str], n: int, seed: int, min_words: int = 90, max_words: int = 160) -> list[dict]:
+    """Passages that end on a line's last word, where that word (not a stop word) already occurs earlier."""
+    rng = random.Random(seed)
+    candidates = []
+    for name, text in plays.items():
+        lines = text.split("\n")
+        for end in range(len(lines)):
+            words = WORD.findall(lines[end])  # a spoken line (speaker tags are one or two words)
+            if len(words) < 3 or len(words[-1]) < 4 or words[-1].lower() in STOPWORDS:
+                continue
+            candidates.append((name, end))
+    rng.shuffle(candidates)
+    docs, used = [], set()
+    for name, end in candidates:
+        lines = plays[name].split("\n")
+        start, count = end, 0
+        while start > 0 and count < min_words:
+            start -= 1
+            count += len(lines[start].split())
+        if count < min_words or count > max_words or any((name, i) in used for i in range(start, end + 1)):
+            continue
+        last_line = lines[end]
+        target = WORD.findall(last_line)[-1]
+        cut = last_line.rfind(target)
+        if not last_line[:cut].endswith(" "):
+            continue  # hyphenated compounds ("to-night") have no word boundary to score at
+        context = "\n".join(lines[start:end] + [last_line[:cut].rstrip()])
+        if not re.search(rf"\b{re.escape(target)}\b", context):
+            continue
+        context = context.rstrip()
+        candidates_in_context = {w for w in WORD.findall(context)}
+        docs.append(dict(context=context, target=" " + target, play=name, line=end,
+                         chance=1.0 / len(candidates_in_context)))
+        used.update((name, i) for i in range(start, end + 1))
+        if len(docs) == n:
+            break
+    return sorted(docs, key=lambda d: (d["play"], d["line"]))
+
+
+def continuation_docs(plays: dict[str, str], n: int, seed: int, context_words: int = 60) -> list[dict]:
+    """A passage ending at a line break inside a speech; choices: the true next line and three lines from far away."""
+    rng = random.Random(seed)
+    lines = [(name, i, line) for name, text in plays.items() for i, line in enumerate(text.split("\n"))]
+    speech = [k for k, (_, _, line) in enumerate(lines) if len(line.split()) >= 6 and not line.endswith(".")
+              or len(line.split()) >= 8]
+    rng.shuffle(speech)
+    docs, used = [], set()
+    for k in speech:
+        name, i, line = lines[k]
+        if k < 1 or lines[k - 1][0] != name or not lines[k - 1][2] or lines[k - 1][2].endswith("."):
+            continue  # the true line must continue a speech already under way (no speaker change)
+        start, count = k, 0
+        while start > 0 and lines[start - 1][0] == name and count < context_words:
+            start -= 1
+            count += len(lines[start][2].split())
+        if count < context_words or any(j in used for j in range(start, k + 1)):
+            continue
+        length = len(line.split())
+        pool = [j for j in speech if abs(j - k) > 400 and abs(len(lines[j][2].split()) - length) <= 2]
+        if len(pool) < 3:
+            continue
+        wrong = [lines[j][2] for j in rng.sample(pool, 3)]
+        choices = [line] + wrong
+        rng.shuffle(choices)
+        context = "\n".join(lines[j][2] for j in range(start, k)) + "\n"
+        docs.append(dict(context=context, choices=choices, label=choices.index(line), play=name, line=i))
+        used.update(range(start - 2, k + 2))
+        if len(docs) == n:
+            break
+    return sorted(docs, key=lambda d: (d["play"], d["line"]))
+
+
+def synthetic_docs(task: str, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    make = synthetic.mqar if task == "mqar" else synthetic.story
+    return [make(rng) for _ in range(n)]
+
+
+def build(task_dir: Path = TASK_DIR, sizes: dict | None = None) -> dict[str, int]:
+    """Write every task's JSONL; returns {task: number of documents}."""
+    sizes = {**SIZES, **(sizes or {})}
+    _, heldout = corpus.split_plays(corpus.load_plays())
+    docs = dict(
+        shakespeare_lastword=lastword_docs(heldout, sizes["shakespeare_lastword"], SEEDS["shakespeare_lastword"]),
+        shakespeare_continuation=continuation_docs(heldout, sizes["shakespeare_continuation"],
+                                                   SEEDS["shakespeare_continuation"]),
+        mqar=synthetic_docs("mqar", sizes["mqar"], SEEDS["mqar"]),
+        story_qa=synthetic_docs("story_qa", sizes["story_qa"], SEEDS["story_qa"]),
+    )
+    task_dir.mkdir(parents=True, exist_ok=True)
+    for task, rows in docs.items():
+        with open(task_dir / f"{task}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {task: len(rows) for task, rows in docs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=TASK_DIR)
+    args = parser.parse_args()
+    for task, count in build(args.out).items():
+        print(f"{task}: {count} documents -> {args.out / (task + '.jsonl')}")
+
+
+if __name__ == "__main__":
+    main()

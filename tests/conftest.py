@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models in mamba-ssm's hub format, and Hydra config composition."""
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from ssmcompress import models  # noqa: E402
+from ssmcompress.config import ASSETS, CONF_DIR, register_resolvers  # noqa: E402
+
+TOKENIZER_DIR = ASSETS / "models" / "mamba2-tiny"
+TINY = {
+    2: dict(d_model=64, n_layer=4, vocab_size=4096, pad_vocab_size_multiple=16,
+            ssm_cfg=dict(layer="Mamba2", d_state=16, headdim=16, chunk_size=16)),
+    1: dict(d_model=64, n_layer=4, vocab_size=4096, pad_vocab_size_multiple=16, ssm_cfg=dict(layer="Mamba1", d_state=8)),
+}
+
+
+def tiny_model(generation: int = 2, seed: int = 0, **overrides):
+    config = {**TINY[generation], **overrides}
+    return models.build_model(config, "cpu", "float32", seed=seed)
+
+
+def save_tiny(directory, generation: int = 2, seed: int = 0, **overrides):
+    model = tiny_model(generation, seed, **overrides)
+    models.save_model(model, directory, tokenizer=models.load_tokenizer(str(TOKENIZER_DIR)))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba2_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("mamba2-tiny-random"), 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba1_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("mamba-tiny-random"), 1)
+
+
+def compose_config(overrides=()):
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
