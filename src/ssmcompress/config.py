@@ -40,6 +40,8 @@ def run_key(cfg: DictConfig | dict) -> str:
         resolved.pop(name, None)
     if resolved.get("method", {}).get("name") == "dense":
         resolved["ratio"], resolved["layers"] = None, None  # dense ignores them: one dense record, not one per ratio
+    if resolved.get("pruner", {}).get("name") == "none":
+        resolved["sparsity"] = None
     text = json.dumps(resolved, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -65,8 +67,18 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"ratio must be a number with 0 < ratio < 1 (fraction of FLOPs removed), got {cfg.ratio!r}")
     device = models.resolve_device(cfg.model.device)
     models.resolve_dtype(cfg.model.dtype, device)
-    if not cfg.model.random_init:
-        models.load_config(cfg.model.path)  # local dir without config.json, offline hub name, ... fail here
+    # a local dir without config.json, an offline hub name, ... fail here, before any weights are read
+    model_config = to_dict(cfg.model)["config"] if cfg.model.random_init else models.load_config(cfg.model.path)
+    if cfg.method.name != "dense":
+        from ssmcompress import reduction
+
+        if hasattr(reduction, "check_config"):
+            reduction.check_config(cfg, model_config)  # raises ConfigError
+    if cfg.pruner.name != "none":
+        from ssmcompress import pruning
+
+        if hasattr(pruning, "check_config"):
+            pruning.check_config(cfg, model_config)  # raises ConfigError
     if cfg.benchmark.kind == "lm_eval":
         include = cfg.benchmark.get("include_path")
         if include and not Path(include).is_dir():

@@ -78,8 +78,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict | None:
 
     record = tracking.new_record(key, resolved, device)
     record.update(model=cfg.model.name, method=cfg.method.name, benchmark=cfg.benchmark.name,
-                  ratio=None if cfg.method.name == "dense" else float(cfg.ratio), protocol=cfg.protocol,
-                  seed=cfg.seed, pruner=cfg.pruner.name, tag=cfg.tag, model_info=info)
+                  ratio=None if cfg.method.name == "dense" else float(cfg.ratio),
+                  layers=None if cfg.method.name == "dense" else resolved["layers"], protocol=cfg.protocol,
+                  seed=cfg.seed, pruner=cfg.pruner.name, sparsity=None if cfg.pruner.name == "none" else resolved["sparsity"],
+                  tag=cfg.tag, model_info=info)
 
     step = time.perf_counter()
     pruning_stats = prune(model, tokenizer, cfg)
