@@ -2,6 +2,8 @@
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ssmcompress.config import ConfigError, register_resolvers
@@ -18,6 +20,8 @@ def main(cfg: DictConfig):
         return runner.run(cfg)
     except (ConfigError, ModelSourceError) as error:
         print(f"error: {error}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a sweep goes on with its other runs; Hydra reports the failure at its end (rerun: it resumes)
         sys.exit(2)
 
 

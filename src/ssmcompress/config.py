@@ -83,3 +83,6 @@ def validate(cfg: DictConfig) -> None:
         include = cfg.benchmark.get("include_path")
         if include and not Path(include).is_dir():
             raise ConfigError(f"benchmark {cfg.benchmark.name}: task directory {include} does not exist")
+        from ssmcompress.evaluation import harness
+
+        harness.check_datasets(to_dict(cfg.benchmark))  # hub datasets reachable or cached, else ConfigError

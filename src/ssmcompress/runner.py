@@ -133,12 +133,8 @@ def summary_table(record: dict) -> str:
         lines.append(f"{task:<28}" + "  ".join(f"{name} {value:.4f}" for name, value in sorted(values.items())))
     if "headline" in record:
         lines.append(f"{'average':<28}{record['headline']['average']:.4f}")
-    flops = record.get("flops")
-    if flops:
-        lines.append(f"{'FLOPs':<28}dense {flops.get('dense', 0):.4g}  reduced {flops.get('reduced', 0):.4g}  "
-                     f"achieved ratio {flops.get('achieved_ratio', 0):.4f}")
-    for name, value in (record.get("efficiency") or {}).items():
-        if isinstance(value, (int, float)):
-            lines.append(f"{name:<28}{value:.4g}")
+    from ssmcompress import metrics
+
+    lines.extend(metrics.summary_lines(record))  # FLOPs (dense, reduced, achieved ratio), latency, memory
     lines.append(f"{'time':<28}" + "  ".join(f"{k} {v:.1f}" for k, v in record["timings"].items()))
     return "\n".join(lines)

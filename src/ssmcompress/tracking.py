@@ -91,6 +91,16 @@ class WandbLogger:
         for key, value in flat.items():
             self.run.summary[key] = value
         self.run.summary["key"] = record["key"]
+        self.log_per_layer(record)
+
+    def log_per_layer(self, record: dict) -> None:
+        """Per-layer tokens and FLOPs (dense vs reduced) as a W&B table, so each layer's reduction is visible."""
+        from ssmcompress.metrics import per_layer_rows
+
+        rows = per_layer_rows(record.get("flops") or {})
+        if rows:
+            table = self.wandb.Table(columns=list(rows[0]), data=[list(row.values()) for row in rows])
+            self.run.log({"flops/per_layer": table})
 
     def finish(self) -> None:
         self.run.finish()

@@ -71,6 +71,9 @@ class Mixture(torch.utils.data.IterableDataset):
         self.text_share, self.seed, self.format_weight = text_share, seed, format_weight
         self.batch_size, self.start_step, self.curriculum_steps = batch_size, start_step, curriculum_steps
         self.eos = tokenizer.eos_token_id
+        # adaptive curriculum: the difficulty the training loop has reached, shared with forked data-loader workers
+        # (a negative value means: follow the fixed schedule)
+        self.level = torch.multiprocessing.Value("d", -1.0)
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
@@ -81,6 +84,7 @@ class Mixture(torch.utils.data.IterableDataset):
             # each worker builds whole batches in turn, so rows * workers / batch_size counts training steps
             step = self.start_step + rows * workers / self.batch_size
             progress = min(1.0, step / self.curriculum_steps) if self.curriculum_steps else 1.0
+            progress = progress if self.level.value < 0 else self.level.value
             yield self.text_row(rng) if rng.random() < self.text_share else self.synthetic_row(rng, progress)
             rows += 1
 
@@ -147,10 +151,17 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None,
                         help="wall-clock budget: after 20 steps, shrink --steps (and the LR schedule) to fit it")
     parser.add_argument("--tokenizer-only", action="store_true", help="train and save the tokenizer, then stop")
+    parser.add_argument("--export-only", action="store_true",
+                        help="write <out>/train_state.pt's weights as the model in <out> (hub format), then stop")
     parser.add_argument("--workers", type=int, default=4, help="data-loader processes making synthetic documents")
     parser.add_argument("--n-layer", type=int, default=None, help="override the config's depth (experiments)")
     parser.add_argument("--curriculum", type=float, default=0.4,
                         help="fraction of the steps over which synthetic tasks grow from easy to full difficulty")
+    parser.add_argument("--adaptive", type=float, default=None, metavar="ACCURACY",
+                        help="adaptive curriculum instead: raise the difficulty by 0.1 each time both synthetic "
+                             "tasks reach this accuracy at the current difficulty (checked at every save)")
+    parser.add_argument("--level", type=float, default=None,
+                        help="fixed curriculum level in [0, 1] for the synthetic tasks (with --adaptive: the start)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this model directory's weights (a fresh optimizer; e.g. a later stage)")
@@ -181,13 +192,20 @@ def main() -> None:
         model.load_state_dict(models.load_model(str(args.init), "cpu", "float32").state_dict())
     if config.get("ssm_cfg", {}).get("layer", "Mamba1") == "Mamba1":
         compat.MAMBA1_SCAN = "parallel"  # the reference scan's loop over time makes backward passes crawl
+    state_path = args.out / "train_state.pt"
+    if args.export_only:
+        model.load_state_dict(torch.load(state_path, map_location=device, weights_only=False)["model"])
+        models.save_model(model, args.out, tokenizer, dtype=getattr(torch, args.save_dtype))
+        print(f"exported {state_path} to {args.out}")
+        return
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     text_ids = np.array(tokenizer("\n\n".join(train_plays.values()))["input_ids"], dtype=np.int64)
     monitor_rng = random.Random(SYNTHETIC_SEED - 1)
     monitor = dict(mqar=[synthetic.mqar(monitor_rng) for _ in range(64)],
-                   story=[synthetic.story(monitor_rng) for _ in range(64)])
+                   story=[synthetic.story(monitor_rng) for _ in range(64)],
+                   mqar16=[synthetic.mqar(monitor_rng, n_pairs=16) for _ in range(64)])  # recall beyond the suite's
 
-    state_path, step = args.out / "train_state.pt", 0
+    step, resumed_level = 0, None
     if args.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -195,19 +213,25 @@ def main() -> None:
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
         print(f"resumed from step {step}")
+        resumed_level = state.get("level")
     # a resumed run continues with a fresh data stream (seeded by the step), not the exact batches it would have seen
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    level = args.level if args.adaptive is None else resumed_level if resumed_level is not None else args.level or 0.0
+
     def make_loader(first: int):
+        nonlocal data
         data = Mixture(tokenizer, text_ids, args.seq_len, args.text_share, seed=args.seed + first,
                        batch_size=args.batch_size, start_step=first, curriculum_steps=int(args.curriculum * args.steps),
                        answer_weight=args.answer_weight)
+        data.level.value = -1.0 if level is None else level
         return iter(torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers))
 
+    data = None
     loader = make_loader(step)
 
     def save(final: bool = False) -> None:
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state(), step=step, args={k: str(v) for k, v in vars(args).items()})
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state(), step=step, level=level, args={k: str(v) for k, v in vars(args).items()})
         torch.save(state, state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)  # atomic: a kill mid-write keeps the last state
         if final:
@@ -216,9 +240,16 @@ def main() -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def checkpoint(last_loss: float, final: bool = False) -> None:
+        nonlocal level
         model.eval()
         with autocast:
             accuracy = {k: choice_accuracy(model, tokenizer, v, device) for k, v in monitor.items()}
+            if args.adaptive is not None:
+                level_docs = synthetic.level_docs(random.Random(step), level, 64)
+                at_level = {k: choice_accuracy(model, tokenizer, v, device) for k, v in level_docs.items()}
+                accuracy.update({f"{k}@level": v for k, v in at_level.items()}, level=level)
+                if min(at_level.values()) >= args.adaptive and level < 1.0:
+                    level = data.level.value = round(min(1.0, level + 0.1), 2)
         model.train()
         log.append(dict(step=step, loss=last_loss, seconds=time.time() - start, **accuracy))
         bar.write(json.dumps(log[-1]))

@@ -8,6 +8,54 @@ from pathlib import Path
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # datasets otherwise pings S3 on every load
 
 
+def check_datasets(benchmark: dict) -> None:
+    """Before any work: the hub datasets a benchmark lists (`datasets: {task: hub name}`) must be reachable or
+    cached, else one ConfigError line saying what to do (datasets would otherwise retry the hub for ~30 s each)."""
+    from ssmcompress import models
+    from ssmcompress.config import ConfigError
+
+    names = sorted(set((benchmark.get("datasets") or {}).values()))
+    if not names:
+        return
+    offline = _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
+    if not offline and models.hub_reachable():
+        return
+    cache = datasets_cache()
+    missing = [name for name in names if not dataset_cached(name, cache)]
+    if missing:
+        reason = "offline mode is set" if offline else "the Hugging Face hub is unreachable"
+        raise ConfigError(f"benchmark {benchmark.get('name')} needs the datasets {', '.join(missing)}, but {reason} "
+                          f"and they are not in the datasets cache {cache}: run it once with hub access (or copy "
+                          f"that machine's HF_HOME here and set HF_HOME / HF_DATASETS_CACHE), or use "
+                          f"benchmark=offline")
+    if not offline:
+        use_cached_datasets_only()
+
+
+def datasets_cache() -> Path:
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE)
+
+
+def dataset_cached(name: str, cache: Path) -> bool:
+    """Whether `datasets` can load hub dataset `name` offline: it reads <cache>/<org>___<name>/<config>/<version>/."""
+    return any(path.is_dir() for path in (cache / name.replace("/", "___")).glob("*/*/*"))
+
+
+def use_cached_datasets_only() -> None:
+    """Offline mode for this process, also for modules that read the environment at import."""
+    import datasets
+    import huggingface_hub.constants
+
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def task_manager(include_path: str | None):
     from lm_eval.tasks import TaskManager
 
@@ -52,10 +100,12 @@ def evaluate(model, tokenizer, benchmark: dict, reducer=None, protocol: str = "e
 def headline(metrics: dict, benchmark: dict) -> dict:
     """The paper-style row: each task's main metric, the extra metrics (e.g. LAMBADA perplexity), the average."""
     row = {}
+    # a task without a main_metric (held-out perplexity, #8) reports only its extra metrics and is not averaged
+    scored = [task for task in benchmark["tasks"] if task in benchmark["main_metric"]]
     for task in benchmark["tasks"]:
-        main = benchmark["main_metric"][task]
-        row[task] = metrics[task][main]
+        if task in scored:
+            row[task] = metrics[task][benchmark["main_metric"][task]]
         for extra in (benchmark.get("extra_metrics") or {}).get(task, []):
             row[f"{task}/{extra}"] = metrics[task][extra]
-    row["average"] = sum(row[task] for task in benchmark["tasks"]) / len(benchmark["tasks"])
+    row["average"] = sum(row[task] for task in scored) / len(scored) if scored else float("nan")
     return row

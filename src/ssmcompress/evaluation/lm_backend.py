@@ -4,21 +4,29 @@ It is lm-eval's own `mamba_ssm` backend (`MambaLMWrapper`, itself an `HFLM`) wit
 - `_get_config` / `_create_model` take the model object we built instead of loading one from the hub;
 - `_model_call` runs the reducer (if any) and returns logits in the layout lm-eval's `_loglikelihood_tokens`
   expects, according to the protocol:
-  * `exact`: the positions lm-eval scores (each row's last `len(continuation)` input positions) are protected
-    from reduction, and the kept positions' logits are scattered back to their original places, so lm-eval
-    reads the right logits for the right tokens. Removed positions hold NaN: reading one would be loud.
+  * `exact` (default): the positions lm-eval scores (each row's last `len(continuation)` input positions) are
+    protected from reduction, and the kept positions' logits are scattered back to their original places, so
+    lm-eval reads the right logits for the right tokens. Removed positions hold NaN: reading one would be loud, and
+    a reducer that drops a protected position is an error. Each row's real length is passed to the reducer, so
+    right padding is not reduced as if it were text and a padded batch scores as batch size 1 does.
   * `paper`: the shortened logits are returned as they are, and lm-eval's unchanged slicing
     (`ctx_len = inplen + (L' - padded_len)`) assumes every removed token lay before the continuation: exactly the
-    official ToR_SSM evaluation (shared/reference paper-utr.md section 4). Rows whose slice would start before
-    position 0 are clamped (`_select_cont_toks`), where the official code indexed with negative numbers.
+    official ToR_SSM evaluation (shared/reference paper-utr.md section 4), padding reduced like text. Where that
+    slice would start before position 0 (a short row in a batch with a long one) the official code sliced with a
+    negative start; here the row reads the first positions instead and the count of such rows is reported.
 - `_loglikelihood_tokens` only records, per distinct input row, how many trailing positions are scored, so
   that `_model_call` can protect them (lm-eval does not pass continuation lengths to `_model_call`).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.mamba_lm import MambaLMWrapper
+
+PAD_ID = 0  # lm-eval's pad_and_concat right-pads input rows with zeros
+logger = logging.getLogger(__name__)
 
 
 @register_model("ssmcompress")
@@ -28,7 +36,8 @@ class ReducedMambaLM(MambaLMWrapper):
         if protocol not in ("exact", "paper"):
             raise ValueError(f"unknown protocol {protocol!r}: use exact or paper")
         self._built_model, self.reducer, self.protocol = model, reducer, protocol
-        self._scored = {}  # input row (tuple of token ids) -> number of trailing positions lm-eval will score
+        self._scored: dict[tuple, dict[int, int]] = {}
+        self.clamped_rows = 0  # paper protocol: rows whose official slice would have started before position 0
         device = str(next(model.parameters()).device)
         super().__init__(pretrained="ssmcompress-model", tokenizer=tokenizer, batch_size=batch_size,
                          max_length=max_length, device=device, **kwargs)
@@ -40,47 +49,96 @@ class ReducedMambaLM(MambaLMWrapper):
         self._model = self._built_model
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        # lm-eval scores, for each request, the logits at the last len(continuation) positions of
-        # inp = (context + continuation)[-(max_length + 1):][:-1]; remember that count per distinct input row.
-        # Requests sharing an input row (lm-eval's one-token-continuation cache) keep the largest count.
-        self._scored = {}
-        for _, context, continuation in requests:
-            row = tuple((context + continuation)[-(self.max_length + 1):][:-1])
-            self._scored[row] = max(self._scored.get(row, 0), len(continuation))
-        return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-
-    def _row_lengths_and_protection(self, inps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's real length (lm-eval right-pads with 0) and the positions it will score."""
-        lengths = torch.zeros(inps.shape[0], dtype=torch.long)
-        protect = torch.zeros(inps.shape, dtype=torch.bool)
-        rows = inps.tolist()
-        for i, row in enumerate(rows):
-            # the longest prefix that is a known input row and is followed only by padding
-            for length in range(len(row), 0, -1):
-                if length < len(row) and row[length] != 0:
-                    break
-                scored = self._scored.get(tuple(row[:length]))
-                if scored is not None:
-                    lengths[i] = length
-                    protect[i, length - scored: length] = True
-                    break
-            else:
-                raise RuntimeError("lm-eval sent an input row this backend did not see in the requests")
-        return lengths.to(inps.device), protect.to(inps.device)
+        self._scored = scored_rows(requests, self.max_length)
+        clamped_before = self.clamped_rows
+        results = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        if self.clamped_rows > clamped_before:
+            logger.warning(f"paper protocol: {self.clamped_rows - clamped_before} request(s) had more tokens "
+                           f"removed than their row held before the continuation; scored from position 0")
+        return results
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         if self.reducer is None:
             return super()._model_call(inps, attn_mask, labels)
         with torch.no_grad():
             if self.protocol == "paper":
-                # official alignment: no protection, padding reduced like real tokens, shortened output
                 return self.reducer(inps, lengths=None, protect=None).logits
-            lengths, protect = self._row_lengths_and_protection(inps)
+            lengths, protect = lengths_and_protection(inps, self._scored)
             out = self.reducer(inps, lengths=lengths, protect=protect)
-            full = out.logits.new_full((*inps.shape, out.logits.shape[-1]), float("nan"))
-            return full.scatter_(1, out.positions[..., None].expand_as(out.logits), out.logits)
+            return scatter_to_positions(out.logits, out.positions, protect, getattr(out, "counts", None))
 
     def _select_cont_toks(self, logits: torch.Tensor, contlen: int | None = None, inplen: int | None = None):
         if self.protocol == "paper" and self.reducer is not None and inplen is not None and inplen < contlen:
-            inplen = contlen  # the official code sliced with a negative start here; read the first rows instead
+            self.clamped_rows += 1
+            inplen = contlen
         return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        if self.reducer is not None:
+            raise NotImplementedError("generation tasks are not supported with token reduction; use "
+                                      "loglikelihood / multiple-choice tasks")
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+
+def scored_rows(requests, max_length: int) -> dict[tuple, dict[int, int]]:
+    """lm-eval's input rows, keyed by the row without trailing pad ids: {row length: trailing positions scored}.
+
+    lm-eval scores, per request, the logits at the last len(continuation) positions of
+    inp = (context + continuation)[-(max_length + 1):][:-1]. Requests sharing an input row (its one-token-
+    continuation cache) keep the largest count. Keying by the stripped row lets a padded batch row be matched in
+    one lookup even when the row itself ends in pad ids."""
+    rows: dict[tuple, dict[int, int]] = {}
+    for _, context, continuation in requests:
+        row = (context + continuation)[-(max_length + 1):][:-1]
+        lengths = rows.setdefault(tuple(_strip_padding(row)), {})
+        lengths[len(row)] = max(lengths.get(len(row), 0), len(continuation))
+    return rows
+
+
+def lengths_and_protection(inps: torch.Tensor, scored: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each batch row's real length and the positions lm-eval will score in it.
+
+    A padded row is ambiguous only when its real tokens end in the pad id and a shorter known row matches it; then
+    every candidate's scored positions are protected (a superset is safe) and the longest candidate is the length.
+    """
+    lengths = torch.zeros(inps.shape[0], dtype=torch.long)
+    protect = torch.zeros(inps.shape, dtype=torch.bool)
+    for i, row in enumerate(inps.tolist()):
+        candidates = {length: count for length, count in scored.get(tuple(_strip_padding(row)), {}).items()
+                      if length <= len(row)}
+        if not candidates:
+            raise RuntimeError("lm-eval sent an input row this backend did not see in the requests")
+        lengths[i] = max(candidates)
+        for length, count in candidates.items():
+            protect[i, length - count: length] = True
+    return lengths.to(inps.device), protect.to(inps.device)
+
+
+def scatter_to_positions(logits: torch.Tensor, positions: torch.Tensor, protect: torch.Tensor,
+                         counts: torch.Tensor | None = None) -> torch.Tensor:
+    """(batch, kept, vocab) logits of the kept positions -> (batch, length, vocab), NaN where a token was removed.
+    `counts` (optional, per row): only a row's first counts[i] slots are real tokens, the rest fillers (NaN).
+    Raises if a protected (scored) position is missing: its score would otherwise be read from a NaN or a neighbour."""
+    if positions.shape != logits.shape[:2]:
+        raise RuntimeError(f"reducer returned logits {tuple(logits.shape)} but positions {tuple(positions.shape)}")
+    batch, length = protect.shape
+    real = torch.ones_like(positions, dtype=torch.bool)
+    if counts is not None:
+        real = torch.arange(positions.shape[1], device=positions.device) < counts.to(positions.device)[:, None]
+    # fillers go to a spare last column, so they can never overwrite or stand in for a real slot
+    target = torch.where(real, positions, length)
+    kept = protect.new_zeros(batch, length + 1).scatter_(1, target, True)[:, :length]
+    missing = protect & ~kept
+    if missing.any():
+        row, position = missing.nonzero()[0].tolist()
+        raise RuntimeError(f"the reducer removed protected position {position} of batch row {row}; "
+                           f"the exact protocol needs every scored position kept")
+    full = logits.new_full((batch, length + 1, logits.shape[-1]), float("nan"))
+    return full.scatter_(1, target[..., None].expand_as(logits), logits)[:, :length]
+
+
+def _strip_padding(row: list[int]) -> list[int]:
+    end = len(row)
+    while end > 0 and row[end - 1] == PAD_ID:
+        end -= 1
+    return row[:end]

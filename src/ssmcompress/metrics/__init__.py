@@ -1,6 +1,162 @@
-"""Metrics of a run besides accuracy: FLOPs (analytic and fvcore), latency, throughput and peak memory."""
+"""Metrics of a run besides accuracy: FLOPs (analytic and fvcore), latency, throughput and peak memory.
+
+`from_config(model, reducer, cfg, info)` is the runner's hook. It measures the dense model and, when a reducer is
+given, the reduced one, on one synthetic batch whose size is set by the benchmark config's `measure` block
+(`conf/benchmark/efficiency.yaml` documents the keys; lm-eval benchmarks carry a small one so every run reports
+FLOPs, latency and memory next to its accuracy). FLOPs are those of one forward of one sequence.
+"""
+from __future__ import annotations
+
+import copy
+
+from ssmcompress.metrics import efficiency
+from ssmcompress.metrics import flops as analytic
+from ssmcompress.metrics import forwards as forwards_lib
+
+DEFAULT_MEASURE = dict(
+    enabled=True,
+    fvcore=True,  # also count with fvcore (one traced forward per model variant)
+    efficiency=True,  # latency, throughput and peak memory
+    warmup=1,
+    repeats=3,
+    shape=dict(cpu=dict(batch_size=1, length=128), cuda=dict(batch_size=8, length=2048)),
+)
+CONVENTION = ("one forward of one sequence; 1 multiply-add = 1 FLOP; norms 5/element; scan = the kernel's "
+              "contractions; other elementwise work 0 (ssmcompress.metrics.flops)")
+
+
+def measure_settings(benchmark: dict) -> dict:
+    """The benchmark config's `measure` block over DEFAULT_MEASURE (nested keys merged)."""
+    return _merge(copy.deepcopy(DEFAULT_MEASURE), benchmark.get("measure") or {})
+
+
+def input_shape(settings: dict, device_type: str) -> tuple[int, int]:
+    shape = settings["shape"].get(device_type)
+    if shape is None:
+        raise ValueError(f"benchmark.measure.shape has no entry for device type {device_type!r}")
+    return int(shape["batch_size"]), int(shape["length"])
 
 
 def from_config(model, reducer, cfg, info: dict) -> dict:
-    """Measurements for the runner's record (keys `flops`, `efficiency`); filled in by issue #5."""
-    return {}
+    """Record sections `flops` and `efficiency` for the runner (empty when `measure.enabled` is false)."""
+    from omegaconf import OmegaConf
+
+    settings = measure_settings(OmegaConf.to_container(cfg.benchmark, resolve=True))
+    if not settings["enabled"]:
+        return {}
+    device = next(model.parameters()).device
+    batch_size, length = input_shape(settings, device.type)
+    input_ids = efficiency.synthetic_batch(model.config.vocab_size, batch_size, length, device, seed=cfg.seed)
+    forwards = {"dense": forwards_lib.dense_forward(model)}
+    if reducer is not None:
+        forwards["reduced"] = forwards_lib.reduced_forward(reducer)
+    sections = {"flops": flops_report(model, reducer, info, input_ids, forwards, settings["fvcore"])}
+    if settings["efficiency"]:
+        sections["efficiency"] = efficiency.measure(forwards, input_ids, settings["warmup"], settings["repeats"],
+                                                    efficiency.weight_bytes(model))
+        sections["efficiency"]["scan_kernel"] = efficiency.scan_kernel(info["generation"], device)
+    return sections
+
+
+def flops_report(model, reducer, info: dict, input_ids, forwards: dict, use_fvcore: bool = True) -> dict:
+    """Dense and reduced FLOPs per sequence, the achieved reduction ratio and per-layer FLOPs, by the analytic model
+    (the reduction budget's ruler) from the tokens each layer actually received, and cross-checked with fvcore."""
+    batch_size, length = input_ids.shape
+    n_layer = info["n_layer"]
+    dense = analytic.forward_flops(info, [length] * n_layer)
+    if reducer is None:
+        tokens, logits_tokens, overhead = [length] * n_layer, length, 0.0
+    else:
+        tokens, logits_tokens = forwards_lib.tokens_per_layer(model, forwards["reduced"], input_ids)
+        overhead = reduction_overhead(reducer, tokens)
+    # as the reduction budget (reduction/budget.py): the model's own work; the reduction's own work beside it
+    reduced = analytic.forward_flops(info, tokens, logits_tokens)
+    report = dict(convention=CONVENTION, batch_size=batch_size, length=length,
+                  dense=dense["total"], reduced=reduced["total"],
+                  achieved_ratio=1 - reduced["total"] / dense["total"],
+                  reduction_overhead=overhead,  # None: the reducer does not report it (fvcore still counts it)
+                  achieved_ratio_with_overhead=None if overhead is None else
+                  1 - (reduced["total"] + overhead) / dense["total"],
+                  tokens_per_layer=tokens, logits_tokens=logits_tokens,
+                  per_layer=dict(dense=dense["per_layer"], reduced=reduced["per_layer"]),
+                  lm_head=dict(dense=dense["lm_head"], reduced=reduced["lm_head"]))
+    if use_fvcore:
+        report["fvcore"] = fvcore_report(model, info, input_ids, forwards, report)
+    return report
+
+
+def fvcore_report(model, info: dict, input_ids, forwards: dict, analytic_report: dict) -> dict:
+    from ssmcompress.metrics import fvcore_count
+
+    batch_size = input_ids.shape[0]
+    counts = {name: fvcore_count.count_forward(model, forward, input_ids, info) for name, forward in forwards.items()}
+    reduced = counts.get("reduced", counts["dense"])
+    dense_total, reduced_total = counts["dense"]["total"] / batch_size, reduced["total"] / batch_size
+    return dict(dense=dense_total, reduced=reduced_total, achieved_ratio=1 - reduced_total / dense_total,
+                per_layer=dict(dense=[f / batch_size for f in counts["dense"]["per_layer"]],
+                               reduced=[f / batch_size for f in reduced["per_layer"]]),
+                # fvcore / analytic - 1: the analytic ruler's error on this model (a test keeps it under 2%);
+                # fvcore sees the reduction's own work too, so it is compared with reduced + overhead
+                deviation=dict(dense=dense_total / analytic_report["dense"] - 1,
+                               reduced=reduced_total / (analytic_report["reduced"]
+                                                        + (analytic_report["reduction_overhead"] or 0.0)) - 1),
+                uncounted_ops=reduced["uncounted_ops"])
+
+
+def reduction_overhead(reducer, tokens_per_layer: list[int]) -> float | None:
+    """The reduction's own FLOPs (matching, merging) per sequence, from the reducer's optional
+    `reduction_flops(tokens_per_layer)`; None (recorded as not counted; fvcore still sees it) when it has none."""
+    method = getattr(reducer, "reduction_flops", None)
+    return float(method(tokens_per_layer)) if callable(method) else None
+
+
+def per_layer_rows(flops_section: dict) -> list[dict]:
+    """One row per block: tokens entering it, its dense and reduced FLOPs (for tables and W&B)."""
+    if not flops_section or "per_layer" not in flops_section:
+        return []
+    per_layer = flops_section["per_layer"]
+    return [dict(layer=i, tokens=tokens, dense_flops=dense, reduced_flops=reduced)
+            for i, (tokens, dense, reduced) in enumerate(zip(flops_section["tokens_per_layer"], per_layer["dense"],
+                                                              per_layer["reduced"]))]
+
+
+def summary_lines(record: dict) -> list[str]:
+    """Lines for the runner's summary table: FLOPs, per-layer tokens when reduced, latency and memory."""
+    lines = []
+    flops = record.get("flops")
+    if flops:
+        lines.append(f"{'FLOPs / sequence':<28}dense {flops['dense']:.4g}  reduced {flops['reduced']:.4g}  "
+                     f"achieved ratio {flops['achieved_ratio']:.4f}  ({flops['batch_size']}x{flops['length']})")
+        if flops["reduction_overhead"]:
+            lines.append(f"{'  with reduction overhead':<28}{flops['reduction_overhead']:.4g} FLOPs: achieved ratio "
+                         f"{flops['achieved_ratio_with_overhead']:.4f}")
+        elif flops["reduction_overhead"] is None:
+            lines.append(f"{'  reduction overhead':<28}not reported by the reducer (in fvcore's count only)")
+        if "fvcore" in flops:
+            fv = flops["fvcore"]
+            lines.append(f"{'FLOPs (fvcore)':<28}dense {fv['dense']:.4g}  reduced {fv['reduced']:.4g}  "
+                         f"achieved ratio {fv['achieved_ratio']:.4f} (reduction's own work included)")
+        if flops["achieved_ratio"]:
+            lines.append(f"{'tokens per layer':<28}" + " ".join(str(t) for t in flops["tokens_per_layer"]))
+    eff = record.get("efficiency")
+    if eff:
+        names = [n for n in ("dense", "reduced") if f"{n}_latency_ms" in eff]
+        lines.append(f"{'latency ms':<28}" + "  ".join(f"{n} {eff[f'{n}_latency_ms']:.4g}" for n in names)
+                     + (f"  speedup {eff['speedup']:.3f}" if "speedup" in eff else "")
+                     + f"  ({eff['batch_size']}x{eff['length']}, {eff['device']})")
+        if "not representative" in eff.get("scan_kernel", ""):
+            lines.append(f"{'  scan':<28}{eff['scan_kernel']}")
+        lines.append(f"{'tokens/s':<28}" + "  ".join(f"{n} {eff[f'{n}_tokens_per_s']:.4g}" for n in names))
+        if all(f"{n}_peak_mib" in eff for n in names):
+            lines.append(f"{'peak memory MiB':<28}" + "  ".join(
+                f"{n} {eff[f'{n}_peak_mib']:.1f} (activation {eff[f'{n}_activation_mib']:.1f})" for n in names))
+    return lines
+
+
+def _merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base

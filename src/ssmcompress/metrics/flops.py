@@ -1,27 +1,61 @@
 """Analytic forward FLOPs of Mamba / Mamba-2 language models, per layer and per token count.
 
-Convention (as fvcore): one multiply-add counts as one FLOP; elementwise work (activations, gates, decays)
-counts where noted. The token-reduction budget is solved with this model, and the evaluator reports it, so
-every method is compared at the same FLOPs by the same ruler. `model_info` comes from `models.model_info`.
+The token-reduction budget is solved with this model and the evaluator reports it, so every method is compared at
+the same FLOPs by the same ruler. `info` comes from `models.model_info`.
+
+Convention (fvcore's, so that this model and `fvcore_count.count_forward` agree; a test holds them within 2%):
+- one multiply-add counts as one FLOP (linear layers, convolutions, matmuls, the scan's contractions);
+- a norm counts NORM_FLOPS_PER_ELEMENT = 5 per element, fvcore's own estimate for an affine `layer_norm`; the
+  residual add fused into a block's norm and the gate fused into Mamba-2's gated norm are included in it;
+- the scan counts the contractions of mamba-ssm's kernels (SSD for Mamba-2, the selective scan for Mamba-1, formulas
+  below); fvcore cannot see inside those kernels, so its handles (fvcore_count.py) call these same functions;
+- other elementwise work (SiLU, softplus, decays, the embedding lookup) counts 0, as in fvcore;
+- the depthwise causal conv counts its causal outputs, `k` per channel and token (fvcore, tracing mamba-ssm's
+  `nn.Conv1d` fallback, also counts the k-1 padded outputs per sequence that mamba-ssm computes and drops).
 """
 from __future__ import annotations
 
 import math
 
+NORM_FLOPS_PER_ELEMENT = 5
 
-def mixer_flops_per_token(info: dict, n_tokens: int) -> dict[str, float]:
-    """FLOPs per token of one block at sequence length n_tokens, by component."""
+
+def ssd_scan_flops_per_token(n_tokens: float, nheads: int, headdim: int, ngroups: int, d_state: int,
+                             chunk_size: int) -> float:
+    """Mamba-2's chunked SSD per token at sequence length n_tokens: within a chunk C·Bᵀ (per group) and
+    (L∘CBᵀ)·x (per head), then the chunk states Bᵀx and their read-out C·state (per head)."""
+    inner = nheads * headdim
+    chunk = min(chunk_size, max(1, math.ceil(n_tokens)))
+    return chunk * ngroups * d_state + chunk * inner + 2 * inner * d_state
+
+
+def selective_scan_flops_per_token(d_inner: int, d_state: int) -> float:
+    """Mamba-1's selective scan per token: discretise (dt·B·x), update the state, read out C·h; D skip and gate."""
+    return 3 * d_inner * d_state + 2 * d_inner
+
+
+def norm_flops(n_elements: float) -> float:
+    return NORM_FLOPS_PER_ELEMENT * n_elements
+
+
+def bipartite_matching_flops(n_tokens: float, dim: int) -> float:
+    """ToMe-style matching cost: the similarity matrix between the two alternating halves of n_tokens tokens
+    (ceil(n/2) x floor(n/2) dot products of length dim). Normalising and top-k are elementwise/index work (0)."""
+    n = int(round(n_tokens))
+    return (n - n // 2) * (n // 2) * dim
+
+
+def mixer_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
+    """FLOPs per token of one block (its add+norm and mixer) at sequence length n_tokens, by component."""
     d, e, n = info["d_model"], info["d_inner"], info["d_state"]
     k = info["d_conv"]
     if info["generation"] == 2:
         g, h = info["ngroups"], info["nheads"]
-        chunk = min(info.get("chunk_size", 256), max(1, n_tokens))
         return dict(
             in_proj=d * (2 * e + 2 * g * n + h),
             conv=(e + 2 * g * n) * k,
-            # SSD, chunked: C·Bᵀ and (L∘CBᵀ)·x within a chunk, chunk states Bᵀx and their read-out C·state
-            scan=chunk * g * n + chunk * e + 2 * e * n,
-            norm=e + d,  # gated RMSNorm of y, the block's add+RMSNorm
+            scan=ssd_scan_flops_per_token(n_tokens, h, info["headdim"], g, n, info["chunk_size"]),
+            norm=norm_flops(d + e),  # the block's add+RMSNorm, the gated RMSNorm of y
             out_proj=e * d,
         )
     r = info["dt_rank"]
@@ -30,30 +64,38 @@ def mixer_flops_per_token(info: dict, n_tokens: int) -> dict[str, float]:
         conv=e * k,
         x_proj=e * (r + 2 * n),
         dt_proj=r * e,
-        scan=3 * e * n + 2 * e,  # discretise (dt·B·x), update the state, read out C·h; D skip and gate
-        norm=d,
+        scan=selective_scan_flops_per_token(e, n),
+        norm=norm_flops(d),  # the block's add+RMSNorm
         out_proj=e * d,
     )
 
 
 def layer_flops(info: dict, n_tokens: float) -> float:
-    per_token = sum(mixer_flops_per_token(info, int(math.ceil(n_tokens))).values())
-    return per_token * n_tokens
+    """FLOPs of one block for one sequence of n_tokens tokens (fractional counts allowed: averages over rows)."""
+    return sum(mixer_flops_per_token(info, n_tokens).values()) * n_tokens
 
 
 def lm_head_flops(info: dict, n_tokens: float) -> float:
     return info["d_model"] * info["vocab_size"] * n_tokens
 
 
+def final_norm_flops(info: dict, n_tokens: float) -> float:
+    return norm_flops(info["d_model"] * n_tokens)
+
+
 def forward_flops(info: dict, tokens_per_layer: list[float], logits_tokens: float | None = None,
                   extra: float = 0.0) -> dict:
-    """FLOPs of one forward: `tokens_per_layer[i]` tokens enter block i; logits for `logits_tokens` positions
-    (default: the tokens leaving the last block); `extra` adds the reduction's own work (matching, merging)."""
+    """FLOPs of one forward of one sequence: `tokens_per_layer[i]` tokens enter block i; the final norm sees the
+    tokens leaving the last block; logits for `logits_tokens` positions (default: those same tokens); `extra` adds
+    the reduction's own work (matching, merging)."""
     if len(tokens_per_layer) != info["n_layer"]:
         raise ValueError(f"need {info['n_layer']} token counts, got {len(tokens_per_layer)}")
     per_layer = [layer_flops(info, t) for t in tokens_per_layer]
-    head = lm_head_flops(info, tokens_per_layer[-1] if logits_tokens is None else logits_tokens)
-    return dict(total=sum(per_layer) + head + extra, per_layer=per_layer, lm_head=head, reduction=extra)
+    last = tokens_per_layer[-1]
+    head = lm_head_flops(info, last if logits_tokens is None else logits_tokens)
+    final_norm = final_norm_flops(info, last)
+    return dict(total=sum(per_layer) + final_norm + head + extra, per_layer=per_layer, final_norm=final_norm,
+                lm_head=head, reduction=extra)
 
 
 def dense_flops(info: dict, n_tokens: float) -> float:

@@ -11,8 +11,190 @@ Contract used by the runner and the lm-eval backend:
         out.positions: LongTensor (batch, kept): the original position of each kept row of out.logits
     reducer.describe() -> dict: method, layers, keep rate, achieved FLOPs ratio, token counts (for the record)
     reducer.remove()   -> restores the dense model exactly
+
+Also: `out.counts` (batch,) real tokens kept per row. A row keeping fewer tokens than the longest row is filled
+up to `kept` with filler slots (its padding first, else removed positions) placed after all its real tokens, so
+they never influence them; their logits are NaN. `reducer(..., trace=True)` adds `out.trace`, per reduction
+layer the fate of every slot (patch.trace_entry). `check_config(cfg, model_config)` raises ConfigError.
+
+Layout: `merge` (shared matching, merging, compaction), `methods` (one function per method), `budget`
+(ratio -> keep rate, FLOPs bookkeeping), `patch` (hooks and the Reducer). The registry below names each method's
+function, parameters and defaults (the keys of conf/method/<name>.yaml), budget rule and limits.
 """
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ssmcompress.config import ConfigError
+from ssmcompress.reduction import budget, methods
+from ssmcompress.reduction.patch import Reducer, Setup
+
+STRATEGIES = ("prune", "merge", "hybrid")
+IMPORTANCE = ("clip", "raw", "l1", "l2")
+PRUNE_LINKS = ("most_similar", "least_similar", "least_important")
+SIZES = ("reset", "carry")
 
 
-def from_config(model, cfg, info: dict):
-    raise NotImplementedError(f"token reduction method {cfg.method.name!r} is not implemented yet (issue #4)")
+@dataclass(frozen=True)
+class Method:
+    function: Callable
+    defaults: dict  # the parameters conf/method/<name>.yaml may set, with their defaults
+    fixed: dict = field(default_factory=dict)  # parameters implied by the name (prune_only: both streams prune)
+    min_keep_rate: Callable[[dict], float] = lambda params: 0.5  # bipartite: at most half removed per layer
+    rule: str = "cumulative"  # budget.removals
+    overhead: str = "bipartite"  # budget.overhead_flops
+
+
+def pumer_min_keep(params: dict) -> float:
+    # prune s·r tokens, merge (1-s)·r of the n - s·r survivors, at most half of them: r ≤ n / (2 - s)
+    share = params["prune_r"] / (params["prune_r"] + params["merge_r"])
+    return 1.0 - 1.0 / (2.0 - share)
+
+
+METHODS = {
+    "ours": Method(methods.utr, dict(importance="clip", hidden="hybrid", residual="merge", q=0.5, hidden_q=None,
+                                     residual_q=None, prune_links="most_similar", sizes="reset")),
+    "prune_only": Method(methods.utr, dict(importance="clip"), fixed=dict(hidden="prune", residual="prune")),
+    "merge_only": Method(methods.utr, dict(importance="clip", sizes="reset"), fixed=dict(hidden="merge",
+                                                                                        residual="merge")),
+    "official": Method(methods.official, dict(importance="clip", hidden="hybrid", residual="merge",
+                                              reduce_ratio=None), rule="ceil"),
+    "evit": Method(methods.evit, dict(importance="clip", fuse_token=False), min_keep_rate=lambda p: 0.0,
+                   overhead="none"),
+    "tome": Method(methods.tome, dict(sizes="carry")),
+    "pumer": Method(methods.pumer, dict(importance="clip", prune_r=0.1, merge_r=0.3, sizes="reset"),
+                    min_keep_rate=pumer_min_keep),
+    "random": Method(methods.random_prune, dict(seed=0), min_keep_rate=lambda p: 0.0, overhead="none"),
+}
+COMMON = dict(strict=False)  # every method: strict=true makes a sequence too short for the budget an error
+
+
+def method_params(name: str, given: dict) -> dict:
+    """The method's parameters: defaults, overridden by the config, then the name's fixed ones, validated."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown reduction method {name!r}: choose one of dense, {', '.join(METHODS)}")
+    entry = METHODS[name]
+    allowed = {**COMMON, **entry.defaults}
+    unknown = sorted(set(given) - set(allowed) - {"name"})
+    if unknown:
+        raise ConfigError(f"method {name} has no parameter {unknown[0]!r} (it takes: {', '.join(allowed)})")
+    params = {**allowed, **{k: v for k, v in given.items() if k != "name"}, **entry.fixed}
+    check_params(name, params)
+    return params
+
+
+def one_of(name: str, key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"method {name}: unknown {key} {value!r}: use one of {', '.join(map(str, choices))}")
+
+
+def fraction(name: str, key: str, value, low_open: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (0 < value <= 1 if low_open else 0 <= value <= 1)
+    if not ok:
+        interval = "0 < x <= 1" if low_open else "0 <= x <= 1"
+        raise ConfigError(f"method {name}: {key} must be a number with {interval}, got {value!r}")
+
+
+def check_params(name: str, p: dict) -> None:
+    if not isinstance(p["strict"], bool):
+        raise ConfigError(f"method {name}: strict must be true or false, got {p['strict']!r}")
+    if "importance" in p:
+        one_of(name, "importance metric", p["importance"], ("clip", "raw") if name == "official" else IMPORTANCE)
+    for stream in ("hidden", "residual"):
+        if stream in p:
+            one_of(name, f"{stream} strategy", p[stream], STRATEGIES)
+    for key in ("q", "hidden_q", "residual_q"):
+        if key in p:
+            fraction(name, key, p[key], allow_none=key != "q")
+    if "prune_links" in p:
+        one_of(name, "prune_links", p["prune_links"], PRUNE_LINKS)
+    if "sizes" in p:
+        one_of(name, "sizes", p["sizes"], SIZES)
+    if "reduce_ratio" in p:
+        fraction(name, "reduce_ratio", p["reduce_ratio"], low_open=True, allow_none=True)
+    if "fuse_token" in p and not isinstance(p["fuse_token"], bool):
+        raise ConfigError(f"method {name}: fuse_token must be true or false, got {p['fuse_token']!r}")
+    if "prune_r" in p:
+        shares = (p["prune_r"], p["merge_r"])
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in shares)
+        if not numbers or sum(shares) <= 0:
+            raise ConfigError(f"method {name}: prune_r and merge_r must be numbers >= 0, not both 0, got {shares}")
+    if "seed" in p and (not isinstance(p["seed"], int) or isinstance(p["seed"], bool)):
+        raise ConfigError(f"method {name}: seed must be an integer, got {p['seed']!r}")
+
+
+def reduction_layers(layers, n_layer: int) -> list[int]:
+    """`layers` from the config (None: budget.default_layers), checked against the model's depth."""
+    if layers is None:
+        return budget.default_layers(n_layer)
+    if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
+        raise ConfigError(f"layers must be a list of block indices like [2, 5, 8] (or null), got {layers!r}")
+    layers = list(layers)
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise ConfigError(f"layers must be integers (0-based block indices), got {layer!r}")
+        if not 0 <= layer < n_layer:
+            raise ConfigError(f"layer {layer} is outside this {n_layer}-layer model (valid: 0..{n_layer - 1})")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"layers {layers} repeats a block")
+    return sorted(layers)
+
+
+def resolve(cfg, info: dict) -> Setup:
+    """Everything a reducer needs from the config and the model's facts, or a one-line ConfigError."""
+    from omegaconf import OmegaConf
+
+    given = OmegaConf.to_container(cfg.method, resolve=True) if OmegaConf.is_config(cfg.method) else dict(cfg.method)
+    name = given.get("name")
+    params = method_params(name, given)
+    entry = METHODS[name]
+    layers = reduction_layers(OmegaConf.to_container(cfg.layers) if OmegaConf.is_config(cfg.get("layers"))
+                              else cfg.get("layers"), info["n_layer"])
+    ratio = cfg.get("ratio")
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1):
+        raise ConfigError(f"ratio must be a number with 0 < ratio < 1 (fraction of FLOPs removed), got {ratio!r}")
+    model_cfg = cfg.get("model") or {}
+    reference_length = int(model_cfg.get("max_length") or 2048)
+    min_keep_rate = entry.min_keep_rate(params)
+    if params.get("reduce_ratio") is not None:  # official: the paper's per-layer keep fraction, as its code
+        keep_rate, target = float(params["reduce_ratio"]), None
+    elif not layers:  # no reduction layer: the wrapped model is the dense model (a control), nothing to solve
+        keep_rate, target = 1.0, float(ratio)
+    else:
+        keep_rate = budget.solve_keep_rate(info, layers, float(ratio), min_keep_rate, reference_length,
+                                           f" by method {name}")
+        target = float(ratio)
+    return Setup(name=name, function=entry.function, params=params, layers=layers, keep_rate=keep_rate,
+                 rule=entry.rule, overhead=entry.overhead, min_keep_rate=min_keep_rate, ratio=target,
+                 reference_length=reference_length, strict=params["strict"])
+
+
+def info_from_config(model_config: dict) -> dict:
+    """`models.model_info` of a model config, without weights (built on the meta device; cached)."""
+    import json
+
+    key = json.dumps(model_config, sort_keys=True, default=str)
+    if key not in _INFO_CACHE:
+        import torch
+
+        from ssmcompress import models
+
+        _INFO_CACHE[key] = models.model_info(models.build_model(model_config, torch.device("meta"), seed=None))
+    return dict(_INFO_CACHE[key])
+
+
+_INFO_CACHE: dict[str, dict] = {}
+
+
+def check_config(cfg, model_config: dict) -> None:
+    """Raise ConfigError for anything from_config would reject (called by config.validate before loading)."""
+    resolve(cfg, info_from_config(model_config))
+
+
+def from_config(model, cfg, info: dict) -> Reducer:
+    """Wrap `model` for token reduction as cfg says (method, ratio, layers); see the module docstring."""
+    return Reducer(model, resolve(cfg, info), info)

@@ -5,8 +5,8 @@
 Tasks (all zero-shot, scored by lm-eval from log-likelihoods):
 - shakespeare_lastword: LAMBADA-style. A passage of a held-out play whose last word also occurs earlier in the
   passage; predict that word (acc = greedy match of every token, and perplexity).
-- shakespeare_continuation: HellaSwag-style. A few lines of a held-out play; choose the true next line among
-  four (acc, acc_norm).
+- shakespeare_continuation: HellaSwag-style. A passage of a held-out play that stops inside a line; choose the
+  line's true ending among four (acc, acc_norm).
 - mqar: multi-query associative recall, four choices (acc).
 - story_qa: where is a person, after a story with distractor sentences (bAbI-1 style), four choices (acc).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from ssmcompress.suite import corpus, synthetic
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "assets" / "tasks" / "offline"
-SIZES = dict(shakespeare_lastword=300, shakespeare_continuation=200, mqar=300, story_qa=300)
+SIZES = dict(shakespeare_lastword=200, shakespeare_continuation=200, mqar=200, story_qa=200)  # ~40 s on 2 cores
 SEEDS = dict(shakespeare_lastword=1, shakespeare_continuation=2, mqar=3, story_qa=4)  # training uses seeds >= 1000
 STOPWORDS = set("""a an and are as at be but by for from had has have he her him his i if in is it its me my no
 nor not of on or our she so that the thee their them then there they thou thy to us was we were what when which
@@ -69,32 +69,42 @@ def lastword_docs(plays: dict[str, str], n: int, seed: int, min_words: int = 90,
 
 
 def continuation_docs(plays: dict[str, str], n: int, seed: int, context_words: int = 60) -> list[dict]:
-    """A passage ending at a line break inside a speech; choices: the true next line and three lines from far away."""
+    """HellaSwag's shape: a passage that stops inside a line of a speech, and four endings for that line: its true
+    rest and the rests of three lines from far away, of about the same length (as HellaSwag's `ctx_b` + endings).
+    Ending a line tests fit to the passage; choosing whole next lines was measured near chance for a tiny model."""
     rng = random.Random(seed)
     lines = [(name, i, line) for name, text in plays.items() for i, line in enumerate(text.split("\n"))]
-    speech = [k for k, (_, _, line) in enumerate(lines) if len(line.split()) >= 6 and not line.endswith(".")
-              or len(line.split()) >= 8]
+
+    def split(line: str) -> tuple[str, str]:  # (head, rest): the line's last third (at least two words) is the rest
+        words = line.split()
+        cut = len(words) - max(2, len(words) // 3)
+        return " ".join(words[:cut]), " ".join(words[cut:])
+
+    speech = [k for k, (_, _, line) in enumerate(lines) if len(line.split()) >= 7]
     rng.shuffle(speech)
     docs, used = [], set()
     for k in speech:
         name, i, line = lines[k]
         if k < 1 or lines[k - 1][0] != name or not lines[k - 1][2] or lines[k - 1][2].endswith("."):
-            continue  # the true line must continue a speech already under way (no speaker change)
+            continue  # the line must continue a speech already under way (no speaker change)
         start, count = k, 0
         while start > 0 and lines[start - 1][0] == name and count < context_words:
             start -= 1
             count += len(lines[start][2].split())
         if count < context_words or any(j in used for j in range(start, k + 1)):
             continue
-        length = len(line.split())
-        pool = [j for j in speech if abs(j - k) > 400 and abs(len(lines[j][2].split()) - length) <= 2]
+        head, rest = split(line)
+        length = len(rest.split())
+        pool = [j for j in speech if abs(j - k) > 400 and len(split(lines[j][2])[1].split()) == length
+                and split(lines[j][2])[1] != rest]
         if len(pool) < 3:
             continue
-        wrong = [lines[j][2] for j in rng.sample(pool, 3)]
-        choices = [line] + wrong
+        choices = [rest] + [split(lines[j][2])[1] for j in rng.sample(pool, 3)]
+        if len(set(choices)) < 4:
+            continue
         rng.shuffle(choices)
-        context = "\n".join(lines[j][2] for j in range(start, k)) + "\n"
-        docs.append(dict(context=context, choices=choices, label=choices.index(line), play=name, line=i))
+        context = "\n".join(lines[j][2] for j in range(start, k)) + "\n" + head
+        docs.append(dict(context=context, choices=choices, label=choices.index(rest), play=name, line=i))
         used.update(range(start - 2, k + 2))
         if len(docs) == n:
             break

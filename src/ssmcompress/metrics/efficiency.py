@@ -1,0 +1,175 @@
+"""Latency, throughput and peak memory of forwards on synthetic inputs (weights do not change these numbers).
+
+Protocol, for every forward measured (dense and reduced, same process, same input):
+- latency: `warmup` calls each, then `repeats` rounds that call the forwards in turn (dense, reduced, dense, ...)
+  so that drift (clocks, other jobs) hits both alike; the median is reported. On a GPU each call is timed with a
+  pair of CUDA events; on a CPU with `time.perf_counter` (CPU ops are synchronous).
+- throughput: input tokens per second, batch x length / median latency.
+- peak memory, one extra call each: on a GPU torch.cuda's allocator statistics, reset before the call
+  (`reset_peak_memory_stats`), as the peak (`max_memory_allocated`) and the peak minus the weights; on a CPU the
+  process's peak resident set (VmHWM), reset before the call through /proc/self/clear_refs (Linux) after
+  `malloc_trim` hands freed memory back, as the peak and the peak minus the resident set before the call.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import itertools
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+MIB = 2 ** 20
+
+
+def synthetic_batch(vocab_size: int, batch_size: int, length: int, device, seed: int = 0) -> torch.Tensor:
+    """Random token ids in [1, vocab_size) (0 is lm-eval's padding id), reproducible for a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab_size, (batch_size, length), generator=generator).to(device)
+
+
+def scan_kernel(generation: int, device: torch.device) -> str:
+    """Which scan implementation the forwards ran (compat.py routes per device): latency means little without a
+    kernel, e.g. Mamba-1 on a GPU without mamba-ssm's compiled selective scan runs a Python loop over tokens."""
+    from ssmcompress import compat
+
+    if device.type != "cuda":
+        return "pure-torch reference (CPU)"
+    if generation == 2:
+        return "mamba-ssm Triton SSD"
+    return "mamba-ssm CUDA selective scan" if compat.HAS_SELECTIVE_SCAN_CUDA else \
+        "pure-torch reference (no compiled selective_scan_cuda): not representative"
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+# -------------------------------------------------------------------------------------------------- latency
+
+
+def time_call(forward, input_ids: torch.Tensor) -> float:
+    """Seconds one forward takes."""
+    if input_ids.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        forward(input_ids)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    start = time.perf_counter()
+    forward(input_ids)
+    return time.perf_counter() - start
+
+
+def time_forwards(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int,
+                  progress: bool = True) -> dict[str, list[float]]:
+    """Per forward, the seconds of each of `repeats` calls, after `warmup` calls; calls interleaved."""
+    from tqdm.auto import tqdm
+
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    times = {name: [] for name in forwards}
+    with torch.no_grad():
+        for forward in forwards.values():
+            for _ in range(warmup):
+                forward(input_ids)
+        if input_ids.is_cuda:
+            torch.cuda.synchronize(input_ids.device)
+        for _ in tqdm(range(repeats), desc="latency", disable=not progress, leave=False):
+            for name, forward in forwards.items():
+                times[name].append(time_call(forward, input_ids))
+    return times
+
+
+# --------------------------------------------------------------------------------------------------- memory
+
+
+def peak_memory(forward, input_ids: torch.Tensor) -> dict | None:
+    """Peak bytes during one forward and the bytes held just before it (None where it cannot be measured)."""
+    with torch.no_grad():
+        if input_ids.is_cuda:
+            device = input_ids.device
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            output = forward(input_ids)
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+            del output
+            return dict(peak=peak, before=before)
+        gc.collect()
+        _malloc_trim()
+        if not _reset_peak_rss():
+            return None
+        before = _status_kib("VmRSS") * 1024
+        output = forward(input_ids)
+        peak = _status_kib("VmHWM") * 1024
+        del output
+        return dict(peak=peak, before=before)
+
+
+def memory_measure(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated, reset per call; activation = peak - weights"
+    if _reset_peak_rss():
+        return "peak resident set (VmHWM), reset per call; activation = peak - resident set before the call"
+    return "unavailable (needs Linux /proc/self/clear_refs)"
+
+
+def _status_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1))
+
+
+def _reset_peak_rss() -> bool:
+    """Linux resets the process's peak RSS when "5" is written to clear_refs; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    # glibc keeps freed heap pages resident; without this, memory freed by an earlier forward would count in the
+    # next one's "before" and hide its peak
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def measure(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int, weights: int,
+            progress: bool = True) -> dict:
+    """Flat numbers for the record: per forward `<name>_latency_ms`, `<name>_tokens_per_s`, `<name>_peak_mib`,
+    `<name>_activation_mib`, and, with both `dense` and `reduced`, `speedup` and `peak_memory_saving`."""
+    batch_size, length = input_ids.shape
+    times = time_forwards(forwards, input_ids, warmup, repeats, progress)
+    out = dict(device=str(input_ids.device), batch_size=batch_size, length=length, warmup=warmup, repeats=repeats,
+               memory_measure=memory_measure(input_ids.device), weights_mib=weights / MIB)
+    if input_ids.is_cuda:
+        out["device_name"] = torch.cuda.get_device_name(input_ids.device)
+    for name, forward in forwards.items():
+        latency = statistics.median(times[name])
+        out[f"{name}_latency_ms"] = latency * 1000
+        out[f"{name}_tokens_per_s"] = batch_size * length / latency
+        memory = peak_memory(forward, input_ids)
+        if memory is not None:
+            baseline = weights if input_ids.is_cuda else memory["before"]
+            out[f"{name}_peak_mib"] = memory["peak"] / MIB
+            out[f"{name}_activation_mib"] = (memory["peak"] - baseline) / MIB
+    if "dense" in forwards and "reduced" in forwards:
+        out["speedup"] = out["dense_latency_ms"] / out["reduced_latency_ms"]
+        if "dense_peak_mib" in out:
+            out["peak_memory_saving"] = 1 - out["reduced_peak_mib"] / out["dense_peak_mib"]
+            if out["dense_activation_mib"] > 0:
+                out["activation_memory_saving"] = 1 - out["reduced_activation_mib"] / out["dense_activation_mib"]
+    out["latencies_ms"] = {name: [t * 1000 for t in values] for name, values in times.items()}
+    return out

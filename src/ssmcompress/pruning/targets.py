@@ -1,0 +1,103 @@
+"""The linear layers of a Mamba / Mamba-2 mixer that can be pruned, and how their inputs are observed.
+
+Forward hooks on the nn.Linear modules are not enough: Mamba-1 applies `in_proj` and `dt_proj` as raw
+`weight @ x` matmuls, and the fused paths (Mamba-1 `use_fast_path`, Mamba-2 `use_mem_eff_path`) hand
+`out_proj.weight` to a kernel. So each target's input is read where it is certain to exist:
+- in_proj: the mixer's own input (a pre-hook on the mixer);
+- x_proj (Mamba-1): its module input (called as a module on the unfused path);
+- dt_proj (Mamba-1): the first dt_rank columns of x_proj's output, which is exactly what `dt_proj.weight @` gets;
+- out_proj: its module input on the unfused path.
+During calibration the fused paths are switched off (`unfused`), which changes no result, only the kernels.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from torch import nn
+
+# forward order inside a mixer: with true-sequential pruning a target sees the already pruned earlier ones
+TARGETS = {1: ("in_proj", "x_proj", "dt_proj", "out_proj"), 2: ("in_proj", "out_proj")}
+FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")
+
+
+def _mamba_classes():
+    from ssmcompress import compat
+
+    compat.install()  # mamba-ssm imports its CUDA extension unconditionally
+    from mamba_ssm.modules.mamba2 import Mamba2
+    from mamba_ssm.modules.mamba_simple import Mamba
+
+    return Mamba, Mamba2
+
+
+def generation(mixer: nn.Module) -> int:
+    _, Mamba2 = _mamba_classes()
+
+    return 2 if isinstance(mixer, Mamba2) else 1
+
+
+def mixers(model) -> list[nn.Module]:
+    return [block.mixer for block in model.backbone.layers]
+
+
+def in_order(targets, generation_: int) -> list[str]:
+    """The chosen targets in forward order; ValueError for a name this generation does not have."""
+    unknown = sorted(set(targets) - set(TARGETS[generation_]))
+    if unknown:
+        raise ValueError(f"Mamba-{generation_} mixers have no prunable layer {', '.join(unknown)}: choose from "
+                         f"{', '.join(TARGETS[generation_])}")
+    return [name for name in TARGETS[generation_] if name in targets]
+
+
+def observe(mixer: nn.Module, target: str, record: Callable[[torch.Tensor], None]) -> torch.utils.hooks.RemovableHandle:
+    """Call `record(x)` with every input batch the target layer multiplies during a forward (see module doc)."""
+    if target == "in_proj":
+        return mixer.register_forward_pre_hook(lambda module, args: record(args[0]))
+    if target in ("x_proj", "out_proj"):
+        return getattr(mixer, target).register_forward_pre_hook(lambda module, args: record(args[0]))
+    if target == "dt_proj":
+        return mixer.x_proj.register_forward_hook(lambda module, args, out: record(out[..., :mixer.dt_rank]))
+    raise ValueError(f"unknown pruning target {target!r}")
+
+
+@contextmanager
+def unfused(mixer_list):
+    """Take the unfused forward path (where every target's input is visible) for the duration."""
+    saved = [(mixer, flag, getattr(mixer, flag)) for mixer in mixer_list for flag in FUSED_FLAGS
+             if hasattr(mixer, flag)]
+    try:
+        for mixer, flag, _ in saved:
+            setattr(mixer, flag, False)
+        yield
+    finally:
+        for mixer, flag, value in saved:
+            setattr(mixer, flag, value)
+
+
+def _mixer_default(layer: str, name: str):
+    Mamba, Mamba2 = _mamba_classes()
+    cls = Mamba2 if layer == "Mamba2" else Mamba
+    return inspect.signature(cls.__init__).parameters[name].default
+
+
+def input_widths(model_config: dict) -> dict[str, int]:
+    """{target: input width} from a config dict (config.json), before any model is built; defaults are
+    read from mamba-ssm's own constructors."""
+    ssm_cfg = dict(model_config.get("ssm_cfg") or {})
+    layer = ssm_cfg.get("layer", "Mamba1")
+    d_model = int(model_config["d_model"])
+    expand = ssm_cfg.get("expand", _mixer_default(layer, "expand"))
+    d_inner = int(expand * d_model)
+    if layer == "Mamba2":
+        return {"in_proj": d_model, "out_proj": d_inner}
+    dt_rank = ssm_cfg.get("dt_rank", _mixer_default(layer, "dt_rank"))
+    dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+    return {"in_proj": d_model, "x_proj": d_inner, "dt_proj": dt_rank, "out_proj": d_inner}
+
+
+def config_generation(model_config: dict) -> int:
+    return 2 if (model_config.get("ssm_cfg") or {}).get("layer", "Mamba1") == "Mamba2" else 1

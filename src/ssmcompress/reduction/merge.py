@@ -1,0 +1,217 @@
+"""Matching, merging and compaction helpers shared by every reduction method: one place for each idea.
+
+Conventions. Tensors are batched over rows (b) and token slots (n). A row's real tokens occupy its first
+`count` slots, in original order; the slots after them hold right padding or fillers (see `compact`). Rows have
+different counts, so selections use masks and *stable* sorts (ties go to the lower slot), never Python loops
+over tokens: a row's result never depends on the other rows of its batch.
+
+The index map a method produces is a `Plan` over its input slots: which slots are removed, the slot each removed
+token is linked to, and, per stream, whether the removed token is averaged into that slot (merged) or dropped
+(pruned). `apply` turns a plan into the reduced streams; methods only decide the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+INF = float("inf")
+
+
+@dataclass
+class Tokens:
+    """What a reduction layer sees: one block's outputs and the bookkeeping of the current slots."""
+
+    hidden: Tensor  # (b, n, d) the block's mixer output
+    residual: Tensor  # (b, n, d) the running residual (pre-norm sum)
+    importance: Tensor  # (b, n) float32 per-token importance (patch.importance_of)
+    hidden_sizes: Tensor  # (b, n) original tokens averaged into each slot, hidden stream
+    residual_sizes: Tensor  # (b, n) the same for the residual stream
+    valid: Tensor  # (b, n) bool: real tokens (not padding, not fillers)
+    protect: Tensor  # (b, n) bool: never removed, never averaged into
+    positions: Tensor  # (b, n) original position of each slot
+    layer: int  # block index (seeds the random baseline)
+
+    @property
+    def movable(self) -> Tensor:
+        """Slots a method may remove or merge into."""
+        return self.valid & ~self.protect
+
+    @property
+    def slots(self) -> Tensor:
+        b, n = self.valid.shape
+        return torch.arange(n, device=self.valid.device).expand(b, n)
+
+
+@dataclass
+class Plan:
+    """A method's decision, over its input slots (the index map)."""
+
+    removed: Tensor  # (b, n) bool
+    target: Tensor  # (b, n) long: the slot a removed token is linked to (the slot itself when kept)
+    merge_hidden: Tensor  # (b, n) bool: removed tokens averaged into their target in the hidden stream
+    merge_residual: Tensor  # (b, n) bool: ... in the residual stream; removed and not merged = pruned
+    weights: Tensor | None  # (b, n) weight of each slot in the averages (ones, softmax importance), or None:
+    # each stream weighs slots by its own carried sizes (ToMe)
+
+
+@dataclass
+class Reduced:
+    """A reduction layer's result: the shortened streams and where each output slot came from."""
+
+    hidden: Tensor  # (b, k, d)
+    residual: Tensor  # (b, k, d)
+    hidden_sizes: Tensor  # (b, k)
+    residual_sizes: Tensor  # (b, k)
+    source: Tensor  # (b, k) input slot of each output slot (real tokens first, in order; then fillers)
+    counts: Tensor  # (b,) real tokens kept per row
+    plan: Plan
+
+
+# ---------------------------------------------------------------------------------------------- ranking
+
+
+def ranks(key: Tensor, descending: bool = False) -> Tensor:
+    """Each slot's rank in a stable sort of `key` along the last dim (ties: the lower slot ranks first)."""
+    order = torch.sort(key, dim=-1, descending=descending, stable=True).indices
+    position = torch.arange(key.shape[-1], device=key.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, position)
+
+
+def lowest(key: Tensor, count: Tensor, eligible: Tensor) -> Tensor:
+    """The `count[row]` eligible slots of each row with the smallest key (ties: lower slot first)."""
+    key = key.float().masked_fill(~eligible, INF)
+    return eligible & (ranks(key) < count[:, None])
+
+
+def highest(key: Tensor, count: Tensor, eligible: Tensor) -> Tensor:
+    """The `count[row]` eligible slots of each row with the largest key (ties: lower slot first)."""
+    key = key.float().masked_fill(~eligible, -INF)
+    return eligible & (ranks(key, descending=True) < count[:, None])
+
+
+def alternate(present: Tensor) -> tuple[Tensor, Tensor]:
+    """ToMe's split of a sequence into sets A (even) and B (odd), counted over the `present` slots only."""
+    rank = present.long().cumsum(-1) - 1
+    even = present & (rank % 2 == 0)
+    return even, present & ~even
+
+
+def round_half_up(x: Tensor) -> Tensor:
+    """Deterministic rounding of non-negative counts (torch.round rounds half to even)."""
+    return torch.floor(x + 0.5).long()
+
+
+# ---------------------------------------------------------------------------------------------- matching
+
+
+def pack(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The slots where `mask` holds, gathered to the front of each row in slot order: (index, ok), (b, m)
+    with m the largest count; `ok` marks real entries (the rest point at other, distinct slots)."""
+    count = mask.sum(-1)
+    width = max(int(count.max()), 1) if mask.numel() else 1
+    order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[:, :width]
+    ok = torch.arange(width, device=mask.device) < count[:, None]
+    return order, ok
+
+
+def flat_index(index: Tensor, n: int) -> Tensor:
+    """Row-major indices into a (b·n, ...) flattening of a (b, n, ...) tensor."""
+    return (index + n * torch.arange(index.shape[0], device=index.device)[:, None]).flatten()
+
+
+def gather_slots(x: Tensor, index: Tensor) -> Tensor:
+    """x[row, index[row, j]] for (b, n) or (b, n, d) tensors (flat indexing: much faster than an expanded gather)."""
+    b, n = x.shape[:2]
+    return x.flatten(0, 1)[flat_index(index, n)].view(b, index.shape[1], *x.shape[2:])
+
+
+def best_match(metric: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    """For every `src` slot its most cosine-similar `dst` slot and that similarity (ToMe's matching step).
+
+    Returns (partner, score), both (b, n): for slots that are not in `src`, or have no `dst` to go to, the
+    partner is the slot itself and the score is -inf. Ties go to the lower dst slot.
+    """
+    b, n = src.shape
+    unit = F.normalize(metric.float(), dim=-1)  # a zero vector stays zero: similarity 0, never NaN
+    a_index, a_ok = pack(src)
+    b_index, b_ok = pack(dst)
+    similarity = gather_slots(unit, a_index) @ gather_slots(unit, b_index).transpose(1, 2)
+    similarity = similarity.masked_fill(~b_ok[:, None, :], -INF)
+    best, column = similarity.max(dim=-1)  # first maximal index on ties
+    best = best.masked_fill(~a_ok, -INF)
+    partner_of_a = torch.where(a_ok & (best > -INF), b_index.gather(1, column), a_index)
+    slots = torch.arange(n, device=src.device).expand(b, n)
+    partner = slots.clone().scatter_(1, a_index, partner_of_a)  # a_index is a permutation prefix: no clashes
+    score = torch.full((b, n), -INF, device=src.device).scatter_(1, a_index, best)
+    return partner, score
+
+
+# ---------------------------------------------------------------------------------------------- merging
+
+
+def average_into(x: Tensor, target: Tensor, merged: Tensor, weights: Tensor) -> Tensor:
+    """Weighted average of every slot with the slots merged into it: x'[t] = Σ w·x / Σ w over t and its sources.
+
+    Only receiving slots change; the others keep their exact value (no x·w/w rounding), merged slots keep a
+    stale value and are dropped by `compact`. Accumulated in float32 in slot order, returned in x's dtype.
+    """
+    if not bool(merged.any()):
+        return x
+    b, n = merged.shape
+    rows = x.flatten(0, 1)
+    weights = weights.flatten().float()
+    sources = merged.flatten().nonzero()[:, 0]
+    receivers, slot_of = torch.unique(flat_index(target, n)[sources], return_inverse=True)
+    moving = weights[sources]
+    total = (rows[receivers].float() * weights[receivers, None]).index_add_(
+        0, slot_of, rows[sources].float() * moving[:, None])
+    mass = weights[receivers].index_add(0, slot_of, moving)
+    out = rows.clone()
+    out[receivers] = (total / mass[:, None]).to(x.dtype)
+    return out.view_as(x)
+
+
+def carry_sizes(sizes: Tensor, target: Tensor, merged: Tensor) -> Tensor:
+    """Sizes after merging: a slot accumulates the sizes of the slots merged into it."""
+    if not bool(merged.any()):
+        return sizes
+    slots = torch.arange(sizes.shape[1], device=sizes.device).expand_as(target)
+    moving = sizes * merged
+    return (sizes - moving).scatter_add(1, torch.where(merged, target, slots), moving)
+
+
+def compact(keep: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """The input slot of each output slot, and the real tokens kept per row.
+
+    Output rows are as long as the longest row's kept tokens: each row's kept real slots in order, then fillers
+    (its padding first, then its removed slots) so the batch stays rectangular. Fillers come after every real
+    token, so a causal model's real outputs never depend on them.
+    """
+    b, n = keep.shape
+    kept = keep & valid
+    counts = kept.sum(1)
+    group = torch.where(kept, 0, torch.where(valid, 2, 1))
+    order = torch.sort(group * n + torch.arange(n, device=keep.device), dim=1).indices
+    return order[:, : max(int(counts.max()), 1)], counts
+
+
+def apply(tokens: Tokens, plan: Plan, hidden: Tensor | None = None, residual: Tensor | None = None) -> Reduced:
+    """Carry out a plan: average merged tokens into their targets per stream, then drop removed slots.
+
+    `hidden` / `residual`: streams a method has already merged its own way (`official`); the plan then only
+    serves as the index map for that stream.
+    """
+    if hidden is None:
+        hidden = average_into(tokens.hidden, plan.target, plan.merge_hidden,
+                              tokens.hidden_sizes if plan.weights is None else plan.weights)
+    if residual is None:
+        residual = average_into(tokens.residual, plan.target, plan.merge_residual,
+                                tokens.residual_sizes if plan.weights is None else plan.weights)
+    hidden_sizes = carry_sizes(tokens.hidden_sizes, plan.target, plan.merge_hidden)
+    residual_sizes = carry_sizes(tokens.residual_sizes, plan.target, plan.merge_residual)
+    source, counts = compact(~plan.removed, tokens.valid)
+    return Reduced(gather_slots(hidden, source), gather_slots(residual, source), gather_slots(hidden_sizes, source),
+                   gather_slots(residual_sizes, source), source, counts, plan)

@@ -1,0 +1,295 @@
+"""Wrapping a mamba-ssm model for token reduction: hooks, per-forward state, FLOPs bookkeeping.
+
+Nothing of mamba-ssm is copied or replaced. Two hooks per reduction layer, both inert outside a reducer call:
+- a forward pre-hook on the mixer's `out_proj` captures the importance signal from its input, the SSM output y
+  (Mamba-1: y·silu(z); Mamba-2: the gated RMSNorm of y), which the paper scores;
+- a forward hook on the `Block` replaces its `(hidden_states, residual)` with the reduced pair: both streams
+  lose the same slots and keep the original order, and every later block sees the shorter sequence.
+The fused kernel paths fold `out_proj` in (Mamba-1 `use_fast_path`, Mamba-2 `use_mem_eff_path`), so they are
+switched off on reduction layers only, and restored by `remove()`, which leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from ssmcompress.reduction import budget
+from ssmcompress.reduction.merge import Reduced, Tokens
+
+KEPT, PRUNED, MERGED = 0, 1, 2  # a slot's fate in a trace
+FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")
+
+
+def importance_of(y: Tensor, metric: str) -> Tensor:
+    """Per-token importance from the SSM output y (..., d_inner) (paper Eq. 5 and its Table 3 ablation)."""
+    y = y.float()
+    if metric == "clip":
+        return y.clamp(min=0).mean(-1)
+    if metric == "raw":
+        return y.mean(-1)
+    if metric == "l1":
+        return y.abs().mean(-1)
+    if metric == "l2":
+        return torch.linalg.vector_norm(y, dim=-1)
+    raise ValueError(f"unknown importance metric {metric!r}")
+
+
+@dataclass
+class ReducedOutput:
+    logits: Tensor  # (b, k, vocab); slots after a row's `counts` are fillers and hold NaN
+    positions: Tensor  # (b, k) original position of each slot
+    counts: Tensor  # (b,) real tokens kept per row
+    trace: list[dict] | None = None
+
+
+@dataclass
+class ForwardState:
+    """The bookkeeping of one reducer call, updated at every reduction layer."""
+
+    positions: Tensor
+    valid: Tensor
+    protect: Tensor
+    hidden_sizes: Tensor
+    residual_sizes: Tensor
+    n0: Tensor
+    importance: dict = field(default_factory=dict)
+    counts: list = field(default_factory=list)  # real tokens per row after each reduction layer
+    trace: list | None = None
+
+
+@dataclass
+class Setup:
+    """A resolved configuration (see `ssmcompress.reduction.resolve`)."""
+
+    name: str
+    function: object
+    params: dict
+    layers: list[int]
+    keep_rate: float
+    rule: str
+    overhead: str
+    min_keep_rate: float
+    ratio: float | None  # the target; None where official's reduce_ratio was given directly
+    reference_length: int
+    strict: bool
+
+
+class Reducer:
+    """A token-reduced view of a mamba-ssm model; `ssmcompress.reduction` documents the contract."""
+
+    def __init__(self, model, setup: Setup, info: dict):
+        self.model, self.setup, self.info = model, setup, info
+        self._info_items = tuple(sorted((k, v) for k, v in info.items() if isinstance(v, (int, float, str))))
+        self._state: ForwardState | None = None
+        self._min_length: int | None | bool = False  # computed on first use
+        self._handles, self._flags = [], []
+        self.totals = dict(calls=0, rows=0, tokens=0, final_tokens=0, dense_flops=0.0, reduced_flops=0.0,
+                           overhead_flops=0.0, token_layers=0.0)
+        layers = model.backbone.layers
+        for step, index in enumerate(setup.layers, start=1):
+            block = layers[index]
+            self._handles.append(block.mixer.out_proj.register_forward_pre_hook(partial(self._capture, index)))
+            self._handles.append(block.register_forward_hook(partial(self._reduce, index, step)))
+            for flag in FUSED_FLAGS:
+                if hasattr(block.mixer, flag):
+                    self._flags.append((block.mixer, flag, getattr(block.mixer, flag)))
+                    setattr(block.mixer, flag, False)
+
+    # ------------------------------------------------------------------------------------------ hooks
+
+    def _capture(self, index: int, module, args):
+        if self._state is not None:
+            self._state.importance[index] = importance_of(args[0], self.setup.params.get("importance", "clip"))
+
+    def _reduce(self, index: int, step: int, module, args, output):
+        state = self._state
+        if state is None:
+            return None
+        hidden, residual = output
+        importance = state.importance.pop(index, None)
+        if importance is None:
+            raise RuntimeError(f"layer {index}: the mixer's out_proj did not run as a module, so the token importance "
+                               f"could not be captured (a fused kernel path is active)")
+        bad = ~torch.isfinite(importance) & state.valid
+        if bool(bad.any()):
+            rows = sorted(set(bad.nonzero()[:, 0].tolist()))
+            raise FloatingPointError(f"layer {index}: token importance is NaN/inf for {int(bad.sum())} real token(s) "
+                                     f"in row(s) {rows[:8]}; the model's activations are not finite (check the "
+                                     f"weights and the dtype)")
+        current = state.valid.sum(1)
+        n_remove = budget.removals(self.setup.rule, self.setup.keep_rate, state.n0, current, step)
+        tokens = Tokens(hidden, residual, importance, state.hidden_sizes, state.residual_sizes, state.valid,
+                        state.protect, state.positions, index)
+        reduced = self.setup.function(tokens, n_remove, **self.setup.params)
+        if state.trace is not None:
+            state.trace.append(trace_entry(index, tokens, reduced))
+        self._advance(state, reduced)
+        return reduced.hidden, reduced.residual
+
+    @staticmethod
+    def _advance(state: ForwardState, reduced: Reduced) -> None:
+        width = reduced.source.shape[1]
+        state.positions = state.positions.gather(1, reduced.source)
+        state.valid = torch.arange(width, device=state.valid.device) < reduced.counts[:, None]
+        state.protect = state.protect.gather(1, reduced.source) & state.valid
+        state.hidden_sizes, state.residual_sizes = reduced.hidden_sizes, reduced.residual_sizes
+        state.counts.append(reduced.counts)
+
+    # ------------------------------------------------------------------------------------------ calls
+
+    @torch.no_grad()
+    def __call__(self, input_ids: Tensor, lengths: Tensor | None = None, protect: Tensor | None = None,
+                 trace: bool = False) -> ReducedOutput:
+        """Run the reduced model. `trace=True` also records, per reduction layer, every slot's fate."""
+        if self._handles is None:
+            raise RuntimeError("this reducer was removed; build a new one with reduction.from_config")
+        valid, protect = check_inputs(input_ids, lengths, protect)
+        n0 = valid.sum(1)
+        if self.setup.strict:
+            self._check_lengths(n0)
+        ones = torch.ones(valid.shape, device=valid.device)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        state = ForwardState(positions, valid, protect, ones, ones, n0, trace=[] if trace else None)
+        self._state = state
+        try:
+            logits = self.model(input_ids).logits
+        finally:
+            self._state = None
+        if not bool(state.valid.all()):
+            logits = logits.masked_fill(~state.valid[..., None], float("nan"))
+        self._account(n0, state.counts)
+        return ReducedOutput(logits, state.positions, state.valid.sum(1), state.trace)
+
+    def _account(self, n0: Tensor, counts: list[Tensor]) -> None:
+        """Add this call's real tokens and FLOPs (dense, reduced, overhead) to the running totals."""
+        per_row = torch.stack(counts, 1).tolist() if counts else [[] for _ in range(len(n0))]
+        totals, layers = self.totals, tuple(self.setup.layers)
+        totals["calls"] += 1
+        for n, row in zip(n0.tolist(), per_row):
+            dense, reduced, extra = budget.row_flops(self._info_items, layers, n, tuple(row), self.setup.overhead)
+            entering, final = budget.row_tokens(n, tuple(row), list(layers), self.info["n_layer"])
+            totals["rows"] += 1
+            totals["tokens"] += n
+            totals["final_tokens"] += final
+            totals["dense_flops"] += dense
+            totals["reduced_flops"] += reduced
+            totals["overhead_flops"] += extra
+            totals["token_layers"] += sum(entering) / self.info["n_layer"]
+
+    def reduction_flops(self, tokens_per_layer: list[float]) -> float:
+        """The reduction's own FLOPs for one sequence whose blocks saw `tokens_per_layer` tokens (the metrics
+        module's hook; budget.overhead_flops at every reduction layer)."""
+        return sum(budget.overhead_flops(self.setup.overhead, int(round(tokens_per_layer[layer])), self.info["d_model"])
+                   for layer in self.setup.layers)
+
+    def _check_lengths(self, n0: Tensor) -> None:
+        shortest = self.min_length()
+        for n in sorted(set(n0.tolist())):
+            reached = self.predicted_ratio(n)
+            if self.setup.ratio is not None and reached < self.setup.ratio - budget.TOLERANCE:
+                hint = (f"sequences of at least {shortest} tokens reach it" if shortest else
+                        f"no sequence up to {self.setup.reference_length} tokens reaches it")
+                raise ValueError(f"a sequence of {n} tokens is too short for ratio={self.setup.ratio}: with layers "
+                                 f"{self.setup.layers} it reaches {reached:.4f}; {hint} (strict=false reduces it "
+                                 f"as far as it goes and reports the achieved ratio)")
+
+    def predicted_ratio(self, n: int) -> float:
+        """FLOPs ratio the integer schedule removes from an unprotected sequence of n real tokens."""
+        s = self.setup
+        counts = budget.predicted_counts(s.rule, s.keep_rate, n, len(s.layers), s.min_keep_rate)
+        dense, reduced, _ = budget.row_flops(self._info_items, tuple(s.layers), n, tuple(counts), s.overhead)
+        return 1.0 - reduced / dense
+
+    def min_length(self) -> int | None:
+        """The length from which on (up to the reference length) every unprotected sequence reaches the target
+        ratio within the tolerance; None if the reference length itself does not (rounding makes the achieved
+        ratio of short sequences jump up and down, so "the first length that reaches it" would mislead)."""
+        if self._min_length is False:
+            self._min_length = None
+            if self.setup.ratio is not None and self.setup.layers:
+                for n in range(self.setup.reference_length, 0, -1):
+                    if self.predicted_ratio(n) < self.setup.ratio - budget.TOLERANCE:
+                        break
+                    self._min_length = n
+        return self._min_length
+
+    # ------------------------------------------------------------------------------------------ record
+
+    def describe(self) -> dict:
+        """The configuration, the budget (nominal, at the reference length) and what the calls so far achieved."""
+        s, info = self.setup, self.info
+        nominal = budget.flops_ratio(info, s.layers, s.keep_rate, s.reference_length)
+        record = dict(
+            method=s.name, params={k: v for k, v in s.params.items()}, layers=list(s.layers),
+            target_ratio=s.ratio, keep_rate=s.keep_rate, removal_rule=s.rule,
+            reference_length=s.reference_length,
+            nominal=dict(flops_ratio=nominal, token_fraction=budget.token_fraction(s.layers, s.keep_rate,
+                                                                                  info["n_layer"]),
+                         final_keep=s.keep_rate ** len(s.layers),
+                         max_ratio=budget.flops_ratio(info, s.layers, s.min_keep_rate, s.reference_length)
+                         if s.layers else 0.0),
+            min_length=self.min_length(),
+        )
+        t = self.totals
+        if t["rows"]:
+            record["observed"] = dict(
+                calls=t["calls"], rows=t["rows"], tokens=t["tokens"], final_tokens=t["final_tokens"],
+                dense_flops=t["dense_flops"], reduced_flops=t["reduced_flops"], overhead_flops=t["overhead_flops"],
+                achieved_ratio=1.0 - t["reduced_flops"] / t["dense_flops"],
+                achieved_ratio_with_overhead=1.0 - (t["reduced_flops"] + t["overhead_flops"]) / t["dense_flops"],
+                token_fraction=1.0 - t["token_layers"] / t["tokens"],
+            )
+        else:
+            record["observed"] = None
+        return record
+
+    def remove(self) -> None:
+        """Remove every hook and restore the fused-path flags: the model is the dense model again."""
+        for handle in self._handles or ():
+            handle.remove()
+        for mixer, flag, value in self._flags:
+            setattr(mixer, flag, value)
+        self._handles, self._flags = None, []
+
+
+def check_inputs(input_ids: Tensor, lengths: Tensor | None, protect: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Clear errors for malformed calls; returns the masks of real and of protected positions."""
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor (batch, length), got {input_ids.dtype} "
+                         f"{tuple(input_ids.shape)}")
+    b, n = input_ids.shape
+    positions = torch.arange(n, device=input_ids.device)
+    if lengths is None:
+        valid = torch.ones(b, n, dtype=torch.bool, device=input_ids.device)
+    else:
+        lengths = torch.as_tensor(lengths, device=input_ids.device)
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
+        if bool(((lengths < 1) | (lengths > n)).any()):
+            raise ValueError(f"lengths must lie in [1, {n}] (rows are right-padded), got {lengths.tolist()}")
+        valid = positions < lengths[:, None]
+    if protect is None:
+        return valid, torch.zeros_like(valid)
+    protect = torch.as_tensor(protect, device=input_ids.device)
+    if protect.shape != (b, n) or protect.dtype != torch.bool:
+        raise ValueError(f"protect must be a bool tensor of shape {(b, n)}, got {protect.dtype} {tuple(protect.shape)}")
+    return valid, protect & valid
+
+
+def trace_entry(index: int, tokens: Tokens, reduced: Reduced) -> dict:
+    """Where every slot entering a reduction layer went, as original positions (CPU tensors):
+    `position` of each slot, `valid` (real tokens), `hidden` / `residual` fate (KEPT, PRUNED, MERGED), and
+    `into`: for removed tokens, the original position of the token they were linked to (-1 for kept tokens
+    and for tokens pruned without a link)."""
+    plan = reduced.plan
+
+    def fate(merged: Tensor) -> Tensor:
+        return torch.where(plan.removed, torch.where(merged, MERGED, PRUNED), KEPT).to(torch.int8).cpu()
+
+    linked = plan.removed & (plan.target != tokens.slots)
+    into = torch.where(linked, tokens.positions.gather(1, plan.target), -1)
+    return dict(layer=index, position=tokens.positions.cpu(), valid=tokens.valid.cpu(),
+                hidden=fate(plan.merge_hidden), residual=fate(plan.merge_residual), into=into.cpu())

@@ -1,0 +1,63 @@
+"""Latency and memory measurement: protocol (warm-up, interleaving, medians) and that memory peaks are real."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssmcompress.metrics import efficiency
+
+HAS_CLEAR_REFS = Path("/proc/self/clear_refs").exists()
+
+
+def test_synthetic_batch_is_reproducible_and_avoids_the_pad_id():
+    a = efficiency.synthetic_batch(50, 4, 300, "cpu", seed=3)
+    assert a.shape == (4, 300) and a.dtype == torch.long
+    assert int(a.min()) >= 1 and int(a.max()) < 50
+    assert torch.equal(a, efficiency.synthetic_batch(50, 4, 300, "cpu", seed=3))
+    assert not torch.equal(a, efficiency.synthetic_batch(50, 4, 300, "cpu", seed=4))
+
+
+def test_forwards_are_warmed_up_then_interleaved():
+    calls = []
+    forwards = {"dense": lambda x: calls.append("d"), "reduced": lambda x: calls.append("r")}
+    times = efficiency.time_forwards(forwards, torch.zeros(1, 4, dtype=torch.long), warmup=2, repeats=3,
+                                     progress=False)
+    assert calls == ["d", "d", "r", "r"] + ["d", "r"] * 3
+    assert [len(v) for v in times.values()] == [3, 3] and all(t >= 0 for v in times.values() for t in v)
+
+
+@pytest.mark.skipif(not HAS_CLEAR_REFS, reason="needs Linux /proc/self/clear_refs")
+def test_cpu_peak_memory_sees_what_a_forward_allocates():
+    def allocates(x):
+        block = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+        return block.sum()
+
+    measured = efficiency.peak_memory(allocates, torch.zeros(1, 1))
+    assert measured["peak"] - measured["before"] >= 60 * 2 ** 20
+    idle = efficiency.peak_memory(lambda x: x + 1, torch.zeros(1, 1))
+    assert idle["peak"] - idle["before"] < 32 * 2 ** 20  # the earlier peak was reset, not carried over
+
+
+def test_measure_reports_medians_and_ratios():
+    import time
+
+    forwards = {"dense": lambda x: time.sleep(0.02), "reduced": lambda x: time.sleep(0.01)}
+    out = efficiency.measure(forwards, torch.zeros(2, 8, dtype=torch.long), warmup=0, repeats=3, weights=2 ** 20,
+                             progress=False)
+    assert out["batch_size"] == 2 and out["length"] == 8 and out["weights_mib"] == 1
+    assert out["dense_latency_ms"] == pytest.approx(sorted(out["latencies_ms"]["dense"])[1])
+    assert out["dense_tokens_per_s"] == pytest.approx(16 / (out["dense_latency_ms"] / 1000))
+    assert out["speedup"] == pytest.approx(out["dense_latency_ms"] / out["reduced_latency_ms"])
+    assert 1.3 < out["speedup"] < 3
+    if HAS_CLEAR_REFS:
+        assert "dense_peak_mib" in out and "peak_memory_saving" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_measurement_resets_the_peak_per_call():
+    x = torch.zeros(1, 1, device="cuda")
+    big = efficiency.peak_memory(lambda t: torch.ones(2 ** 26, device="cuda").sum(), x)
+    small = efficiency.peak_memory(lambda t: t + 1, x)
+    assert big["peak"] - big["before"] >= 2 ** 28
+    assert small["peak"] - small["before"] < 2 ** 20
+    assert efficiency.time_call(lambda t: torch.ones(2 ** 20, device="cuda").sum(), x) > 0

@@ -1,0 +1,82 @@
+"""The runner's measurement hook: FLOPs (analytic and fvcore) and efficiency of the dense and the reduced model."""
+import pytest
+
+from conftest import compose_config, tiny_model
+from evaluation.fake_reducer import DropTokens
+from ssmcompress import metrics, models
+from ssmcompress.metrics import flops
+
+
+def efficiency_config(*extra):
+    return compose_config(["benchmark=efficiency", "benchmark.measure.shape.cpu.length=48",
+                           "benchmark.measure.shape.cpu.batch_size=2", "benchmark.measure.warmup=0",
+                           "benchmark.measure.repeats=2", *extra])
+
+
+def test_dense_model_reports_flops_and_efficiency():
+    model = tiny_model(2)
+    info = models.model_info(model)
+    out = metrics.from_config(model, None, efficiency_config(), info)
+    fl = out["flops"]
+    assert (fl["batch_size"], fl["length"]) == (2, 48)
+    assert fl["dense"] == fl["reduced"] == flops.dense_flops(info, 48) and fl["achieved_ratio"] == 0
+    assert abs(fl["fvcore"]["deviation"]["dense"]) < 0.02
+    eff = out["efficiency"]
+    assert eff["dense_latency_ms"] > 0 and "reduced_latency_ms" not in eff and eff["device"] == "cpu"
+    assert eff["scan_kernel"] == "pure-torch reference (CPU)"
+    assert eff["weights_mib"] == pytest.approx(sum(p.numel() * 4 for p in model.parameters()) / 2 ** 20)
+
+
+def test_reduced_model_reports_the_achieved_ratio_by_the_budget_ruler():
+    model = tiny_model(2)
+    info = models.model_info(model)
+    reducer = DropTokens(model, layer=1, count=16, match=True)
+    out = metrics.from_config(model, reducer, efficiency_config(), info)
+    fl = out["flops"]
+    assert fl["tokens_per_layer"] == [48, 48, 32, 32] and fl["logits_tokens"] == 32
+    dense = flops.dense_flops(info, 48)
+    expected = flops.forward_flops(info, [48, 48, 32, 32], 32)["total"]  # the model's work, as the budget counts
+    overhead = flops.bipartite_matching_flops(48, 64)
+    assert fl["reduced"] == pytest.approx(expected) and fl["reduction_overhead"] == overhead
+    assert fl["achieved_ratio"] == pytest.approx(1 - expected / dense)
+    assert fl["achieved_ratio_with_overhead"] == pytest.approx(1 - (expected + overhead) / dense)
+    # fvcore counts the reducer's similarity matmul as well
+    assert abs(fl["fvcore"]["deviation"]["reduced"]) < 0.02
+    assert fl["fvcore"]["achieved_ratio"] == pytest.approx(fl["achieved_ratio_with_overhead"], abs=0.01)
+    rows = metrics.per_layer_rows(fl)
+    assert [r["tokens"] for r in rows] == [48, 48, 32, 32]
+    assert rows[3]["reduced_flops"] < rows[3]["dense_flops"] and rows[0]["reduced_flops"] == rows[0]["dense_flops"]
+    eff = out["efficiency"]
+    assert eff["speedup"] == pytest.approx(eff["dense_latency_ms"] / eff["reduced_latency_ms"])
+    text = "\n".join(metrics.summary_lines(out))
+    for needle in ("FLOPs / sequence", "achieved ratio", "tokens per layer", "latency ms", "speedup", "tokens/s"):
+        assert needle in text
+
+
+def test_overhead_is_taken_from_the_reducer_or_recorded_as_not_counted():
+    model = tiny_model(2)
+    out = metrics.from_config(model, DropTokens(model, layer=1, count=8), efficiency_config(
+        "benchmark.measure.efficiency=false", "benchmark.measure.fvcore=false"), models.model_info(model))
+    assert out["flops"]["reduction_overhead"] == 0.0 and "efficiency" not in out and "fvcore" not in out["flops"]
+
+    class WithoutOverhead:
+        def __call__(self, input_ids, lengths=None, protect=None):
+            raise AssertionError("not called")
+
+    assert metrics.reduction_overhead(WithoutOverhead(), [1]) is None
+
+
+def test_a_reducer_that_stays_active_outside_its_calls_is_refused():
+    model = tiny_model(2)
+    reducer = DropTokens(model, layer=0, count=4, persistent=True)
+    try:
+        with pytest.raises(RuntimeError, match="dense forward returned fewer positions"):
+            metrics.from_config(model, reducer, efficiency_config(), models.model_info(model))
+    finally:
+        reducer.remove()
+
+
+def test_measurement_can_be_switched_off():
+    model = tiny_model(2)
+    assert metrics.from_config(model, None, efficiency_config("benchmark.measure.enabled=false"),
+                               models.model_info(model)) == {}

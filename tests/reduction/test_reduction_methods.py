@@ -1,0 +1,236 @@
+"""Each method against a hand-worked example of its reference algorithm, and the properties all methods share."""
+import math
+
+import pytest
+import torch
+
+from ssmcompress.reduction import METHODS, methods
+from reduction_fixtures import make_tokens, one_thread  # noqa: F401
+
+# six tokens, two channels: A = {0, 2, 4} by importance; 0 ~ 1 and 2 ~ 3 are near-duplicates
+HIDDEN = [[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.1, 1.0], [1.0, 1.0], [-1.0, 0.2]]
+IMPORTANCE = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7]
+RESIDUAL = [[float(i), 10.0 * i] for i in range(6)]
+
+
+def utr_example(**params):
+    tokens = make_tokens(HIDDEN, IMPORTANCE, residual=RESIDUAL)
+    return tokens, methods.utr(tokens, torch.tensor([2]), **params)
+
+
+def test_utr_hand_worked_hybrid_prunes_the_most_similar_link_and_merges_the_other():
+    # links: 0→1 (cos 0.9988), 2→3 (0.9950), 4→3 (0.774); the two best are removed, q = 0.5 prunes 1 of them
+    tokens, out = utr_example()
+    assert tokens.positions[0, out.source[0]].tolist() == [1, 3, 4, 5]
+    hidden, residual = out.hidden[0], out.residual[0]
+    assert torch.equal(hidden[0], tokens.hidden[0, 1])  # 0 was pruned in the hidden stream: 1 unchanged
+    assert torch.allclose(hidden[1], (tokens.hidden[0, 2] + tokens.hidden[0, 3]) / 2)  # 2 merged into 3
+    assert torch.allclose(residual[0], torch.tensor([0.5, 5.0]))  # residual = merge: (r0 + r1) / 2
+    assert torch.allclose(residual[1], torch.tensor([2.5, 25.0]))
+    assert out.plan.target[0, :3].tolist() == [1, 1, 3]
+    assert out.residual_sizes[0].tolist() == [2.0, 2.0, 1.0, 1.0] and out.hidden_sizes[0].tolist() == [1, 2, 1, 1]
+
+
+def test_utr_link_choice_and_stream_strategies():
+    tokens, out = utr_example(prune_links="least_similar")
+    assert torch.allclose(out.hidden[0, 0], (tokens.hidden[0, 0] + tokens.hidden[0, 1]) / 2)
+    assert torch.equal(out.hidden[0, 1], tokens.hidden[0, 3])
+    tokens, out = utr_example(hidden="prune", residual="prune")
+    assert torch.equal(out.hidden[0], tokens.hidden[0, [1, 3, 4, 5]])
+    assert torch.equal(out.residual[0], tokens.residual[0, [1, 3, 4, 5]])
+    tokens, out = utr_example(hidden="hybrid", residual="hybrid", hidden_q=1.0, residual_q=0.0)
+    assert torch.equal(out.hidden[0], tokens.hidden[0, [1, 3, 4, 5]])  # q = 1: prune-only
+    assert torch.allclose(out.residual[0, :2], torch.tensor([[0.5, 5.0], [2.5, 25.0]]))  # q = 0: merge-only
+
+
+def test_utr_removes_at_most_the_less_important_half():
+    tokens = make_tokens(HIDDEN, IMPORTANCE)
+    out = methods.utr(tokens, torch.tensor([5]))
+    assert out.counts.tolist() == [3] and tokens.positions[0, out.source[0]].tolist() == [1, 3, 5]
+
+
+def test_evit_keeps_the_most_important_in_order():
+    scores = [5.0, 1.0, 4.0, 2.0, 3.0]
+    tokens = make_tokens(torch.randn(5, 3), scores)
+    out = methods.evit(tokens, torch.tensor([2]))
+    assert out.source[0].tolist() == [0, 2, 4]  # not the official code's {1, 2, 3} (it keeps the lowest)
+    assert torch.equal(out.hidden[0], tokens.hidden[0, [0, 2, 4]])
+
+
+def test_evit_fused_token_is_the_softmax_weighted_dropped_tokens_at_the_latest_position():
+    scores = [5.0, 1.0, 4.0, 2.0, 3.0]
+    tokens = make_tokens(torch.randn(5, 3), scores)
+    out = methods.evit(tokens, torch.tensor([2]), fuse_token=True)
+    assert out.source[0].tolist() == [0, 2, 4]  # dropped {1, 3, 4} fused at position 4
+    weights = torch.softmax(torch.tensor([1.0, 2.0, 3.0]), 0)
+    fused = (weights[:, None] * tokens.hidden[0, [1, 3, 4]]).sum(0)
+    assert torch.allclose(out.hidden[0, 2], fused, atol=1e-6)
+    assert torch.equal(out.hidden[0, :2], tokens.hidden[0, [0, 2]])
+
+
+def test_tome_hand_worked_size_weighted_merge():
+    # A = {0, 2, 4}, B = {1, 3, 5}; 4 ~ 5 is the best link, then 0 ~ 1
+    hidden = [[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0], [1.0, 1.01]]
+    tokens = make_tokens(hidden, sizes=[1.0, 2.0, 1.0, 1.0, 3.0, 1.0])
+    out = methods.tome(tokens, torch.tensor([1]))
+    assert out.source[0].tolist() == [0, 1, 2, 3, 5]
+    expected = (3 * tokens.hidden[0, 4] + 1 * tokens.hidden[0, 5]) / 4
+    assert torch.allclose(out.hidden[0, 4], expected) and out.hidden_sizes[0, 4] == 4
+    out = methods.tome(tokens, torch.tensor([2]))
+    assert out.source[0].tolist() == [1, 2, 3, 5]
+    assert torch.allclose(out.hidden[0, 0], (tokens.hidden[0, 0] + 2 * tokens.hidden[0, 1]) / 3)
+    # a protected destination is out of the matching: 0 now has only 3 and 5 to go to
+    protected = make_tokens(hidden, sizes=[1.0, 2.0, 1.0, 1.0, 3.0, 1.0], protect=[False, True] + [False] * 4)
+    out = methods.tome(protected, torch.tensor([2]))
+    assert out.plan.target[0, 0] == 5 and not bool(out.plan.removed[0, 1])
+
+
+def test_pumer_prunes_the_least_important_then_merges_among_survivors():
+    hidden = [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 2.0], [1.0, 2.1], [-1.0, 0.0]]
+    importance = [0.5, 0.1, 0.6, 0.7, 0.8, 0.9]
+    tokens = make_tokens(hidden, importance)
+    out = methods.pumer(tokens, torch.tensor([2]), prune_r=1.0, merge_r=1.0)
+    # slot 1 pruned; survivors 0, 2, 3, 4, 5 alternate A = {0, 3, 5}, B = {2, 4}; 3 ~ 4 merges
+    assert out.source[0].tolist() == [0, 2, 4, 5]
+    assert torch.allclose(out.hidden[0, 2], (tokens.hidden[0, 3] + tokens.hidden[0, 4]) / 2)
+    assert out.plan.merge_hidden[0].tolist() == [False, False, False, True, False, False]
+
+
+def test_random_is_reproducible_batch_independent_and_seeded():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 20, 4)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, 12:] = False
+    tokens = make_tokens(hidden, valid=valid)
+    out = methods.random_prune(tokens, torch.tensor([5, 3]), seed=3)
+    assert out.counts.tolist() == [15, 9]
+    alone = methods.random_prune(make_tokens(hidden[1:, :12]), torch.tensor([3]), seed=3)
+    assert out.source[1, :9].tolist() == alone.source[0].tolist()
+    other = methods.random_prune(tokens, torch.tensor([5, 3]), seed=4)
+    assert out.source[0].tolist() != other.source[0].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ official
+
+
+def official_reference(hidden, residual, ratio, hidden_strategy, residual_strategy, clip):
+    """ToR_SSM's PoMMamba.forward + bipartite_hybrid_{pure,merge,prune} + merge_wavg, transcribed (batch of
+    equal-length rows, no protection). Only change: a stable edge sort, and topk over the all-ones size column
+    taken as its first k entries (torch leaves the choice among ties unspecified)."""
+    attn = hidden.clamp(min=0) if clip else hidden
+    n = hidden.shape[1]
+    r = min(n - math.ceil(n * ratio), n // 2)
+    metric = attn / attn.norm(dim=-1, keepdim=True)
+    ordered = metric.sort(dim=1, descending=True)[0]
+    a, b = ordered[:, n // 2:], ordered[:, : n // 2]
+    node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+    edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices[..., None]
+    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    unm_idx, src_idx = unm_idx.sort(dim=1)[0], src_idx.sort(dim=1)[0]
+
+    def merge(x, strategy, is_size):
+        src, dst = x[:, ::2], x[:, 1::2]
+        batch, t1, c = src.shape
+        unm = src.gather(-2, unm_idx.expand(batch, t1 - r, c))
+        src = src.gather(-2, src_idx.expand(batch, r, c))
+        if strategy == "prune":
+            src = torch.zeros_like(src)
+        elif strategy == "hybrid":
+            k = r // 2
+            top = torch.arange(k).expand(batch, k)[..., None].expand(batch, k, c) if is_size else src.topk(k, dim=1)[1]
+            src = src * torch.zeros_like(src).scatter_(1, top, 1)
+        dst = dst.scatter_reduce(-2, dst_idx.expand(batch, r, c), src, reduce="sum")
+        return torch.cat([unm, dst], dim=-2)
+
+    def unmerge(x):
+        unm, dst = x[:, : unm_idx.shape[1]], x[:, unm_idx.shape[1]:]
+        out = torch.zeros(x.shape[0], n, x.shape[-1])
+        out[:, 1::2] = dst
+        out.scatter_(-2, (2 * unm_idx).expand(-1, -1, x.shape[-1]), unm)
+        return out
+
+    results = []
+    for x, strategy in ((hidden, hidden_strategy), (residual, residual_strategy)):
+        size = torch.ones_like(x[..., :1])
+        merged = merge(x * size, strategy, False) / merge(size, strategy, True)
+        full = unmerge(merged)
+        results.append(full[full.abs().sum(-1) != 0].reshape(x.shape[0], n - r, -1))
+    return results
+
+
+@pytest.mark.parametrize("strategies", [("hybrid", "merge"), ("merge", "prune"), ("hybrid", "hybrid")])
+@pytest.mark.parametrize("clip,n", [(True, 24), (False, 24), (False, 17)])
+def test_official_matches_the_transcribed_code(strategies, clip, n):
+    torch.manual_seed(n)
+    hidden, residual = torch.randn(2, n, 8), torch.randn(2, n, 8)
+    ratio = 0.8
+    expected = official_reference(hidden, residual, ratio, *strategies, clip)
+    tokens = make_tokens(hidden, residual=residual)
+    n_remove = torch.full((2,), n - math.ceil(n * ratio))
+    out = methods.official(tokens, n_remove, hidden=strategies[0], residual=strategies[1],
+                           importance="clip" if clip else "raw")
+    assert torch.allclose(out.hidden, expected[0], atol=1e-5)
+    assert torch.allclose(out.residual, expected[1], atol=1e-5)
+
+
+def test_official_clip_removes_the_first_even_positions_into_position_one():
+    torch.manual_seed(0)
+    tokens = make_tokens(torch.randn(3, 40, 16))
+    out = methods.official(tokens, torch.tensor([6, 6, 6]), hidden="merge", residual="merge")
+    assert out.plan.removed[:, :12:2].all() and out.plan.removed.sum().item() == 18
+    assert bool((out.plan.target[out.plan.removed] == 1).all())
+    expected = tokens.hidden[:, [0, 1, 2, 4, 6, 8, 10]].mean(1)
+    assert torch.allclose(out.hidden[:, 0], expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ shared
+
+
+def method_call(name, tokens, n_remove):
+    entry = METHODS[name]
+    return entry.function(tokens, n_remove, **{**entry.defaults, **entry.fixed})
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_shared_properties(name):
+    torch.manual_seed(1)
+    b, n = 4, 30
+    valid = torch.arange(n) < torch.tensor([30, 25, 9, 2])[:, None]
+    protect = (torch.rand(b, n) < 0.2) & valid
+    tokens = make_tokens(torch.randn(b, n, 8), torch.rand(b, n), residual=torch.randn(b, n, 8), valid=valid,
+                         protect=protect, sizes=torch.randint(1, 4, (b, n)).float())
+    out = method_call(name, tokens, torch.tensor([10, 5, 3, 1]))
+    plan = out.plan
+    assert not bool((plan.removed & ~valid).any()), "padding is never removed as a token"
+    assert not bool((plan.removed & protect).any()), "protected tokens are never removed"
+    merged = plan.merge_hidden | plan.merge_residual
+    assert not bool(protect.gather(1, plan.target)[merged].any()), "nothing is averaged into a protected token"
+    assert not bool(plan.removed.gather(1, plan.target)[merged].any()), "merge targets are kept"
+    assert out.counts.tolist() == (valid & ~plan.removed).sum(1).tolist()
+    for row in range(b):
+        real = out.source[row, : out.counts[row]]
+        assert bool((real[1:] > real[:-1]).all()), "original order is kept"
+        assert set(real.tolist()) == set((valid[row] & ~plan.removed[row]).nonzero().flatten().tolist())
+    assert out.counts.tolist()[0] >= 20 and out.counts.tolist()[3] >= 1
+    for stream in ("hidden", "residual"):  # kept tokens nothing was merged into are untouched, in both streams
+        received = torch.zeros(b, n).scatter_add(1, plan.target, getattr(plan, f"merge_{stream}").float()) > 0
+        untouched = valid & ~plan.removed & ~received
+        before = getattr(tokens, stream)
+        after = torch.zeros_like(before).scatter_(1, out.source[..., None].expand(-1, -1, 8), getattr(out, stream))
+        assert torch.equal(after[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("name", ["tome", "merge_only", "pumer"])
+def test_merging_conserves_the_size_weighted_sum(name):
+    torch.manual_seed(2)
+    b, n = 3, 21
+    sizes = torch.randint(1, 5, (b, n)).float() if name == "tome" else torch.ones(b, n)
+    tokens = make_tokens(torch.randn(b, n, 6), torch.rand(b, n), residual=torch.randn(b, n, 6), sizes=sizes)
+    out = method_call(name, tokens, torch.tensor([8, 5, 2]))
+    kept = torch.arange(out.source.shape[1]) < out.counts[:, None]
+    merged_only = ~(out.plan.removed & ~out.plan.merge_residual)  # pruned tokens leave the sum
+    before = (tokens.residual * (sizes * merged_only)[..., None]).sum(1)
+    after = (out.residual * (out.residual_sizes * kept)[..., None]).sum(1)
+    assert torch.allclose(before, after, atol=1e-5)
+    assert torch.allclose((sizes * merged_only).sum(1), (out.residual_sizes * kept).sum(1))
