@@ -44,7 +44,8 @@ def test_synthetic_answers_are_recoverable_from_the_context():
         assert all(f" {c}" in doc["context"] for c in doc["choices"])  # every choice was seen: recall, not guess
         story = synthetic.story(rng)
         place = story["choices"][story["label"]]
-        last_move = [s for s in story["context"].split(". ") if s.startswith(story["person"] + " ")][-1]
+        sentences = story["context"].split("\n")[1].split(". ")  # the story line, between "Story:" and the question
+        last_move = [s for s in sentences if s.startswith(story["person"] + " ")][-1]
         assert last_move.endswith(place)
 
 
