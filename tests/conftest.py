@@ -21,6 +21,15 @@ TINY = {
 }
 
 
+@pytest.fixture
+def single_thread():
+    """Two threads on two shared cores are several times slower than one for tiny tensors."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(generation: int = 2, seed: int = 0, **overrides):
     config = {**TINY[generation], **overrides}
     return models.build_model(config, "cpu", "float32", seed=seed)

@@ -42,6 +42,8 @@ def run_key(cfg: DictConfig | dict) -> str:
         resolved["ratio"], resolved["layers"] = None, None  # dense ignores them: one dense record, not one per ratio
     if resolved.get("pruner", {}).get("name") == "none":
         resolved["sparsity"] = None
+    if isinstance(resolved.get("pruner"), dict):  # where the pruned weights are written does not change the numbers
+        resolved["pruner"] = {k: v for k, v in resolved["pruner"].items() if k != "save_dir"}
     text = json.dumps(resolved, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 

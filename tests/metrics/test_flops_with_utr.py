@@ -22,3 +22,18 @@ def test_utr_flops_agree_across_fvcore_the_analytic_model_and_the_reducer():
     assert fl["achieved_ratio_with_overhead"] == pytest.approx(observed["achieved_ratio_with_overhead"], abs=1e-9)
     assert abs(fl["fvcore"]["deviation"]["reduced"]) < 0.02  # fvcore sees the reducer's own work too
     assert fl["tokens_per_layer"][0] == 256 and fl["tokens_per_layer"][-1] < 256
+
+
+@pytest.mark.parametrize("method", ["official", "evit", "tome", "pumer", "random", "prune_only", "merge_only"])
+def test_every_method_can_be_counted_by_fvcore(method):
+    """fvcore traces the reduced forward with torch.jit: a method must use traceable ops (no tensor & bool)."""
+    model = tiny_model(2)
+    info = models.model_info(model)
+    cfg = compose_config([f"method={method}", "ratio=0.3", "benchmark=efficiency", "benchmark.measure.efficiency=false",
+                          "benchmark.measure.shape.cpu.length=128"])
+    reducer = reduction.from_config(model, cfg, info)
+    try:
+        fl = metrics.from_config(model, reducer, cfg, info)["flops"]
+    finally:
+        reducer.remove()
+    assert fl["fvcore"]["reduced"] < fl["fvcore"]["dense"]

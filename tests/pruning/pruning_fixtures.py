@@ -6,12 +6,8 @@ from ssmcompress.pruning.hessian import LayerInputs
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # two threads on two shared cores are slower than one for these tiny tensors
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(single_thread):
+    """Every test here runs on one thread (conftest.single_thread)."""
 
 
 def random_layer(rows: int = 6, columns: int = 16, tokens: int = 200, seed: int = 0):

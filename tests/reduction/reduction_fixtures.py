@@ -11,12 +11,8 @@ ALL_METHODS = ["ours", "official", "evit", "tome", "pumer", "random", "prune_onl
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # two threads on two shared cores are several times slower than one for these tiny tensors
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(single_thread):
+    """Every test here runs on one thread (conftest.single_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -192,7 +192,8 @@ def official(tokens: Tokens, n_remove: Tensor, *, hidden: str = "hybrid", residu
     spare = torch.where(chosen, src_slot, n)
     removed = torch.zeros(b, n + 1, dtype=torch.bool, device=device).scatter_(1, spare, chosen)[:, :n]
     target = torch.cat([tokens.slots, tokens.slots[:, :1]], 1).scatter_(1, spare, dst_slot)[:, :n]
-    merging = {name: removed & (strategy != "prune") for name, strategy in (("hidden", hidden), ("residual", residual))}
+    merging = {name: removed if strategy != "prune" else torch.zeros_like(removed)  # no tensor & bool: fvcore traces
+               for name, strategy in (("hidden", hidden), ("residual", residual))}
     streams = {name: official_hybrid(getattr(tokens, name), src_slot, dst_slot, chosen, r)
                for name, strategy in (("hidden", hidden), ("residual", residual)) if strategy == "hybrid"}
     plan = Plan(removed, target, merging["hidden"], merging["residual"], torch.ones_like(tokens.importance))
