@@ -217,7 +217,9 @@ def main() -> None:
     # a resumed run continues with a fresh data stream (seeded by the step), not the exact batches it would have seen
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    level = args.level if args.adaptive is None else resumed_level if resumed_level is not None else args.level or 0.0
+    level = args.level  # a fixed curriculum level, or None: the --curriculum schedule
+    if args.adaptive is not None:  # the adaptive curriculum starts at --level (or 0) unless resuming mid-way
+        level = resumed_level if resumed_level is not None else args.level or 0.0
 
     def make_loader(first: int):
         nonlocal data

@@ -81,6 +81,8 @@ def continuation_docs(plays: dict[str, str], n: int, seed: int, context_words: i
         return " ".join(words[:cut]), " ".join(words[cut:])
 
     speech = [k for k, (_, _, line) in enumerate(lines) if len(line.split()) >= 7]
+    cut = {k: split(lines[k][2]) for k in speech}  # every candidate is split once, not once per passage
+    rest_words = {k: len(rest.split()) for k, (_, rest) in cut.items()}
     rng.shuffle(speech)
     docs, used = [], set()
     for k in speech:
@@ -93,13 +95,11 @@ def continuation_docs(plays: dict[str, str], n: int, seed: int, context_words: i
             count += len(lines[start][2].split())
         if count < context_words or any(j in used for j in range(start, k + 1)):
             continue
-        head, rest = split(line)
-        length = len(rest.split())
-        pool = [j for j in speech if abs(j - k) > 400 and len(split(lines[j][2])[1].split()) == length
-                and split(lines[j][2])[1] != rest]
+        head, rest = cut[k]
+        pool = [j for j in speech if abs(j - k) > 400 and rest_words[j] == rest_words[k] and cut[j][1] != rest]
         if len(pool) < 3:
             continue
-        choices = [rest] + [split(lines[j][2])[1] for j in rng.sample(pool, 3)]
+        choices = [rest] + [cut[j][1] for j in rng.sample(pool, 3)]
         if len(set(choices)) < 4:
             continue
         rng.shuffle(choices)
