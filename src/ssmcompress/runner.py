@@ -120,7 +120,21 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict | None:
         logger.finish()
     path = tracking.append(record, cfg.results_dir)
     print(f"record {record['run_id']} (key {key}) appended to {path}")
+    release(model, reducer)
     return record
+
+
+def release(model, reducer) -> None:
+    """Free the model before the next job of a multirun (same process): the reducer's hooks hold it in a
+    reference cycle, and a GPU model left behind would count in the next job's memory and slow it."""
+    if reducer is not None:
+        reducer.remove()
+    if next(model.parameters()).is_cuda:
+        del model, reducer
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def summary_table(record: dict) -> str:

@@ -37,7 +37,7 @@ GROUPS = ("model", "benchmark", "method", "pruner")  # config groups an experime
 SCALARS = ("ratio", "layers", "sparsity", "protocol")  # top-level settings an experiment may fix
 NUMERIC = ("ratio", "sparsity")  # rows in increasing order (0 = dense first); other axes in the sweep's order
 MODEL_SPECIFIC = ("layers",)  # sweep values that fit only the sweep's own models (layer indices)
-FREE = ("protocol", "device")  # splits a sweep does not pin: its expected rows join every such table of the records
+FREE = ("protocol", "device", "shape")  # splits a sweep does not pin: its expected rows join every such table of the records
 # extra metrics shown before the accuracies (smaller is better), with their column suffix
 LOWER = {"perplexity": "PPL", "ppl": "PPL", "word_perplexity": "word PPL", "byte_perplexity": "byte PPL",
          "bits_per_byte": "bits/byte"}
@@ -167,6 +167,8 @@ def to_row(record: dict) -> dict:
                device=(record.get("efficiency") or {}).get("device_name") or env.get("gpu") or env.get("cpu")
                or env.get("device"))
     row["generation"] = generation(row["model"], model.get("config"), record.get("model_info"))
+    efficiency = record.get("efficiency") or {}
+    row["shape"] = f"batch {efficiency['batch_size']} x {efficiency['length']}" if efficiency else None
     dense = method == "dense"
     ratio = None if dense else record.get("ratio", config.get("ratio"))
     row["ratio"] = 0.0 if ratio is None else round(float(ratio), 6)
@@ -367,6 +369,11 @@ EFFICIENCY_COLUMNS = [
     Column("peak MiB", "num", "lower", _efficiency("peak_mib")),
     Column("activation MiB", "num", "lower", _efficiency("activation_mib")),
     Column("speed-up", "num", "higher", _dense_default("speedup", 1.0)),
+    # the speed-up over the FLOPs-ideal 1 / (1 - achieved ratio): 100 % = time falls exactly as FLOPs do
+    Column("of ideal", "pct", "higher", lambda row: _number(
+        row["efficiency"]["speedup"] * (1 - row["flops"]["achieved_ratio"]) if "speedup" in row["efficiency"]
+        else None)),
+    Column("overhead", "pct", "lower", _dense_default("reduction_overhead", 0.0)),  # reduction's own time / dense
     Column("peak memory saving", "pct", "higher", _dense_default("peak_memory_saving", 0.0)),
 ]
 
@@ -422,7 +429,7 @@ SPECS = [
     Spec("location", "Reduction location", ("ablation_location", "ablation_location_hub"), numbers={None: "Table 4"}),
     Spec("design", "Hidden-state / residual design", ("ablation_design",), numbers={None: "Table 5"}),
     Spec("share", "Prune vs merge share", ("ablation_share",)),
-    Spec("efficiency", "Efficiency", ("efficiency",), kind="efficiency", split=("device",)),
+    Spec("efficiency", "Efficiency", ("efficiency",), kind="efficiency", split=("device", "shape")),
     Spec("pruning", "Weight pruning", ("pruning",), axes=("model", "sparsity", "pruner")),
     Spec("joint", "Weight pruning and token reduction", ("pruning_joint",),
          axes=("model", "pruner", "sparsity", "ratio", "method"), block=4),
@@ -512,9 +519,11 @@ def build_spec(df: pd.DataFrame, spec: Spec) -> list[Table]:
     for experiment in experiments[:1] + [e for e in experiments[1:] if seen & set(e.values("model"))]:
         for model in experiment.values("model"):
             base = dict(benchmark=experiment.fixed.get("benchmark"), generation=generation(model),
-                        protocol=experiment.fixed.get("protocol", "exact"), device=None)
+                        protocol=experiment.fixed.get("protocol", "exact"), device=None, shape=None)
             targets = [split for split in observed
                        if all(v == base[s] for s, v in zip(spec.split, split) if s not in FREE)]
+            if spec.kind == "efficiency" and targets:  # a device's table lists the models measured there
+                continue
             for split in targets or [tuple(base[s] for s in spec.split)]:
                 splits.setdefault(split, {}).setdefault(model, [])
     for row in rows:
@@ -558,6 +567,13 @@ def expected_keys(experiments: list[Experiment], axes: tuple, split: dict, model
     return list(dict.fromkeys(keys))
 
 
+def model_size(name: str) -> float:
+    """Parameters in billions from a name such as mamba2-370m or mamba-2.8b (inf when the name has none), so that
+    models no sweep lists appear smallest first."""
+    match = re.search(r"(\d+(?:\.\d+)?)([mb])$", str(name))
+    return float(match.group(1)) * (1e-3 if match.group(2) == "m" else 1.0) if match else float("inf")
+
+
 def _rank(value, order: list):
     if value in order:
         return (0, order.index(value), "")
@@ -569,7 +585,7 @@ def _rank(value, order: list):
 def assemble(spec: Spec, experiments: list[Experiment], axes: tuple, split: dict, models: dict) -> Table:
     rows = [row for records in models.values() for row in records]
     model_order = [m for e in experiments for m in e.values("model")]
-    models = sorted(models, key=lambda m: _rank(m, model_order))
+    models = sorted(models, key=lambda m: (_rank(m, model_order)[:2], model_size(m), m))
     keys = expected_keys(experiments, axes, split, models, rows)
     found: dict[tuple, list] = {}
     for row in rows:

@@ -1,5 +1,6 @@
 """The runner's measurement hook: FLOPs (analytic and fvcore) and efficiency of the dense and the reduced model."""
 import pytest
+import torch
 
 from conftest import compose_config, tiny_model
 from evaluation.fake_reducer import DropTokens
@@ -80,3 +81,26 @@ def test_measurement_can_be_switched_off():
     model = tiny_model(2)
     assert metrics.from_config(model, None, efficiency_config("benchmark.measure.enabled=false"),
                                models.model_info(model)) == {}
+
+
+def test_the_reduction_overhead_is_timed_without_changing_the_outputs():
+    from ssmcompress import reduction
+    from ssmcompress.metrics import efficiency
+    from ssmcompress.reduction.patch import Stopwatch
+
+    model = tiny_model(2, n_layer=12)
+    info = models.model_info(model)
+    cfg = efficiency_config("method=ours", "ratio=0.3", "benchmark.measure.fvcore=false")
+    reducer = reduction.from_config(model, cfg, info)
+    ids = efficiency.synthetic_batch(info["vocab_size"], 2, 48, "cpu")
+    plain = reducer(ids).logits
+    reducer.stopwatch = Stopwatch()
+    timed = reducer(ids).logits
+    spans = len(reducer.stopwatch.spans)
+    reducer.stopwatch = None
+    assert torch.equal(plain, timed)
+    assert spans == 2 * len(reducer.setup.layers) + 1  # importance + reduction per layer, bookkeeping once
+    eff = metrics.from_config(model, reducer, cfg, info)["efficiency"]
+    assert 0 < eff["reduction_ms"] < eff["reduced_latency_ms"] and reducer.stopwatch is None
+    assert eff["reduction_overhead"] == pytest.approx(eff["reduction_ms"] / eff["dense_latency_ms"])
+    assert "reduction overhead" in "\n".join(metrics.summary_lines({"efficiency": eff}))

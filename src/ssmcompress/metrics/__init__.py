@@ -55,6 +55,11 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
         sections["efficiency"] = efficiency.measure(forwards, input_ids, settings["warmup"], settings["repeats"],
                                                     efficiency.weight_bytes(model))
         sections["efficiency"]["scan_kernel"] = efficiency.scan_kernel(info["generation"], device)
+        if reducer is not None and hasattr(reducer, "stopwatch"):
+            eff = sections["efficiency"]
+            eff["reduction_ms"] = 1000 * efficiency.reduction_seconds(reducer, forwards["reduced"], input_ids,
+                                                                      settings["repeats"])
+            eff["reduction_overhead"] = eff["reduction_ms"] / eff["dense_latency_ms"]
     return sections
 
 
@@ -144,6 +149,9 @@ def summary_lines(record: dict) -> list[str]:
         lines.append(f"{'latency ms':<28}" + "  ".join(f"{n} {eff[f'{n}_latency_ms']:.4g}" for n in names)
                      + (f"  speedup {eff['speedup']:.3f}" if "speedup" in eff else "")
                      + f"  ({eff['batch_size']}x{eff['length']}, {eff['device']})")
+        if "reduction_ms" in eff:
+            lines.append(f"{'  reduction overhead':<28}{eff['reduction_ms']:.4g} ms = "
+                         f"{100 * eff['reduction_overhead']:.2f}% of dense latency (importance, matching, merging)")
         if "not representative" in eff.get("scan_kernel", ""):
             lines.append(f"{'  scan':<28}{eff['scan_kernel']}")
         lines.append(f"{'tokens/s':<28}" + "  ".join(f"{n} {eff[f'{n}_tokens_per_s']:.4g}" for n in names))

@@ -55,6 +55,7 @@ class Plan:
     merge_residual: Tensor  # (b, n) bool: ... in the residual stream; removed and not merged = pruned
     weights: Tensor | None  # (b, n) weight of each slot in the averages (ones, softmax importance), or None:
     # each stream weighs slots by its own carried sizes (ToMe)
+    prune_only: bool = False  # known to merge nothing: apply skips the averages (a full pass over each stream)
 
 
 @dataclass
@@ -107,11 +108,13 @@ def round_half_up(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- matching
 
 
-def pack(mask: Tensor) -> tuple[Tensor, Tensor]:
+def pack(mask: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
     """The slots where `mask` holds, gathered to the front of each row in slot order: (index, ok), (b, m)
-    with m the largest count; `ok` marks real entries (the rest point at other, distinct slots)."""
+    with m the largest count (or `width`, when the caller knows it); `ok` marks real entries (the rest point
+    at other, distinct slots)."""
     count = mask.sum(-1)
-    width = max(int(count.max()), 1) if mask.numel() else 1
+    if width is None:
+        width = max(int(count.max()), 1) if mask.numel() else 1
     order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[:, :width]
     ok = torch.arange(width, device=mask.device) < count[:, None]
     return order, ok
@@ -136,8 +139,9 @@ def best_match(metric: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor
     """
     b, n = src.shape
     unit = F.normalize(metric.float(), dim=-1)  # a zero vector stays zero: similarity 0, never NaN
-    a_index, a_ok = pack(src)
-    b_index, b_ok = pack(dst)
+    widths = torch.stack([src.sum(-1).amax(), dst.sum(-1).amax()]).clamp(min=1).tolist()  # one synchronisation
+    a_index, a_ok = pack(src, widths[0])
+    b_index, b_ok = pack(dst, widths[1])
     similarity = gather_slots(unit, a_index) @ gather_slots(unit, b_index).transpose(1, 2)
     similarity = similarity.masked_fill(~b_ok[:, None, :], -INF)
     best, column = similarity.max(dim=-1)  # first maximal index on ties
@@ -157,27 +161,24 @@ def average_into(x: Tensor, target: Tensor, merged: Tensor, weights: Tensor) -> 
 
     Only receiving slots change; the others keep their exact value (no x·w/w rounding), merged slots keep a
     stale value and are dropped by `compact`. Accumulated in float32 in slot order, returned in x's dtype.
+    Written over all slots (a slot that is not merged adds an exact zero to itself) rather than over the merged
+    ones: selecting them would need their count on the host, a GPU synchronisation at every reduction layer.
     """
-    if not bool(merged.any()):
-        return x
     b, n = merged.shape
     rows = x.flatten(0, 1)
     weights = weights.flatten().float()
-    sources = merged.flatten().nonzero()[:, 0]
-    receivers, slot_of = torch.unique(flat_index(target, n)[sources], return_inverse=True)
-    moving = weights[sources]
-    total = (rows[receivers].float() * weights[receivers, None]).index_add_(
-        0, slot_of, rows[sources].float() * moving[:, None])
-    mass = weights[receivers].index_add(0, slot_of, moving)
-    out = rows.clone()
-    out[receivers] = (total / mass[:, None]).to(x.dtype)
+    merged = merged.flatten()
+    index = flat_index(target, n)
+    weighted = rows.float() * weights[:, None]
+    total = weighted.index_add(0, index, torch.where(merged[:, None], weighted, 0.0))
+    mass = weights.index_add(0, index, torch.where(merged, weights, 0.0))
+    received = torch.zeros_like(weights).index_add_(0, index, merged.float()) > 0
+    out = torch.where(received[:, None], (total / mass[:, None]).to(x.dtype), rows)
     return out.view_as(x)
 
 
 def carry_sizes(sizes: Tensor, target: Tensor, merged: Tensor) -> Tensor:
     """Sizes after merging: a slot accumulates the sizes of the slots merged into it."""
-    if not bool(merged.any()):
-        return sizes
     slots = torch.arange(sizes.shape[1], device=sizes.device).expand_as(target)
     moving = sizes * merged
     return (sizes - moving).scatter_add(1, torch.where(merged, target, slots), moving)
@@ -204,6 +205,11 @@ def apply(tokens: Tokens, plan: Plan, hidden: Tensor | None = None, residual: Te
     `hidden` / `residual`: streams a method has already merged its own way (`official`); the plan then only
     serves as the index map for that stream.
     """
+    if plan.prune_only:
+        source, counts = compact(~plan.removed, tokens.valid)
+        return Reduced(gather_slots(tokens.hidden, source), gather_slots(tokens.residual, source),
+                       gather_slots(tokens.hidden_sizes, source), gather_slots(tokens.residual_sizes, source),
+                       source, counts, plan)
     if hidden is None:
         hidden = average_into(tokens.hidden, plan.target, plan.merge_hidden,
                               tokens.hidden_sizes if plan.weights is None else plan.weights)

@@ -123,7 +123,7 @@ def random_prune(tokens: Tokens, n_remove: Tensor, *, seed: int = 0, **_) -> Red
 def prune_plan(dropped: Tensor) -> Plan:
     slots = torch.arange(dropped.shape[1], device=dropped.device).expand_as(dropped)
     nothing = torch.zeros_like(dropped)
-    return Plan(dropped, slots, nothing, nothing, None)
+    return Plan(dropped, slots, nothing, nothing, None, prune_only=True)
 
 
 def hash_int(x: Tensor) -> Tensor:
@@ -163,14 +163,15 @@ def official(tokens: Tokens, n_remove: Tensor, *, hidden: str = "hybrid", residu
     normalises to zero (the code divides by zero and gets NaN); ties in the edge sort go to the lower index
     (the code's argsort is unstable); protected tokens (the code has none) are excluded from both sides.
     """
-    b, n, d = tokens.hidden.shape
+    # plain ints: under torch.jit.trace (fvcore) shapes are CPU tensors, which clamp(max=) refuses on a GPU
+    b, n, d = (int(size) for size in tokens.hidden.shape)
     valid, protect, device = tokens.valid, tokens.protect, tokens.hidden.device
     count = valid.sum(1)
     metric = tokens.hidden.float().clamp(min=0) if importance == "clip" else tokens.hidden.float()
     unit = torch.nn.functional.normalize(metric, dim=-1).masked_fill(~valid[..., None], -INF)
     ordered = unit.sort(dim=1, descending=True).values  # per channel; padding (-inf) sorts last
     half = count // 2
-    width_a, width_b = max(int((count - half).max()), 1), max(int(half.max()), 1)
+    width_a, width_b = torch.stack([(count - half).amax(), half.amax()]).clamp(min=1).tolist()  # one sync
     rows_a = torch.arange(width_a, device=device).expand(b, width_a)
     ok_a = rows_a < (count - half)[:, None]
     ok_b = torch.arange(width_b, device=device).expand(b, width_b) < half[:, None]

@@ -10,6 +10,7 @@ switched off on reduction layers only, and restored by `remove()`, which leaves 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -25,15 +26,15 @@ FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")
 
 def importance_of(y: Tensor, metric: str) -> Tensor:
     """Per-token importance from the SSM output y (..., d_inner) (paper Eq. 5 and its Table 3 ablation)."""
-    y = y.float()
+    # reductions accumulate in float32 without a float32 copy of y (at 2.7b, b8 x 2048 tokens, that is 335 MB)
     if metric == "clip":
-        return y.clamp(min=0).mean(-1)
+        return y.clamp(min=0).mean(-1, dtype=torch.float32)
     if metric == "raw":
-        return y.mean(-1)
+        return y.mean(-1, dtype=torch.float32)
     if metric == "l1":
-        return y.abs().mean(-1)
+        return y.abs().mean(-1, dtype=torch.float32)
     if metric == "l2":
-        return torch.linalg.vector_norm(y, dim=-1)
+        return torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
     raise ValueError(f"unknown importance metric {metric!r}")
 
 
@@ -57,6 +58,7 @@ class ForwardState:
     n0: Tensor
     importance: dict = field(default_factory=dict)
     counts: list = field(default_factory=list)  # real tokens per row after each reduction layer
+    nonfinite: list = field(default_factory=list)  # (layer, (b, n) real tokens whose importance is NaN/inf)
     trace: list | None = None
 
 
@@ -86,7 +88,9 @@ class Reducer:
         self._state: ForwardState | None = None
         self._min_length: int | None | bool = False  # computed on first use
         self._handles, self._flags = [], []
-        self.totals = dict(calls=0, rows=0, tokens=0, final_tokens=0, dense_flops=0.0, reduced_flops=0.0,
+        self.stopwatch: Stopwatch | None = None  # set by metrics to time the reduction's own work
+        self._pending = []  # (n0, counts) of calls not yet added to the totals
+        self._totals = dict(calls=0, rows=0, tokens=0, final_tokens=0, dense_flops=0.0, reduced_flops=0.0,
                            overhead_flops=0.0, token_layers=0.0)
         layers = model.backbone.layers
         for step, index in enumerate(setup.layers, start=1):
@@ -102,23 +106,23 @@ class Reducer:
 
     def _capture(self, index: int, module, args):
         if self._state is not None:
-            self._state.importance[index] = importance_of(args[0], self.setup.params.get("importance", "clip"))
+            with _timed(self.stopwatch, args[0]):
+                self._state.importance[index] = importance_of(args[0], self.setup.params.get("importance", "clip"))
 
     def _reduce(self, index: int, step: int, module, args, output):
         state = self._state
         if state is None:
             return None
-        hidden, residual = output
+        with _timed(self.stopwatch, output[0]):
+            return self._reduce_step(state, index, step, *output)
+
+    def _reduce_step(self, state: ForwardState, index: int, step: int, hidden: Tensor, residual: Tensor):
         importance = state.importance.pop(index, None)
         if importance is None:
             raise RuntimeError(f"layer {index}: the mixer's out_proj did not run as a module, so the token importance "
                                f"could not be captured (a fused kernel path is active)")
-        bad = ~torch.isfinite(importance) & state.valid
-        if bool(bad.any()):
-            rows = sorted(set(bad.nonzero()[:, 0].tolist()))
-            raise FloatingPointError(f"layer {index}: token importance is NaN/inf for {int(bad.sum())} real token(s) "
-                                     f"in row(s) {rows[:8]}; the model's activations are not finite (check the "
-                                     f"weights and the dtype)")
+        # checked once after the forward (`_check_finite`): a check here would stall the GPU at every layer
+        state.nonfinite.append((index, ~torch.isfinite(importance) & state.valid))
         current = state.valid.sum(1)
         n_remove = budget.removals(self.setup.rule, self.setup.keep_rate, state.n0, current, step)
         tokens = Tokens(hidden, residual, importance, state.hidden_sizes, state.residual_sizes, state.valid,
@@ -158,15 +162,28 @@ class Reducer:
             logits = self.model(input_ids).logits
         finally:
             self._state = None
-        if not bool(state.valid.all()):
-            logits = logits.masked_fill(~state.valid[..., None], float("nan"))
-        self._account(n0, state.counts)
+        with _timed(self.stopwatch, logits):
+            # every check that needs the GPU's answer, in one synchronisation
+            flags = torch.stack([state.valid.all()] + [bad.any() for _, bad in state.nonfinite]).tolist()
+            _check_finite(state.nonfinite, flags[1:])
+            if not flags[0]:
+                logits = logits.masked_fill(~state.valid[..., None], float("nan"))
+            self._pending.append((n0, torch.stack(state.counts, 1) if state.counts else None))
         return ReducedOutput(logits, state.positions, state.valid.sum(1), state.trace)
 
-    def _account(self, n0: Tensor, counts: list[Tensor]) -> None:
-        """Add this call's real tokens and FLOPs (dense, reduced, overhead) to the running totals."""
-        per_row = torch.stack(counts, 1).tolist() if counts else [[] for _ in range(len(n0))]
-        totals, layers = self.totals, tuple(self.setup.layers)
+    @property
+    def totals(self) -> dict:
+        """Running totals of the calls so far (rows, tokens, FLOPs); settled on reading, so that a forward never
+        waits for its bookkeeping (Python arithmetic per row)."""
+        pending, self._pending = self._pending, []
+        for n0, counts in pending:
+            self._account(n0, counts)
+        return self._totals
+
+    def _account(self, n0: Tensor, counts: Tensor | None) -> None:
+        """Add one call's real tokens and FLOPs (dense, reduced, overhead) to the running totals."""
+        per_row = counts.tolist() if counts is not None else [[] for _ in range(len(n0))]
+        totals, layers = self._totals, tuple(self.setup.layers)
         totals["calls"] += 1
         for n, row in zip(n0.tolist(), per_row):
             dense, reduced, extra = budget.row_flops(self._info_items, layers, n, tuple(row), self.setup.overhead)
@@ -253,6 +270,56 @@ class Reducer:
         for mixer, flag, value in self._flags:
             setattr(mixer, flag, value)
         self._handles, self._flags = None, []
+
+
+def _check_finite(nonfinite: list, flags: list) -> None:
+    """A clear error for the first reduction layer whose importance was NaN/inf on a real token."""
+    for (index, bad), flag in zip(nonfinite, flags):
+        if flag:
+            rows = sorted(set(bad.nonzero()[:, 0].tolist()))
+            raise FloatingPointError(f"layer {index}: token importance is NaN/inf for {int(bad.sum())} real token(s) "
+                                     f"in row(s) {rows[:8]}; the model's activations are not finite (check the "
+                                     f"weights and the dtype)")
+
+
+class Stopwatch:
+    """Sums the time spent inside `_timed` blocks: CUDA events on a GPU (recorded in stream order, so no
+    synchronisation is added; the host waits the reduction itself does, e.g. for a data-dependent width, show up
+    as the stream idling between the events), `time.perf_counter` on a CPU. `seconds()` waits for the events."""
+
+    def __init__(self):
+        self.spans: list[tuple] = []
+
+    def seconds(self) -> float:
+        total = 0.0
+        for start, end in self.spans:
+            if isinstance(start, float):
+                total += end - start
+            else:
+                end.synchronize()
+                total += start.elapsed_time(end) / 1000.0
+        return total
+
+
+class _timed:
+    def __init__(self, stopwatch: Stopwatch | None, like: Tensor):
+        self.stopwatch, self.cuda = stopwatch, like.is_cuda
+
+    def _stamp(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def __enter__(self):
+        if self.stopwatch is not None:
+            self.start = self._stamp()
+
+    def __exit__(self, *exc):
+        if self.stopwatch is not None:
+            self.stopwatch.spans.append((self.start, self._stamp()))
+        return False
 
 
 def check_inputs(input_ids: Tensor, lengths: Tensor | None, protect: Tensor | None) -> tuple[Tensor, Tensor]:
