@@ -5,6 +5,7 @@ runs the reference on both paths without the compiled CUDA extension).
 
     python experiments/gpu/check_kernels.py      # on the lent GPU; wheels as in experiments/gpu/efficiency.sh
 """
+import contextlib
 import itertools
 import json
 import sys
@@ -22,8 +23,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 def logits(model, reducer, ids, lengths, reference: bool):
     """(logits, original position of each slot) on the Triton path or on the reference path."""
-    compat._triton_runs_on = (lambda x: False) if reference else (lambda x: x.is_cuda)
-    with torch.no_grad():
+    with torch.no_grad(), compat.reference_kernels() if reference else contextlib.nullcontext():
         if reducer is None:
             return model(ids).logits.float(), torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         out = reducer(ids, lengths=lengths)

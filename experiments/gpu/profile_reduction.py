@@ -8,6 +8,7 @@ Prints, per forward: the latency, the reduction's own time (the reducer's stopwa
 synchronisations inside the reduction hooks, and the operators ranked by device time (self), so that the time
 the reduction adds can be split into its kernels and the host waits between them.
 """
+import statistics
 import sys
 from pathlib import Path
 
@@ -49,11 +50,13 @@ def main() -> None:
         forward = (lambda x: model(x).logits) if reducer is None else (lambda x: reducer(x).logits)
         times = efficiency.time_forwards({method: forward}, ids, warmup=2, repeats=3, progress=False)[method]
         lines.append(f"== {model_name} {method}@0.3 ({batch}x{length}, {dtype}, {device}): median "
-                     f"{1000 * sorted(times)[1]:.1f} ms")
+                     f"{1000 * statistics.median(times):.1f} ms")
         if reducer is not None:
             reducer.stopwatch = Stopwatch()
-            syncs = count_syncs(lambda: forward(ids)) if device == "cuda" else None
-            if device != "cuda":
+            if device == "cuda":
+                syncs = count_syncs(lambda: forward(ids))
+            else:
+                syncs = None
                 with torch.no_grad():
                     forward(ids)
             lines.append(f"reduction's own time {1000 * reducer.stopwatch.seconds():.2f} ms over "

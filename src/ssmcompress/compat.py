@@ -12,6 +12,7 @@ Call `install()` before importing anything from `mamba_ssm` (importing `ssmcompr
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -29,6 +30,19 @@ MAMBA1_SCAN = "ref"
 
 def _triton_runs_on(x: torch.Tensor) -> bool:
     return x.is_cuda
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """While active, every kernel entry point runs mamba-ssm's pure-torch reference, on a GPU too (FLOP counting
+    traces the model, which Triton kernels do not survive; the GPU check compares the two paths)."""
+    global _triton_runs_on
+    route = _triton_runs_on
+    _triton_runs_on = lambda x: False  # noqa: E731
+    try:
+        yield
+    finally:
+        _triton_runs_on = route
 
 
 def install() -> None:

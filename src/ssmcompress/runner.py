@@ -8,6 +8,7 @@ a second with one line. The record is appended only when every step succeeded.
 """
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -120,21 +121,16 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict | None:
         logger.finish()
     path = tracking.append(record, cfg.results_dir)
     print(f"record {record['run_id']} (key {key}) appended to {path}")
-    release(model, reducer)
-    return record
-
-
-def release(model, reducer) -> None:
-    """Free the model before the next job of a multirun (same process): the reducer's hooks hold it in a
-    reference cycle, and a GPU model left behind would count in the next job's memory and slow it."""
+    # free the model before a multirun's next job (same process): the reducer's hooks hold it in a reference
+    # cycle, and a GPU model left behind would count in the next job's peak memory
     if reducer is not None:
         reducer.remove()
-    if next(model.parameters()).is_cuda:
-        del model, reducer
-        import gc
-
+    on_gpu = next(model.parameters()).is_cuda
+    del model, reducer
+    if on_gpu:
         gc.collect()
         torch.cuda.empty_cache()
+    return record
 
 
 def summary_table(record: dict) -> str:

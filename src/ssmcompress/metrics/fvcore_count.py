@@ -161,18 +161,16 @@ def kernels_as_ops():
             return selective_scan_router(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return selective_scan_op.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
-    # on a GPU too, route to the references while tracing: Triton kernels cannot run under torch.jit.trace (their
-    # block sizes, computed from traced shapes, are no longer constants), and one route counts both devices alike
-    triton_runs_on = compat._triton_runs_on
     compat.chunk_scan_reference, compat.add_norm_reference = chunk_scan, add_norm
     lng.rms_norm_ref, m1.selective_scan_fn = gated_norm, selective_scan
-    compat._triton_runs_on = lambda x: False
+    # on a GPU too, route to the references while tracing: Triton kernels cannot run under torch.jit.trace (their
+    # block sizes, computed from traced shapes, are no longer constants), and one route counts both devices alike
     try:
-        yield
+        with compat.reference_kernels():
+            yield
     finally:
         compat.chunk_scan_reference, compat.add_norm_reference = chunk_scan_ref, add_norm_ref
         lng.rms_norm_ref, m1.selective_scan_fn = gated_norm_ref, selective_scan_router
-        compat._triton_runs_on = triton_runs_on
 
 
 # ---------------------------------------------------------------------------------------------------- counting

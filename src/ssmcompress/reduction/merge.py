@@ -108,13 +108,11 @@ def round_half_up(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- matching
 
 
-def pack(mask: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
-    """The slots where `mask` holds, gathered to the front of each row in slot order: (index, ok), (b, m)
-    with m the largest count (or `width`, when the caller knows it); `ok` marks real entries (the rest point
-    at other, distinct slots)."""
+def pack(mask: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """The slots where `mask` holds, gathered to the front of each row in slot order: (index, ok), (b, width)
+    with width at least the largest count (the caller reads it from the device); `ok` marks real entries (the
+    rest point at other, distinct slots)."""
     count = mask.sum(-1)
-    if width is None:
-        width = max(int(count.max()), 1) if mask.numel() else 1
     order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[:, :width]
     ok = torch.arange(width, device=mask.device) < count[:, None]
     return order, ok
@@ -205,19 +203,18 @@ def apply(tokens: Tokens, plan: Plan, hidden: Tensor | None = None, residual: Te
     `hidden` / `residual`: streams a method has already merged its own way (`official`); the plan then only
     serves as the index map for that stream.
     """
-    if plan.prune_only:
-        source, counts = compact(~plan.removed, tokens.valid)
-        return Reduced(gather_slots(tokens.hidden, source), gather_slots(tokens.residual, source),
-                       gather_slots(tokens.hidden_sizes, source), gather_slots(tokens.residual_sizes, source),
-                       source, counts, plan)
-    if hidden is None:
-        hidden = average_into(tokens.hidden, plan.target, plan.merge_hidden,
-                              tokens.hidden_sizes if plan.weights is None else plan.weights)
-    if residual is None:
-        residual = average_into(tokens.residual, plan.target, plan.merge_residual,
-                                tokens.residual_sizes if plan.weights is None else plan.weights)
-    hidden_sizes = carry_sizes(tokens.hidden_sizes, plan.target, plan.merge_hidden)
-    residual_sizes = carry_sizes(tokens.residual_sizes, plan.target, plan.merge_residual)
+    if plan.prune_only:  # nothing is averaged: streams and sizes pass through unchanged
+        hidden, residual = tokens.hidden, tokens.residual
+        hidden_sizes, residual_sizes = tokens.hidden_sizes, tokens.residual_sizes
+    else:
+        if hidden is None:
+            hidden = average_into(tokens.hidden, plan.target, plan.merge_hidden,
+                                  tokens.hidden_sizes if plan.weights is None else plan.weights)
+        if residual is None:
+            residual = average_into(tokens.residual, plan.target, plan.merge_residual,
+                                    tokens.residual_sizes if plan.weights is None else plan.weights)
+        hidden_sizes = carry_sizes(tokens.hidden_sizes, plan.target, plan.merge_hidden)
+        residual_sizes = carry_sizes(tokens.residual_sizes, plan.target, plan.merge_residual)
     source, counts = compact(~plan.removed, tokens.valid)
     return Reduced(gather_slots(hidden, source), gather_slots(residual, source), gather_slots(hidden_sizes, source),
                    gather_slots(residual_sizes, source), source, counts, plan)
