@@ -12,7 +12,7 @@ from ssmcompress.models import ModelSourceError
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="src/ssmcompress/conf", config_name="config")
 def main(cfg: DictConfig):
     from ssmcompress import runner
 

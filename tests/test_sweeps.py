@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from ssmcompress import config as config_lib
 from ssmcompress import tables, tracking
-from ssmcompress.config import CONF_DIR, REPO
+from ssmcompress.config import CONF_DIR, EXPERIMENTS, REPO
 from sweep_fixture import RATIOS, run, sweep_command, tiny_sweep
 
 sweep = pytest.fixture(scope="session")(tiny_sweep)
@@ -25,7 +25,7 @@ BUNDLED = {"mamba2-tiny", "mamba-tiny"}
 
 def jobs(name: str) -> list[list[str]]:
     """The override list of each job of `python run.py -m +experiment=<name>`, expanded as Hydra's sweeper does."""
-    raw = OmegaConf.load(REPO / "experiments" / f"{name}.yaml")
+    raw = OmegaConf.load(EXPERIMENTS / f"{name}.yaml")
     params = OmegaConf.to_container(raw.hydra.sweeper.params)
     overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
@@ -56,7 +56,7 @@ def compose_job(name: str, job: list[str], *extra: str, hydra: bool = False):
 
 def test_every_table_has_its_sweep_file():
     names = {n for spec in tables.SPECS for n in spec.experiments}
-    assert names <= {p.stem for p in (REPO / "experiments").glob("*.yaml")}
+    assert names <= {p.stem for p in EXPERIMENTS.glob("*.yaml")}
     assert set(SWEEPS) | {"pruning", "pruning_joint"} == names
 
 

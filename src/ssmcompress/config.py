@@ -7,9 +7,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-REPO = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO / "conf"
-ASSETS = Path(__file__).resolve().parent / "assets"
+PACKAGE = Path(__file__).resolve().parent
+REPO = PACKAGE.parents[1]  # the checkout, when the package runs from one (src layout)
+CONF_DIR = PACKAGE / "conf"  # shipped with the package: Hydra composes from it in a checkout and in a wheel
+EXPERIMENTS = CONF_DIR / "experiment"  # the sweeps: `+experiment=<name>`
+ASSETS = PACKAGE / "assets"
 # sections that say where and how a run is logged, not what it computes: excluded from the run key
 VOLATILE = ("logger", "hydra", "results_dir", "skip_existing", "tag")
 

@@ -28,9 +28,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ssmcompress import tracking
-from ssmcompress.config import CONF_DIR, REPO, register_resolvers
-
-EXPERIMENTS = REPO / "experiments"
+from ssmcompress.config import CONF_DIR, EXPERIMENTS, REPO, register_resolvers
 MISSING = "–"
 SECTIONS = ("metrics", "headline", "flops", "efficiency", "timings", "pruning", "reduction")
 GROUPS = ("model", "benchmark", "method", "pruner")  # config groups an experiment selects in its defaults list

@@ -25,9 +25,9 @@ import yaml
 from tqdm import tqdm
 
 from ssmcompress import compat, models
+from ssmcompress.config import CONF_DIR
 from ssmcompress.suite import corpus, synthetic
 
-REPO = Path(__file__).resolve().parents[2]
 EOS = "<|endoftext|>"
 SYNTHETIC_SEED = 1000  # the evaluation suite uses seeds 1..4
 
@@ -122,7 +122,7 @@ def choice_accuracy(model, tokenizer, docs: list[dict], device) -> float:
 
 
 def model_config(name: str) -> dict:
-    return yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())["config"]
+    return yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text())["config"]
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:

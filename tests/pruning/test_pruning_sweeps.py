@@ -8,13 +8,13 @@ from omegaconf import OmegaConf
 
 from ssmcompress import config as config_lib
 from ssmcompress import tables
-from ssmcompress.config import CONF_DIR, REPO
+from ssmcompress.config import CONF_DIR, EXPERIMENTS
 from pruning_fixtures import one_thread  # noqa: F401
 
 
 def jobs(name: str) -> list[list[str]]:
     """The override list of each job of `python run.py -m +experiment=<name>`, expanded as Hydra's sweeper does."""
-    params = OmegaConf.to_container(OmegaConf.load(REPO / "experiments" / f"{name}.yaml").hydra.sweeper.params)
+    params = OmegaConf.to_container(OmegaConf.load(EXPERIMENTS / f"{name}.yaml").hydra.sweeper.params)
     overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
