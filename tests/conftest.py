@@ -10,9 +10,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from ssmcompress import models  # noqa: E402
+from ssmcompress import compat, models  # noqa: E402
 from ssmcompress.config import ASSETS, CONF_DIR, register_resolvers  # noqa: E402
 
+compat.install()  # tests import mamba-ssm directly (the package itself imports it when it first builds a model)
 TOKENIZER_DIR = ASSETS / "models" / "mamba2-tiny"
 TINY = {
     2: dict(d_model=64, n_layer=4, vocab_size=4096, pad_vocab_size_multiple=16,

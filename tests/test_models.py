@@ -56,7 +56,7 @@ def test_clear_errors_for_unusable_sources(tmp_path, monkeypatch):
     with pytest.raises(models.ModelSourceError, match="does not exist"):
         models.load_config(str(tmp_path / "missing" / "dir"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(models.ModelSourceError, match="hub is unreachable.*model.path=DIR"):
+    with pytest.raises(models.ModelSourceError, match="offline mode is set.*not in the local cache.*model.path=DIR"):
         models.load_config("state-spaces/mamba2-2.7b-not-cached")
 
 

@@ -11,7 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from ssmcompress import config as config_lib
-from ssmcompress import tables, tracking
+from ssmcompress import runner, tables, tracking
 from ssmcompress.config import CONF_DIR, EXPERIMENTS, REPO
 from sweep_fixture import RATIOS, run, sweep_command, tiny_sweep
 
@@ -80,7 +80,7 @@ def test_every_swept_value_composes_and_validates(name):
     for cfg in compose_jobs(name, every_value_once(expanded), "model.random_init=true"):
         assert cfg.skip_existing is True and cfg.tag, f"{name}: sweeps must resume (skip_existing) and be tagged"
         if cfg.model.name in BUNDLED and cfg.benchmark.name in ("offline", "efficiency"):
-            config_lib.validate(cfg)
+            runner.validate(cfg)
 
 
 def test_sweep_grid_is_what_the_tables_expect():
@@ -145,3 +145,19 @@ def test_submitit_local_executor_runs_new_jobs_and_skips_finished_ones(sweep, tm
     assert records[-1]["ratio"] == new_ratio and records[-1]["method"] == sweep.methods[-1]
     logs = "".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").glob("*/*_log.out"))
     assert logs.count("skip: results store") == 1
+
+
+def test_the_same_sweep_launched_twice_at_once_writes_each_record_once(tmp_path):
+    """Two launchers of one sweep on one store: each job claims its run key, so the other launcher skips it (or finds
+    its record); every key is written exactly once."""
+    methods, ratios = ["dense", "ours", "evit"], (0.2, 0.3)
+    command = sweep_command(tmp_path / "results", tmp_path / "multirun-a", methods, ratios)
+    twin = sweep_command(tmp_path / "results", tmp_path / "multirun-b", methods, ratios)
+    launchers = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for c in (command, twin)]
+    outputs = [launcher.communicate(timeout=900)[0] for launcher in launchers]
+    assert all(launcher.returncode == 0 for launcher in launchers), outputs
+    keys = [record["key"] for record in tracking.load(tmp_path / "results")]
+    assert len(keys) == len(set(keys)) == 1 + 2 * len(ratios)  # dense once, two methods at two budgets
+    skipped = sum(o.count("skip: another job is running") + o.count("skip: results store") for o in outputs)
+    assert skipped == 2 * len(methods) * len(ratios) - len(keys)

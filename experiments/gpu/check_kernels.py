@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from ssmcompress import compat, models
+from ssmcompress import compat, models, reduction
 from ssmcompress.config import register_resolvers
-from ssmcompress.runner import build_reducer
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -62,7 +61,7 @@ def main() -> None:
         model = models.load_model(str(Path(cfg.model.path)), device, dtype).eval()
         info = models.model_info(model)
         for name in ("dense", "ours@0.3"):
-            reducer = None if name == "dense" else build_reducer(model, cfg, info)
+            reducer = None if name == "dense" else reduction.from_config(model, cfg, info)
             fast, ref = (logits(model, reducer, ids, lengths, r) for r in (False, True))
             if reducer is not None:
                 reducer.remove()

@@ -16,11 +16,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
-from ssmcompress import models
+from ssmcompress import models, reduction
 from ssmcompress.config import register_resolvers
 from ssmcompress.metrics import efficiency
 from ssmcompress.reduction.patch import Stopwatch
-from ssmcompress.runner import build_reducer
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -46,7 +45,7 @@ def main() -> None:
             with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
                 cfg = compose("config", overrides=[f"model={model_name}", "model.random_init=true",
                                                    f"method={method}", "ratio=0.3"])
-            reducer = build_reducer(model, cfg, info)
+            reducer = reduction.from_config(model, cfg, info)
         forward = (lambda x: model(x).logits) if reducer is None else (lambda x: reducer(x).logits)
         times = efficiency.time_forwards({method: forward}, ids, warmup=2, repeats=3, progress=False)[method]
         lines.append(f"== {model_name} {method}@0.3 ({batch}x{length}, {dtype}, {device}): median "

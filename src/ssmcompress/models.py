@@ -2,30 +2,38 @@
 
 A model source is either a Hugging Face hub name (`state-spaces/mamba2-2.7b`) or a local directory in the same
 format: `config.json` (a `MambaConfig`) and `pytorch_model.bin`, plus, for our bundled models, the tokenizer files.
+Hub files go through `ssmcompress.hub` (huggingface_hub's cache, endpoint, proxies and offline mode).
+
+mamba-ssm is imported when a model is first built, not when this module is: its import (Triton, transformers) takes
+seconds, and the config checks of a run (`check_config`) come first, so that bad input is refused quickly.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
 
-from ssmcompress import compat
+from ssmcompress import architecture, compat, hub
+from ssmcompress.config import integer, to_dict
+from ssmcompress.errors import ModelSourceError
 
-compat.install()
-
-from mamba_ssm.models.config_mamba import MambaConfig  # noqa: E402
-from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: E402
-
-ASSETS = Path(__file__).resolve().parent / "assets"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHTS = "pytorch_model.bin"
 
 
-class ModelSourceError(ValueError):
-    """A model path, dtype or device that cannot be used; the message says what to do instead."""
+def mamba_ssm():
+    """mamba-ssm's (MambaConfig, MambaLMHeadModel), importable on any device once compat has routed its kernels."""
+    compat.install()
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    return MambaConfig, MambaLMHeadModel
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -58,61 +66,95 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def hub_offline_message(name: str) -> str:
-    return (f"cannot fetch {name!r}: the Hugging Face hub is unreachable (offline) and it is not in the local cache. "
-            f"On a machine with hub access run `huggingface-cli download {name} --local-dir DIR`, copy DIR here and "
-            f"pass model.path=DIR")
+# ---------------------------------------------------------------------------------------------------- sources
 
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers, decided in seconds (huggingface_hub itself retries for ~30 s)."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+def read_json(path: Path, what: str) -> dict:
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelSourceError(f"{what} {path} cannot be read as JSON ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0] if str(error) else 'empty'})") from None
+    if not isinstance(value, dict):
+        raise ModelSourceError(f"{what} {path} holds a {type(value).__name__}, not a JSON object")
+    return value
 
 
-def load_config(source: str) -> dict:
-    """The `MambaConfig` fields of a local directory or hub model, with clear errors for unusable sources."""
+def local_dir(source: str) -> Path | None:
+    """The source as a local directory (None for a hub name); a clear error for anything else."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelSourceError(f"model path {source!r} is a file; give the directory holding config.json")
-        if not (path / "config.json").is_file():
-            raise ModelSourceError(f"model directory {source!r} has no config.json (expected mamba-ssm format: "
-                                   f"config.json + pytorch_model.bin)")
-        return json.loads((path / "config.json").read_text())
+        return path
     if not HUB_NAME.match(source):
         raise ModelSourceError(f"model path {source!r} does not exist and is not a hub name like "
                                f"'state-spaces/mamba2-2.7b'")
-    from huggingface_hub import try_to_load_from_cache
-    from transformers.utils.hub import cached_file
+    return None
 
-    cached = try_to_load_from_cache(source, "config.json")
-    if isinstance(cached, str):
-        return json.loads(Path(cached).read_text())
-    if not hub_reachable():
-        raise ModelSourceError(hub_offline_message(source))
+
+def load_config(source: str) -> dict:
+    """The `MambaConfig` fields of a local directory or hub model, with clear errors for unusable sources."""
+    directory = local_dir(source)
+    if directory is None:
+        return read_json(Path(hub.file(source, "config.json")), f"config.json of {source!r}:")
+    if not (directory / "config.json").is_file():
+        raise ModelSourceError(f"model directory {source!r} has no config.json (expected mamba-ssm format: "
+                               f"config.json + {WEIGHTS})")
+    return read_json(directory / "config.json", "model config")
+
+
+def check_weights(source: str) -> None:
+    """The weights file exists (locally, in the hub cache, or on the hub); reading it is the run's first work."""
+    directory = local_dir(source)
+    if directory is None:
+        hub.require(source, WEIGHTS)
+    elif not (directory / WEIGHTS).is_file():
+        raise ModelSourceError(f"model directory {source!r} has config.json but no {WEIGHTS}")
+
+
+def check_config(cfg) -> dict:
+    """The `model` section, before any work: device, dtype, max_length, the source's config.json (or the config of a
+    random init), its weights and, when the run reads text, its tokenizer. Returns the model's config dict."""
+
+    model = to_dict(cfg.model)
+    device = resolve_device(model.get("device", "auto"))
+    resolve_dtype(model.get("dtype", "auto"), device)
+    integer("model.max_length", model.get("max_length"), minimum=1)
+    if not isinstance(model.get("random_init"), bool):
+        raise ModelSourceError(f"model.random_init must be true or false, got {model.get('random_init')!r}")
+    if model["random_init"]:
+        config = model.get("config")
+        if not isinstance(config, dict):
+            raise ModelSourceError(f"model.random_init=true needs model.config (the architecture), got {config!r}")
+    else:
+        config = load_config(model["path"])
+        check_weights(model["path"])
     try:
-        resolved = cached_file(source, "config.json")
-    except OSError as error:
-        text = str(error).lower()
-        if "connect" in text or "offline" in text or "resolve" in text or "network" in text or "cache" in text:
-            raise ModelSourceError(hub_offline_message(source)) from None
-        raise ModelSourceError(f"cannot load {source!r} from the hub: {error}".splitlines()[0]) from None
-    return json.loads(Path(resolved).read_text())
+        architecture.info_from_config(config)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ModelSourceError(f"model config of {model.get('path')!r} is not a mamba-ssm config: {error}") from None
+    if cfg.benchmark.get("kind") == "lm_eval" or cfg.pruner.name != "none":
+        check_tokenizer(model["tokenizer"])
+    return config
 
+
+def check_tokenizer(source: str) -> None:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise ModelSourceError(f"{source!r} has no tokenizer.json; set model.tokenizer to a tokenizer name or dir")
+        return
+    if not HUB_NAME.match(source):
+        raise ModelSourceError(f"tokenizer {source!r} is neither a directory nor a hub name")
+    hub.require(source, "tokenizer_config.json")
+
+
+# ---------------------------------------------------------------------------------------------------- models
 
 def build_model(config: dict, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
-                seed: int | None = 0) -> MambaLMHeadModel:
-    """A randomly initialised `MambaLMHeadModel` (mamba-ssm's own init) for a config dict."""
+                seed: int | None = 0):
+    """A randomly initialised `MambaLMHeadModel` (mamba-ssm's own init, drawn from `seed`) for a config dict."""
+    MambaConfig, MambaLMHeadModel = mamba_ssm()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     fields = {k: v for k, v in compat.adapt_config(config).items() if k in MambaConfig.__dataclass_fields__}
@@ -123,40 +165,46 @@ def build_model(config: dict, device: str | torch.device = "cpu", dtype: str | t
 
 
 def load_model(source: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-               random_init: bool = False, config: dict | None = None) -> MambaLMHeadModel:
-    """Load a pretrained model, or build one with random weights (`random_init`, from `config` if given)."""
+               random_init: bool = False, config: dict | None = None, seed: int = 0):
+    """Load a pretrained model, or build one with random weights drawn from `seed` (`random_init`, from `config`
+    if given)."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if random_init:
-        return build_model(config if config is not None else load_config(source), device, dtype)
+        return build_model(config if config is not None else load_config(source), device, dtype, seed=seed)
     model_config = load_config(source)
+    state = load_state_dict(source)  # before building: a corrupt file fails before any memory is spent
     model = build_model(model_config, device, dtype)
-    model.load_state_dict(_load_state_dict(source, model_config))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelSourceError(f"the weights of {source!r} do not fit its config.json: "
+                               f"{str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}"
+                               ) from None
     return model.eval()
 
 
-def _load_state_dict(source: str, config: dict) -> dict:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        weights = path / "pytorch_model.bin"
-        if not weights.is_file():
-            raise ModelSourceError(f"model directory {source!r} has config.json but no pytorch_model.bin")
-        return torch.load(weights, map_location="cpu", weights_only=True)
-    from mamba_ssm.utils.hf import load_state_dict_hf
-
+def load_state_dict(source: str) -> dict:
+    """The weights file of a local directory or hub model (as mamba-ssm's own `load_state_dict_hf` reads it), with a
+    one-line error for a truncated or corrupt file."""
+    directory = local_dir(source)
+    path = directory / WEIGHTS if directory is not None else Path(hub.file(source, WEIGHTS))
+    if not path.is_file():
+        raise ModelSourceError(f"model directory {source!r} has config.json but no {WEIGHTS}")
     try:
-        return load_state_dict_hf(source, device="cpu")
-    except OSError:
-        raise ModelSourceError(hub_offline_message(source)) from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        first = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise ModelSourceError(f"cannot read the weights {path}: the file is truncated or corrupt ({first}); "
+                               f"copy or download it again") from None
 
 
 def load_tokenizer(source: str):
     """A tokenizer from a local model directory (tokenizer.json) or a hub tokenizer name."""
     from transformers import AutoTokenizer
 
+    check_tokenizer(source)
     path = Path(source).expanduser()
-    if path.is_dir() and not (path / "tokenizer.json").is_file():
-        raise ModelSourceError(f"{source!r} has no tokenizer.json; set model.tokenizer to a tokenizer name or dir")
     try:
         if path.is_dir():
             tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -164,18 +212,15 @@ def load_tokenizer(source: str):
             try:
                 tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             except OSError:
-                if not hub_reachable():
-                    raise
-                tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError:
-        raise ModelSourceError(hub_offline_message(source)) from None
+                tokenizer = AutoTokenizer.from_pretrained(source)  # check_tokenizer: the hub has answered
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"cannot load tokenizer {source!r}: {str(error).splitlines()[0][:200]}") from None
     if tokenizer.pad_token_id is None:  # as lm-eval's mamba_ssm backend and the paper: pad with eos
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def save_model(model: MambaLMHeadModel, directory: str | os.PathLike, tokenizer=None,
-               dtype: torch.dtype | None = None) -> None:
+def save_model(model, directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None) -> None:
     """Write `config.json` + `pytorch_model.bin` (mamba-ssm's hub format), optionally the tokenizer too."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -191,13 +236,14 @@ def save_model(model: MambaLMHeadModel, directory: str | os.PathLike, tokenizer=
             target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             converted[key] = tensor.detach().to("cpu", target).clone()
         state[name] = converted[key]
-    torch.save(state, directory / "pytorch_model.bin")
+    torch.save(state, directory / WEIGHTS)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
 
-def model_info(model: MambaLMHeadModel) -> dict:
-    """Architecture facts used by the FLOPs model, the reducer and the logs."""
+def model_info(model) -> dict:
+    """Architecture facts used by the FLOPs model, the reducer and the logs (architecture.info_from_config gives the
+    same from a config dict, without the parameter count)."""
     config = model.config
     mixer = model.backbone.layers[0].mixer
     ssm_layer = (config.ssm_cfg or {}).get("layer", "Mamba1")

@@ -28,7 +28,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ssmcompress import tracking
-from ssmcompress.config import CONF_DIR, EXPERIMENTS, REPO, register_resolvers
+from ssmcompress.config import CONF_DIR, EXPERIMENTS, register_resolvers
 MISSING = "–"
 SECTIONS = ("metrics", "headline", "flops", "efficiency", "timings", "pruning", "reduction")
 GROUPS = ("model", "benchmark", "method", "pruner")  # config groups an experiment selects in its defaults list
@@ -702,7 +702,8 @@ def previous_tables(out_dir: Path) -> set[str]:
 
 def main(argv=None) -> list[Table]:
     parser = argparse.ArgumentParser(prog="python -m ssmcompress.tables", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", default=str(REPO / "results"), help="results store directory (records.jsonl)")
+    parser.add_argument("--results", default="results", help="results store directory (records.jsonl; default: the "
+                        "committed store results/ of the checkout you run from)")
     parser.add_argument("--out", default=None, help="where the tables go (default: <results>/tables)")
     parser.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT",
                         help="also read the runs of this W&B project (public API; needs network and a login)")
@@ -720,5 +721,10 @@ def main(argv=None) -> list[Table]:
     return tables
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script `ssmcompress-tables` (= make tables)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,5 +1,4 @@
 """Benchmarks: the paper's six tasks as configured, the datasets check before any work, the harness end to end."""
-import time
 from pathlib import Path
 
 import pytest
@@ -7,7 +6,7 @@ import yaml
 
 from conftest import TOKENIZER_DIR, compose_config, tiny_model
 from evaluation.fake_reducer import DropTokens
-from ssmcompress import models, runner, tracking
+from ssmcompress import hub, models, runner, tracking
 from ssmcompress.config import ConfigError, to_dict
 from ssmcompress.evaluation import harness
 
@@ -40,7 +39,8 @@ def test_paper6_is_the_papers_six_tasks_with_their_metrics_and_datasets():
     for task in benchmark["tasks"]:
         lm_eval_config = lm_eval_task(task)
         assert lm_eval_config["task"] == task
-        assert benchmark["datasets"][task] == lm_eval_config["dataset_path"]  # what the pinned lm-eval loads
+        # what the pinned lm-eval loads: dataset and config
+        assert benchmark["datasets"][task] == [lm_eval_config["dataset_path"], lm_eval_config.get("dataset_name")]
         reported = {m["metric"] for m in lm_eval_config["metric_list"]}
         assert benchmark["main_metric"][task] in reported
         assert set(benchmark["extra_metrics"].get(task, [])) <= reported
@@ -48,42 +48,68 @@ def test_paper6_is_the_papers_six_tasks_with_their_metrics_and_datasets():
 
 @pytest.fixture
 def no_hub(monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
-    monkeypatch.setattr(harness, "datasets_cache", lambda: tmp_path / "datasets")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    """The hub cannot be reached (offline mode), and the datasets cache is an empty folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    switched = []
-    monkeypatch.setattr(harness, "use_cached_datasets_only", lambda: switched.append(True))
-    return tmp_path / "datasets", switched
+    monkeypatch.setattr(hub, "datasets_cache", lambda: tmp_path / "datasets")
+    return tmp_path / "datasets"
 
 
-def test_missing_hub_datasets_fail_fast_with_what_to_do(no_hub, tiny_mamba2_dir, tmp_path):
+def cache_dataset(cache, path: str, name: str | None):
+    (cache / path.replace("/", "___") / (name or "default") / "0.0.0" / "abc123").mkdir(parents=True)
+
+
+def test_missing_hub_datasets_fail_before_any_work_with_what_to_do(no_hub, tiny_mamba2_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "prepare", lambda cfg: pytest.fail("work started"))
     cfg = compose_config(["benchmark=paper6", f"model.path={tiny_mamba2_dir}", "logger=none",
                           f"results_dir={tmp_path}/results"])
-    start = time.perf_counter()
     with pytest.raises(ConfigError) as error:
         runner.run(cfg, run_dir=tmp_path / "run")
-    assert time.perf_counter() - start < 5
     message = str(error.value)
-    assert "\n" not in message and "EleutherAI/lambada_openai" in message and "Rowan/hellaswag" in message
-    assert "hub access" in message and "benchmark=offline" in message
+    assert "\n" not in message and "EleutherAI/lambada_openai (default)" in message and "Rowan/hellaswag" in message
+    assert "offline mode" in message and "hub access" in message and "benchmark=offline" in message
     assert not tracking.load(tmp_path / "results")
 
 
-def test_cached_datasets_are_used_offline(no_hub):
-    cache, switched = no_hub
-    benchmark = dict(name="two", datasets={"a": "org/one", "b": "org/two"})
+def test_each_dataset_config_a_task_needs_is_checked(no_hub):
+    """ARC-Easy cached is not ARC-Challenge cached: the check goes by (dataset, config)."""
+    benchmark = compose_config(["benchmark=paper6", "benchmark.tasks=[arc_easy,arc_challenge]"])
+    cache_dataset(no_hub, "allenai/ai2_arc", "ARC-Easy")
+    with pytest.raises(ConfigError, match=r"needs the datasets allenai/ai2_arc \(ARC-Challenge\), but offline"):
+        harness.check_config(benchmark)
+    cache_dataset(no_hub, "allenai/ai2_arc", "ARC-Challenge")
+    harness.check_config(benchmark)
+
+
+def test_cached_datasets_switch_a_process_without_hub_to_offline_mode(no_hub, monkeypatch):
+    switched = []
+    monkeypatch.setattr(hub, "use_cached_datasets_only", lambda: switched.append(True))
     with pytest.raises(ConfigError, match="org/two"):
-        harness.check_datasets(benchmark)
-    for name in ("org___one", "org___two"):
-        (cache / name / "default" / "0.0.0" / "abc123").mkdir(parents=True)
-    harness.check_datasets(benchmark)
+        hub.require_datasets([("org/one", None), ("org/two", None)], "two")
+    for name in ("org/one", "org/two"):
+        cache_dataset(no_hub, name, None)
+    hub.require_datasets([("org/one", None), ("org/two", None)], "two")
     assert switched == [True]
 
 
-def test_benchmarks_without_hub_datasets_need_no_check(monkeypatch):
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: pytest.fail("the hub was contacted"))
-    harness.check_datasets(to_dict(compose_config([]).benchmark))
+def test_benchmarks_without_hub_datasets_ask_no_hub(monkeypatch):
+    monkeypatch.setattr(hub, "probe", lambda *args, **kwargs: pytest.fail("the hub was contacted"))
+    harness.check_config(compose_config([]))
+
+
+def test_tasks_lm_eval_does_not_know_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="lm-eval knows no task, group or tag 'nope'.*mqar"):
+        harness.check_config(compose_config(["benchmark.tasks=[mqar,nope]"]))
+
+
+def test_a_task_whose_data_file_is_missing_is_refused(tmp_path):
+    import shutil
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(Path(to_dict(compose_config([]).benchmark)["include_path"]), tasks)
+    (tasks / "mqar.jsonl").unlink()
+    with pytest.raises(ConfigError, match="task mqar: data file .*mqar.jsonl does not exist"):
+        harness.check_config(compose_config([f"benchmark.include_path={tasks}", "benchmark.tasks=[mqar]"]))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ def reduced_config(model_dir, results_dir, *extra):
 @pytest.fixture
 def fake_reduction(monkeypatch):
     """The runner builds the test reducer (2 tokens removed after block 1) instead of a real method."""
-    monkeypatch.setattr(runner, "build_reducer", lambda model, cfg, info: DropTokens(model, 1, 2, match=True))
+    monkeypatch.setattr(reduction, "from_config", lambda model, cfg, info: DropTokens(model, 1, 2, match=True))
     monkeypatch.setattr(reduction, "check_config", lambda cfg, model_config: None, raising=False)
 
 
@@ -28,10 +28,11 @@ def as_stored(record):
     return json.loads(json.dumps(record, sort_keys=True, default=float))
 
 
-def test_reduced_run_prints_stores_and_logs_the_same_numbers(fake_reduction, tiny_mamba2_dir, tmp_path, capsys):
+def test_reduced_run_prints_stores_and_logs_the_same_numbers(fake_reduction, tiny_mamba2_dir, tmp_path, caplog):
+    caplog.set_level("INFO")  # the summary is logged: on the console and in Hydra's run.log
     cfg = reduced_config(tiny_mamba2_dir, tmp_path / "results", "logger=wandb", "logger.mode=offline")
     record = runner.run(cfg, run_dir=tmp_path / "run")
-    printed = capsys.readouterr().out
+    printed = caplog.text
     for needle in ("shakespeare_lastword", "average", "FLOPs / sequence", "achieved ratio", "FLOPs (fvcore)",
                    "tokens per layer", "latency ms", "speedup", "peak memory MiB"):
         assert needle in printed
@@ -55,7 +56,8 @@ def test_wandb_summary_holds_the_records_numbers(tmp_path):
                              per_layer=dict(dense=[4.0, 4.0], reduced=[4.0, 2.0])),
                   efficiency=dict(dense_latency_ms=2.0, reduced_latency_ms=1.0, speedup=2.0, device="cpu"),
                   timings=dict(total_s=1.0))
-    logger = tracking.WandbLogger(dict(project="test", mode="offline"), {"a": 1}, tmp_path, name="t")
+    record.update(run_id="r", model="m", method="dense", ratio=None, benchmark="b", pruner="none", config={"a": 1})
+    logger = tracking.WandbLogger(dict(project="test", mode="offline"), record, tmp_path)
     try:
         logger.log(record)
         summary = logger.run.summary

@@ -7,7 +7,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from ssmcompress import config as config_lib
-from ssmcompress import tables
+from ssmcompress import runner, tables
 from ssmcompress.config import CONF_DIR, EXPERIMENTS
 from pruning_fixtures import one_thread  # noqa: F401
 
@@ -39,7 +39,7 @@ def test_every_swept_value_composes_and_validates(name):
         for job in each_value_once(expanded):
             cfg = compose("config", overrides=[f"+experiment={name}", *job, "model.random_init=true"])
             assert cfg.skip_existing is True and cfg.tag == name and cfg.benchmark.name == "pruning"
-            config_lib.validate(cfg)
+            runner.validate(cfg)
 
 
 def test_the_tables_read_these_sweeps():

@@ -3,7 +3,7 @@ import pytest
 from omegaconf import open_dict
 
 from ssmcompress import config as config_lib
-from ssmcompress import reduction
+from ssmcompress import architecture, reduction, runner
 from ssmcompress.config import ConfigError
 from reduction_fixtures import ALL_METHODS, compose, one_thread  # noqa: F401
 
@@ -23,7 +23,7 @@ def test_every_method_has_a_config_and_the_registry_knows_them():
 def test_method_configs_pass_check_config(method):
     cfg = compose(method, 0.2, TINY_MODEL)
     reduction.check_config(cfg, model_config(cfg))
-    info = reduction.info_from_config(model_config(cfg))
+    info = architecture.info_from_config(model_config(cfg))
     setup = reduction.resolve(cfg, info)
     assert setup.layers == [2, 3, 4, 5, 6, 7, 8] and 0.5 < setup.keep_rate < 1
     assert set(setup.params) >= set(reduction.METHODS[method].defaults)
@@ -70,13 +70,13 @@ def test_unknown_method_and_validate_calls_check_config():
     with pytest.raises(ConfigError, match="unknown reduction method 'magic': choose one of dense, ours"):
         reduction.check_config(cfg, model_config(cfg))
     with pytest.raises(ConfigError, match="unknown hidden strategy"):
-        config_lib.validate(compose("ours", 0.2, TINY_MODEL, "method.hidden=nope", "logger=none"))
-    config_lib.validate(compose("official", 0.2, TINY_MODEL, "logger=none"))
+        runner.validate(compose("ours", 0.2, TINY_MODEL, "method.hidden=nope", "logger=none"))
+    runner.validate(compose("official", 0.2, TINY_MODEL, "logger=none"))
 
 
 def test_paper_anchor_layers_for_a_hub_sized_config():
     cfg = compose("ours", 0.3, "model=mamba2-2.7b")
-    info = reduction.info_from_config(model_config(cfg))  # meta device: no weights, no memory
+    info = architecture.info_from_config(model_config(cfg))  # meta device: no weights, no memory
     setup = reduction.resolve(cfg, info)
     assert setup.layers == [12, 17, 22, 27, 32, 37, 42]
     assert setup.reference_length == 2048

@@ -1,62 +1,94 @@
-"""Accuracy through lm-eval: run a benchmark config's tasks on a (reduced) model and pick out the paper's metrics."""
+"""Accuracy through lm-eval: check a benchmark config, run its tasks on a (reduced) model, pick out the paper's metrics."""
 from __future__ import annotations
 
+import difflib
+import glob
+import functools
 import json
 import os
 from pathlib import Path
 
+from ssmcompress import hub
+from ssmcompress.config import integer, to_dict
+from ssmcompress.errors import ConfigError
+
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # datasets otherwise pings S3 on every load
 
 
-def check_datasets(benchmark: dict) -> None:
-    """Before any work: the hub datasets a benchmark lists (`datasets: {task: hub name}`) must be reachable or
-    cached, else one ConfigError line saying what to do (datasets would otherwise retry the hub for ~30 s each)."""
-    from ssmcompress import models
-    from ssmcompress.config import ConfigError
+KINDS = ("lm_eval", "efficiency")  # what a benchmark config's `kind` may be
+FILE_DATASETS = ("json", "csv", "parquet", "text", "arrow")  # `dataset_path`s that read local `data_files`
 
-    names = sorted(set((benchmark.get("datasets") or {}).values()))
-    if not names:
+
+def check_config(cfg) -> None:
+    """The `benchmark` section, before any work: its kind, and for lm-eval benchmarks the evaluation settings, that
+    every task exists (lm-eval's own task index), that its data files exist and that its hub datasets are cached or
+    reachable, per (dataset, config)."""
+    benchmark = to_dict(cfg.benchmark)
+    if benchmark.get("kind") not in KINDS:
+        raise ConfigError(f"benchmark {benchmark.get('name')}: unknown kind {benchmark.get('kind')!r} "
+                          f"(use one of {', '.join(KINDS)})")
+    if benchmark["kind"] != "lm_eval":
         return
-    offline = _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
-    if not offline and models.hub_reachable():
-        return
-    cache = datasets_cache()
-    missing = [name for name in names if not dataset_cached(name, cache)]
-    if missing:
-        reason = "offline mode is set" if offline else "the Hugging Face hub is unreachable"
-        raise ConfigError(f"benchmark {benchmark.get('name')} needs the datasets {', '.join(missing)}, but {reason} "
-                          f"and they are not in the datasets cache {cache}: run it once with hub access (or copy "
-                          f"that machine's HF_HOME here and set HF_HOME / HF_DATASETS_CACHE), or use "
-                          f"benchmark=offline")
-    if not offline:
-        use_cached_datasets_only()
+    tasks = benchmark.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise ConfigError(f"benchmark.tasks must be a non-empty list of task names, got {tasks!r}")
+    if benchmark.get("limit") is not None:
+        integer("benchmark.limit", benchmark["limit"], minimum=1)
+    integer("benchmark.batch_size", benchmark.get("batch_size"), minimum=1)
+    integer("benchmark.num_fewshot", benchmark.get("num_fewshot", 0), minimum=0)
+    include = benchmark.get("include_path")
+    if include and not Path(include).is_dir():
+        raise ConfigError(f"benchmark {benchmark.get('name')}: task directory {include} does not exist")
+    known = {task: tuple(value) if isinstance(value, list) else (value, None)
+             for task, value in (benchmark.get("datasets") or {}).items()}
+    needed = [known[task] for task in tasks if task in known]
+    other = [task for task in tasks if task not in known]
+    if other:
+        needed += task_datasets(task_manager(include), other, benchmark.get("name"))
+    hub.require_datasets(needed, f"benchmark {benchmark.get('name')}")
 
 
-def datasets_cache() -> Path:
-    import datasets
+def task_datasets(manager, names: list[str], benchmark: str | None) -> list[tuple[str, str | None]]:
+    """The hub (dataset, config) pairs the named tasks (or groups, tags) load; checks local data files on the way."""
+    leaves, pending = [], list(names)
+    while pending:
+        name = pending.pop(0)
+        entry = manager.task_index.get(name)
+        if entry is None:
+            close = difflib.get_close_matches(name, list(manager.all_tasks), n=3)
+            hint = (f"; did you mean {', '.join(close)}?" if close else
+                    f"; known: {', '.join(sorted(manager.all_tasks)[:12])}")
+            raise ConfigError(f"benchmark {benchmark}: lm-eval knows no task, group or tag {name!r}{hint}")
+        if entry.cfg is not None and "task" in entry.cfg and isinstance(entry.cfg["task"], str):
+            leaves.append(entry)
+        else:  # a group or a tag: its members
+            members = entry.tags if entry.cfg is None else entry.cfg.get("task", [])
+            pending += [m if isinstance(m, str) else m.get("task") for m in members]
+    needed = []
+    for entry in leaves:
+        config = entry.cfg
+        for path in data_files(config, Path(entry.yaml_path).parent if entry.yaml_path else Path.cwd()):
+            if not (path.exists() or glob.glob(str(path))):  # data_files may be glob patterns
+                raise ConfigError(f"task {entry.name}: data file {path} does not exist")
+        if config.get("custom_dataset") is None and config.get("dataset_path") not in FILE_DATASETS + (None,):
+            needed.append((config["dataset_path"], config.get("dataset_name")))
+    return needed
 
-    return Path(datasets.config.HF_DATASETS_CACHE)
+
+def data_files(config: dict, folder: Path) -> list[Path]:
+    """The local files a task reads: the bundled tasks' `data_file` (beside their YAML, see assets/tasks/offline/
+    utils.py) or a `data_files` entry of the kind `datasets.load_dataset` takes (a path, a list or a split dict)."""
+    kwargs = config.get("dataset_kwargs") or {}
+    if "data_file" in kwargs:
+        return [folder / kwargs["data_file"]]
+    value = kwargs.get("data_files")
+    values = list(value.values()) if isinstance(value, dict) else [value] if isinstance(value, str) else value or []
+    return [Path(v) for item in values for v in ([item] if isinstance(item, str) else item)]
 
 
-def dataset_cached(name: str, cache: Path) -> bool:
-    """Whether `datasets` can load hub dataset `name` offline: it reads <cache>/<org>___<name>/<config>/<version>/."""
-    return any(path.is_dir() for path in (cache / name.replace("/", "___")).glob("*/*/*"))
-
-
-def use_cached_datasets_only() -> None:
-    """Offline mode for this process, also for modules that read the environment at import."""
-    import datasets
-    import huggingface_hub.constants
-
-    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
+@functools.lru_cache(maxsize=4)
 def task_manager(include_path: str | None):
+    """lm-eval's task index (built once per process: the checks and the evaluation share it)."""
     from lm_eval.tasks import TaskManager
 
     # include_defaults=False skips indexing lm-eval's ~15k built-in tasks (about 9 s) when we only need ours

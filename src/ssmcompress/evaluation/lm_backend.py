@@ -22,31 +22,42 @@ from __future__ import annotations
 import logging
 
 import torch
-from lm_eval.api.registry import register_model
 from lm_eval.models.mamba_lm import MambaLMWrapper
 
 PAD_ID = 0  # lm-eval's pad_and_concat right-pads input rows with zeros
 logger = logging.getLogger(__name__)
 
 
-@register_model("ssmcompress")
 class ReducedMambaLM(MambaLMWrapper):
+    """Takes a built model (and reducer) as Python objects; `ssmcompress.lmeval.SsmcompressLM` builds them from
+    lm-eval's string model_args and is the model registered as `ssmcompress`."""
+
     def __init__(self, model, tokenizer, reducer=None, protocol: str = "exact", batch_size: int = 16,
-                 max_length: int = 2048, **kwargs):
+                 max_length: int = 2048, source: str = "ssmcompress", **kwargs):
         if protocol not in ("exact", "paper"):
             raise ValueError(f"unknown protocol {protocol!r}: use exact or paper")
         self._built_model, self.reducer, self.protocol = model, reducer, protocol
         self._scored: dict[tuple, dict[int, int]] = {}
         self.clamped_rows = 0  # paper protocol: rows whose official slice would have started before position 0
         device = str(next(model.parameters()).device)
-        super().__init__(pretrained="ssmcompress-model", tokenizer=tokenizer, batch_size=batch_size,
-                         max_length=max_length, device=device, **kwargs)
+        super().__init__(pretrained=source, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                         device=device, **kwargs)
 
     def _get_config(self, pretrained, **kwargs) -> None:
         self._config = self._built_model.config
 
     def _create_model(self, pretrained, dtype=None, **kwargs) -> None:
         self._model = self._built_model
+
+    def get_model_info(self) -> dict:
+        """What lm-eval records about the model, without asking the hub about `pretrained` (HFLM's version looks up
+        its commit there, a request that fails for a local or built model)."""
+        model = self._built_model
+        info = dict(model_num_parameters=sum(p.numel() for p in model.parameters()),
+                    model_dtype=str(next(model.parameters()).dtype), model_source=self.pretrained)
+        if self.reducer is not None:
+            info["reduction"] = {k: v for k, v in self.reducer.describe().items() if k != "observed"}
+        return info
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         self._scored = scored_rows(requests, self.max_length)

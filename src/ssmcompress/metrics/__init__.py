@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 
+from ssmcompress.config import integer, to_dict
+from ssmcompress.errors import ConfigError
 from ssmcompress.metrics import efficiency
 from ssmcompress.metrics import flops as analytic
 from ssmcompress.metrics import forwards as forwards_lib
@@ -23,6 +25,24 @@ DEFAULT_MEASURE = dict(
 )
 CONVENTION = ("one forward of one sequence; 1 multiply-add = 1 FLOP; norms 5/element; scan = the kernel's "
               "contractions; other elementwise work 0 (ssmcompress.metrics.flops)")
+
+
+def check_config(cfg, model_config: dict) -> None:
+    """The benchmark's `measure` block, before any work: positive shapes and repeats, and (strict reduction) a length
+    long enough for the budget."""
+    settings = measure_settings(to_dict(cfg.benchmark))
+    for name in ("enabled", "fvcore", "efficiency"):
+        if not isinstance(settings[name], bool):
+            raise ConfigError(f"benchmark.measure.{name} must be true or false, got {settings[name]!r}")
+    if not settings["enabled"]:
+        return
+    integer("benchmark.measure.warmup", settings["warmup"], minimum=0)
+    integer("benchmark.measure.repeats", settings["repeats"], minimum=1)
+    for device, shape in settings["shape"].items():
+        if not isinstance(shape, dict):
+            raise ConfigError(f"benchmark.measure.shape.{device} must be {{batch_size: N, length: N}}, got {shape!r}")
+        integer(f"benchmark.measure.shape.{device}.batch_size", shape.get("batch_size"), minimum=1)
+        integer(f"benchmark.measure.shape.{device}.length", shape.get("length"), minimum=1)
 
 
 def measure_settings(benchmark: dict) -> dict:

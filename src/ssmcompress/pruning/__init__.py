@@ -81,10 +81,7 @@ def check_calibration(settings: dict) -> None:
     if not isinstance(settings.get("seed", 0), int):
         raise ValueError(f"pruner.calibration.seed must be an integer, got {settings.get('seed')!r}")
     if source in calibration.HUB_SOURCES:
-        from ssmcompress.models import hub_reachable
-
-        if not hub_reachable():
-            raise ValueError(calibration.hub_message(source))
+        calibration.require_hub_source(source)
 
 
 def from_config(model, tokenizer, cfg) -> dict:

@@ -14,6 +14,8 @@ import random
 
 import torch
 
+from ssmcompress import hub
+
 SOURCES = ("shakespeare", "c4", "wikitext2")
 CHARS_PER_TOKEN = 8  # a generous first guess of the characters a window needs (doubled until enough)
 SKIP = 8  # tokens dropped at the start of a span, which may begin inside a word
@@ -21,9 +23,11 @@ HUB_SOURCES = {"c4": ("allenai/c4", dict(data_files={"train": "en/c4-train.00000
                "wikitext2": ("Salesforce/wikitext", dict(name="wikitext-2-raw-v1"))}
 
 
-def hub_message(source: str) -> str:
-    return (f"calibration source {source!r} needs the Hugging Face hub, which is unreachable; use "
-            f"pruner.calibration.source=shakespeare (offline), or run where the hub is reachable")
+def require_hub_source(source: str) -> None:
+    """The calibration dataset is cached or the hub answers for it (else ConfigError, which is a ValueError)."""
+    path, kwargs = HUB_SOURCES[source]
+    hub.require_datasets([(path, kwargs.get("name"))], f"calibration source {source!r} (offline alternative: "
+                         f"pruner.calibration.source=shakespeare)")
 
 
 def text_windows(text: str, tokenizer, samples: int, length: int, seed: int) -> torch.Tensor:
@@ -73,10 +77,7 @@ def shakespeare_text() -> str:
 
 
 def hub_dataset(source: str):
-    from ssmcompress.models import hub_reachable
-
-    if not hub_reachable():
-        raise ValueError(hub_message(source))
+    require_hub_source(source)
     import datasets
 
     path, kwargs = HUB_SOURCES[source]

@@ -23,9 +23,11 @@ function, parameters and defaults (the keys of conf/method/<name>.yaml), budget 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ssmcompress import architecture
 from ssmcompress.config import ConfigError
 from ssmcompress.reduction import budget, methods
 from ssmcompress.reduction.patch import Reducer, Setup
@@ -34,6 +36,7 @@ STRATEGIES = ("prune", "merge", "hybrid")
 IMPORTANCE = ("clip", "raw", "l1", "l2")
 PRUNE_LINKS = ("most_similar", "least_similar", "least_important")
 SIZES = ("reset", "carry")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,12 +158,18 @@ def resolve(cfg, info: dict) -> Setup:
     layers = reduction_layers(OmegaConf.to_container(cfg.layers) if OmegaConf.is_config(cfg.get("layers"))
                               else cfg.get("layers"), info["n_layer"])
     ratio = cfg.get("ratio")
-    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1):
+    direct = params.get("reduce_ratio") is not None  # official: its code's per-layer keep fraction replaces ratio
+    if ratio is None and not direct:
+        raise ConfigError(f"method={name} needs ratio=<fraction of FLOPs removed>, e.g. ratio=0.3")
+    if not direct and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1):
         raise ConfigError(f"ratio must be a number with 0 < ratio < 1 (fraction of FLOPs removed), got {ratio!r}")
+    if not layers:
+        log.warning(f"layers=[] selects no reduction layer: method={name} runs the dense model (a control); "
+                    f"use layers=null for the default layers")
     model_cfg = cfg.get("model") or {}
     reference_length = int(model_cfg.get("max_length") or 2048)
     min_keep_rate = entry.min_keep_rate(params)
-    if params.get("reduce_ratio") is not None:  # official: the paper's per-layer keep fraction, as its code
+    if direct:
         keep_rate, target = float(params["reduce_ratio"]), None
     elif not layers:  # no reduction layer: the wrapped model is the dense model (a control), nothing to solve
         keep_rate, target = 1.0, float(ratio)
@@ -173,26 +182,9 @@ def resolve(cfg, info: dict) -> Setup:
                  reference_length=reference_length, strict=params["strict"])
 
 
-def info_from_config(model_config: dict) -> dict:
-    """`models.model_info` of a model config, without weights (built on the meta device; cached)."""
-    import json
-
-    key = json.dumps(model_config, sort_keys=True, default=str)
-    if key not in _INFO_CACHE:
-        import torch
-
-        from ssmcompress import models
-
-        _INFO_CACHE[key] = models.model_info(models.build_model(model_config, torch.device("meta"), seed=None))
-    return dict(_INFO_CACHE[key])
-
-
-_INFO_CACHE: dict[str, dict] = {}
-
-
 def check_config(cfg, model_config: dict) -> None:
-    """Raise ConfigError for anything from_config would reject (called by config.validate before loading)."""
-    resolve(cfg, info_from_config(model_config))
+    """Raise ConfigError for anything from_config would reject (called by runner.validate before loading)."""
+    resolve(cfg, architecture.info_from_config(model_config))
 
 
 def from_config(model, cfg, info: dict) -> Reducer:
