@@ -11,12 +11,15 @@ import time
 import pytest
 
 from conftest import compose_config
-from ssmcompress import runner, tracking
+from ssmcompress import records, runner, tracking
 from ssmcompress.config import run_key
 
 
 def record(key: str, **extra) -> dict:
-    return dict(key=key, run_id=f"id-{key}", time="2026-12-01T00:00:00+0000", **extra)
+    """A valid record (records.Record) with run key `key`."""
+    fields = dict(run_id=f"id-{key}", key=key, time="2026-12-01T00:00:00+0000", config={}, model="m", method="dense",
+                  benchmark="b", protocol="exact", seed=0, pruner="none", timings={})
+    return records.Record(**{**fields, **extra}).to_dict()
 
 
 def test_an_append_after_a_partial_last_line_sets_it_aside(tmp_path, caplog):
@@ -25,7 +28,7 @@ def test_an_append_after_a_partial_last_line_sets_it_aside(tmp_path, caplog):
     with open(store, "a") as f:
         f.write('{"key": "b", "run_id": "id-b", "metr')  # a writer killed mid-line
     assert [r["key"] for r in tracking.load(tmp_path)] == ["a"]  # readable records only, no crash
-    assert "unreadable" in caplog.text
+    assert "not records" in caplog.text
     tracking.append(record("c"), tmp_path)
     assert [r["key"] for r in tracking.load(tmp_path)] == ["a", "c"]  # the new record is not glued on
     assert store.read_text().count("\n") == 2 and store.read_text().endswith("\n")
@@ -36,14 +39,15 @@ def test_an_append_after_a_partial_last_line_sets_it_aside(tmp_path, caplog):
 
 def test_unreadable_lines_in_the_middle_are_skipped_and_reported(tmp_path, caplog):
     store = tmp_path / tracking.STORE
-    store.write_text(json.dumps(record("a")) + "\nnot json\n[1, 2]\n" + json.dumps(record("b")) + "\n")
+    store.write_text(json.dumps(record("a")) + "\nnot json\n[1, 2]\n" + json.dumps({"key": "c"}) + "\n"
+                     + json.dumps(record("b")) + "\n")
     assert [r["key"] for r in tracking.load(tmp_path)] == ["a", "b"]
-    assert "skipped 2 unreadable line(s) [2, 3]" in caplog.text
+    assert "skipped 3 line(s) that are not records [2, 3, 4]" in caplog.text
 
 
 def _append_many(directory, start, count):
     for i in range(start, start + count):
-        tracking.append(record(f"k{i}", payload="x" * 5000), directory)
+        tracking.append(record(f"k{i}", tag="x" * 5000), directory)
 
 
 def test_concurrent_writers_never_interleave(tmp_path):
@@ -114,7 +118,7 @@ def test_a_failing_wandb_loses_no_record(tiny_mamba2_dir, tmp_path, monkeypatch,
 
 
 def test_stored_records_can_be_logged_to_wandb_later(tmp_path):
-    stored = record("0123456789abcdef", model="m", method="ours", ratio=0.3, benchmark="offline", pruner="none",
+    stored = record("0123456789abcdef", model="m", method="ours", ratio=0.3, benchmark="offline",
                     config={"seed": 0}, headline={"average": 0.5})
     tracking.append(stored, tmp_path / "results")
     assert tracking.main(["wandb", "--results", str(tmp_path / "results"), "--mode", "offline",

@@ -19,6 +19,11 @@ REPO = PACKAGE.parents[1]  # the checkout, when the package runs from one (src l
 CONF_DIR = PACKAGE / "conf"  # shipped with the package: Hydra composes from it in a checkout and in a wheel
 EXPERIMENTS = CONF_DIR / "experiment"  # the sweeps: `+experiment=<name>`
 ASSETS = PACKAGE / "assets"
+# The code's results version: raised whenever a change of the code changes the numbers a run produces (a method's
+# result, a metric, the suite). It is part of the run key, so a sweep reruns what an older version computed, and the
+# tables leave older records out unless asked. 1: every record before versioning; 2: ToMe/PuMer capped at
+# (n - protected) // 2 per layer, stderr and per-document samples recorded, per-token last-word perplexity.
+RESULTS_VERSION = 2
 # sections that say where and how a run is logged, not what it computes: excluded from the run key
 VOLATILE = ("logger", "hydra", "results_dir", "skip_existing", "tag")
 # settings that hold file-system paths: the key names bundled files by their place in the package and any other file
@@ -49,8 +54,9 @@ def available(group: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- run key
 
-def run_key(cfg: DictConfig | dict) -> str:
-    """A stable hash of everything that determines a run's numbers (resume and de-duplication use it)."""
+def run_key(cfg: DictConfig | dict, results_version: int = RESULTS_VERSION) -> str:
+    """A stable hash of everything that determines a run's numbers, the code's results version included (resume
+    and de-duplication use it)."""
     resolved = to_dict(cfg) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg, default=str))
     for name in VOLATILE:
         resolved.pop(name, None)
@@ -63,6 +69,8 @@ def run_key(cfg: DictConfig | dict) -> str:
     for section, name in PATH_SETTINGS:
         if isinstance(resolved.get(section), dict) and isinstance(resolved[section].get(name), str):
             resolved[section][name] = portable_path(resolved[section][name])
+    if results_version != 1:  # version-1 keys had no version in them
+        resolved["results_version"] = results_version
     text = json.dumps(resolved, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from ssmcompress import config as config_lib
-from ssmcompress import metrics, models, pruning, reduction, tracking
+from ssmcompress import metrics, models, pruning, records, reduction, tracking
 from ssmcompress.evaluation import harness
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,9 @@ def execute(cfg: DictConfig, key: str, run_dir: Path) -> dict:
     prepared = prepare(cfg)
     model, reducer = prepared.model, prepared.reducer
     device = str(next(model.parameters()).device)
-    record = tracking.new_record(key, resolved, device)
-    record.update(model=cfg.model.name, method=cfg.method.name, benchmark=cfg.benchmark.name,
-                  ratio=None if cfg.method.name == "dense" else float(cfg.ratio) if cfg.ratio is not None else None,
+    record = dict(tracking.new_record(key, resolved, device),
+                  model=cfg.model.name, method=cfg.method.name, benchmark=cfg.benchmark.name,
+                  ratio=None if cfg.method.name == "dense" or cfg.ratio is None else float(cfg.ratio),
                   layers=None if cfg.method.name == "dense" else resolved["layers"], protocol=cfg.protocol,
                   seed=cfg.seed, pruner=cfg.pruner.name,
                   sparsity=None if cfg.pruner.name == "none" else resolved["sparsity"], tag=cfg.tag,
@@ -152,10 +152,10 @@ def execute(cfg: DictConfig, key: str, run_dir: Path) -> dict:
     if cfg.benchmark.kind == "lm_eval":
         step = time.perf_counter()
         benchmark = resolved["benchmark"]
-        record["metrics"] = harness.evaluate(model, prepared.tokenizer, benchmark, reducer=reducer,
-                                             protocol=cfg.protocol, seed=cfg.seed, samples_dir=run_dir,
-                                             max_length=cfg.model.max_length)
-        record["headline"] = harness.headline(record["metrics"], benchmark)
+        evaluation = harness.evaluate(model, prepared.tokenizer, benchmark, reducer=reducer, protocol=cfg.protocol,
+                                      seed=cfg.seed, samples_dir=run_dir, max_length=cfg.model.max_length)
+        record.update(metrics=evaluation.metrics, stderr=evaluation.stderr, samples=evaluation.samples,
+                      headline=harness.headline(evaluation.metrics, benchmark))
         timings["eval_s"] = time.perf_counter() - step
         if reducer is not None:
             record["reduction"] = reducer.describe()  # now with the token counts seen during evaluation
@@ -163,8 +163,7 @@ def execute(cfg: DictConfig, key: str, run_dir: Path) -> dict:
     record.update(metrics.from_config(model, reducer, cfg, prepared.info))
     timings["measure_s"] = time.perf_counter() - step
     timings["total_s"] = time.perf_counter() - start
-    record["timings"] = timings
-    record["output_dir"] = str(run_dir)
+    record.update(timings=timings, output_dir=str(run_dir))
     # free the model before a multirun's next job (same process): the reducer's hooks hold it in a reference
     # cycle, and a GPU model left behind would count in the next job's peak memory
     if reducer is not None:
@@ -174,7 +173,7 @@ def execute(cfg: DictConfig, key: str, run_dir: Path) -> dict:
     if on_gpu:
         gc.collect()
         torch.cuda.empty_cache()
-    return record
+    return records.Record(**record).to_dict()  # the schema: every field known and typed
 
 
 def summary_table(record: dict) -> str:
@@ -185,9 +184,9 @@ def summary_table(record: dict) -> str:
         parts.append(f"pruner {record['pruner']} sparsity {record.get('sparsity')}")
     title = " | ".join(parts + [record["benchmark"], f"protocol {record['protocol']}"])
     lines = [title, "-" * len(title)]
-    for task, values in record.get("metrics", {}).items():
+    for task, values in (record.get("metrics") or {}).items():
         lines.append(f"{task:<28}" + "  ".join(f"{name} {value:.4f}" for name, value in sorted(values.items())))
-    if "headline" in record:
+    if record.get("headline"):
         lines.append(f"{'average':<28}{record['headline']['average']:.4f}")
     lines.extend(metrics.summary_lines(record))  # FLOPs (dense, reduced, achieved ratio), latency, memory
     lines.append(f"{'time':<28}" + "  ".join(f"{k} {v:.1f}" for k, v in record["timings"].items()))

@@ -28,8 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
-from ssmcompress import __version__
-from ssmcompress.config import PACKAGE, to_dict
+from ssmcompress import __version__, records
+from ssmcompress.config import PACKAGE, RESULTS_VERSION, to_dict
 from ssmcompress.errors import ConfigError
 from ssmcompress.metrics import per_layer_rows
 
@@ -103,8 +103,10 @@ def environment(device: str) -> dict:
 
 
 def new_record(key: str, config: dict, device: str) -> dict:
+    """The fields every record starts with (records.Record lists them all)."""
     return dict(run_id=uuid.uuid4().hex[:12], key=key, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                git=git_state(), env=environment(device), config=config)
+                git=git_state(), env=environment(device), config=config, schema=records.SCHEMA,
+                results_version=RESULTS_VERSION)
 
 
 # ---------------------------------------------------------------------------------------------------- the store
@@ -114,7 +116,9 @@ def store_path(results_dir: str | os.PathLike) -> Path:
 
 
 def append(record: dict, results_dir: str | os.PathLike) -> Path:
-    """Append one record under the store's lock, after setting aside a partial last line (see the module doc)."""
+    """Append one record (validated against the schema) under the store's lock, after setting aside a partial last
+    line (see the module doc)."""
+    records.validate(record)
     path = store_path(results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, sort_keys=True, default=float) + "\n").encode()
@@ -161,28 +165,24 @@ def set_aside_partial_line(f, path: Path) -> None:
 
 
 def load(results_dir: str | os.PathLike) -> list[dict]:
-    """Every readable record of the store; lines that are not records are reported and skipped."""
+    """Every readable record of the store, as schema-2 records (older ones migrated: records.migrate); lines that are
+    not records are reported and skipped."""
     path = store_path(results_dir)
     if not path.exists():
         return []
-    records, bad = [], []
+    found, bad = [], []
     text = path.read_text(errors="replace")
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(number)
-            continue
-        if isinstance(record, dict) and "key" in record:
-            records.append(record)
-        else:
+            found.append(records.migrate(json.loads(line)))
+        except (json.JSONDecodeError, records.RecordError):
             bad.append(number)
     if bad:
         partial = " (the last one incomplete: the next append sets it aside)" if not text.endswith("\n") else ""
-        log.warning(f"results store {path}: skipped {len(bad)} unreadable line(s) {bad[:5]}{partial}")
-    return records
+        log.warning(f"results store {path}: skipped {len(bad)} line(s) that are not records {bad[:5]}{partial}")
+    return found
 
 
 def has_key(results_dir: str | os.PathLike, key: str) -> bool:
@@ -245,7 +245,7 @@ class WandbLogger:
     def log(self, record: dict) -> None:
         flat = {}
         for section in ("metrics", "headline", "flops", "efficiency", "timings", "pruning", "reduction"):
-            for key, value in _flatten(record.get(section, {}), section).items():
+            for key, value in _flatten(record.get(section) or {}, section).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     flat[key] = value
         self.run.log(flat)

@@ -1,4 +1,5 @@
 """Benchmarks: the paper's six tasks as configured, the datasets check before any work, the harness end to end."""
+import math
 from pathlib import Path
 
 import pytest
@@ -126,15 +127,32 @@ def test_harness_scores_a_reduced_model_exactly_where_nothing_kept_changes(offli
     reduced = harness.evaluate(model, tokenizer, offline_benchmark, reducer=reducer, protocol="exact",
                                samples_dir=tmp_path / "reduced")
     assert reducer.calls > 0
-    for task, values in dense.items():
+    for task, values in dense.metrics.items():
         for metric, value in values.items():
-            assert reduced[task][metric] == pytest.approx(value, rel=1e-4)
+            assert reduced.metrics[task][metric] == pytest.approx(value, rel=1e-4)
     for task in offline_benchmark["tasks"]:
         assert len((tmp_path / "reduced" / f"samples_{task}.jsonl").read_text().splitlines()) == 3
+        main = offline_benchmark["main_metric"][task]
+        # per-document values of the main metric, in document order, averaging to lm-eval's own figure
+        assert reduced.samples[task]["doc_id"] == [0, 1, 2]
+        assert sum(reduced.samples[task][main]) / 3 == pytest.approx(reduced.metrics[task][main])
+        assert reduced.stderr[task][main] is not None and reduced.stderr[task][main] >= 0
+
+
+def test_token_perplexity_is_the_per_token_form_of_lm_evals_word_perplexity(offline_benchmark):
+    model, tokenizer = tiny_model(2, seed=2), models.load_tokenizer(str(TOKENIZER_DIR))
+    result = harness.evaluate(model, tokenizer, {**offline_benchmark, "tasks": ["shakespeare_lastword"]})
+    lastword = result.metrics["shakespeare_lastword"]
+    logliks = result.samples["shakespeare_lastword"]["perplexity"]  # each target word's log-likelihood
+    assert lastword["perplexity"] == pytest.approx(math.exp(-sum(logliks) / len(logliks)))
+    tokens = lastword["perplexity"] ** (1 / 1.0)
+    assert 1 < lastword["token_perplexity"] < tokens  # a word has one or more tokens
+    assert result.stderr["shakespeare_lastword"]["token_perplexity"] > 0
 
 
 def test_headline_averages_the_main_metric_of_each_task(offline_benchmark):
-    metrics = {task: {"acc": 0.5, "acc_norm": 0.25, "perplexity": 9.0} for task in offline_benchmark["tasks"]}
+    metrics = {task: {"acc": 0.5, "acc_norm": 0.25, "perplexity": 9.0, "token_perplexity": 3.0}
+               for task in offline_benchmark["tasks"]}
     row = harness.headline(metrics, offline_benchmark)
     expected = [metrics[t][offline_benchmark["main_metric"][t]] for t in offline_benchmark["tasks"]]
     assert row["average"] == pytest.approx(sum(expected) / len(expected))

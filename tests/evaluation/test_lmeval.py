@@ -48,7 +48,8 @@ def test_simple_evaluate_with_model_args_scores_as_the_main_job(tiny_mamba2_dir,
                           "model.device=cpu", "benchmark.limit=6", "benchmark.tasks=[mqar,story_qa]",
                           "benchmark.batch_size=4"])
     prepared = runner.prepare(cfg)
-    expected = harness.evaluate(prepared.model, prepared.tokenizer, to_dict(cfg.benchmark), reducer=prepared.reducer)
+    expected = harness.evaluate(prepared.model, prepared.tokenizer, to_dict(cfg.benchmark),
+                                reducer=prepared.reducer).metrics
     for task in ("mqar", "story_qa"):
         assert output["results"][task]["acc,none"] == expected[task]["acc"]
     assert output["config"]["model_source"] == str(tiny_mamba2_dir)

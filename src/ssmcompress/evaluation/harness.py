@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import difflib
-import glob
 import functools
+import glob
 import json
+import math
 import os
+import random
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from ssmcompress import hub
@@ -13,6 +17,9 @@ from ssmcompress.config import integer, to_dict
 from ssmcompress.errors import ConfigError
 
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # datasets otherwise pings S3 on every load
+# lm-eval bootstraps standard errors in a process pool of cpu_count() workers unless this is set; a pool per task
+# costs more than the resampling itself at these sizes, and it forks a process holding the model
+os.environ.setdefault("DISABLE_MULTIPROC", "1")
 
 
 KINDS = ("lm_eval", "efficiency")  # what a benchmark config's `kind` may be
@@ -97,9 +104,23 @@ def task_manager(include_path: str | None):
     return TaskManager()
 
 
+BOOTSTRAP_ITERS = 1000  # lm-eval's resamples for the standard errors of perplexities (means have a closed form)
+# metrics the harness derives from lm-eval's per-sample outputs (lm-eval has no such metric)
+DERIVED = ("token_perplexity",)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict  # {task: {metric: value}}
+    stderr: dict  # {task: {metric: standard error}} (lm-eval's; None where it has none)
+    samples: dict  # {task: {"doc_id": [...], metric: [value per document]}}: main and extra metrics
+
+
 def evaluate(model, tokenizer, benchmark: dict, reducer=None, protocol: str = "exact", seed: int = 0,
-             samples_dir: str | Path | None = None, max_length: int = 2048) -> dict:
-    """{task: {metric: value}} for the benchmark's tasks, plus lm-eval's per-sample outputs written to samples_dir."""
+             samples_dir: str | Path | None = None, max_length: int = 2048) -> Evaluation:
+    """lm-eval on the benchmark's tasks: metrics, their standard errors and the per-document values of the
+    benchmark's main and extra metrics (for paired tests between runs); lm-eval's per-sample outputs are also
+    written to samples_dir."""
     from lm_eval import simple_evaluate
 
     from ssmcompress.evaluation.lm_backend import ReducedMambaLM
@@ -109,24 +130,54 @@ def evaluate(model, tokenizer, benchmark: dict, reducer=None, protocol: str = "e
     output = simple_evaluate(model=lm, tasks=list(benchmark["tasks"]),
                              task_manager=task_manager(benchmark.get("include_path")),
                              num_fewshot=benchmark.get("num_fewshot", 0), limit=benchmark.get("limit"),
-                             log_samples=bool(samples_dir) and benchmark.get("log_samples", True),
-                             bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                             fewshot_random_seed=seed)
-    metrics = {}
+                             log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS, random_seed=seed,
+                             numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    metrics, stderr, samples = {}, {}, {}
     for task in benchmark["tasks"]:
         values = output["results"].get(task)
         if values is None:
             raise RuntimeError(f"lm-eval returned no result for task {task}")
         metrics[task] = {key.split(",")[0]: value for key, value in values.items()
                          if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
-    if samples_dir and output.get("samples"):
+        stderr[task] = {key.split(",")[0].removesuffix("_stderr"): value if isinstance(value, (int, float)) else None
+                        for key, value in values.items() if "_stderr," in key}
+        wanted = [benchmark["main_metric"][task]] if task in (benchmark.get("main_metric") or {}) else []
+        wanted += (benchmark.get("extra_metrics") or {}).get(task, [])
+        rows = sorted(output["samples"][task], key=lambda row: row["doc_id"])
+        samples[task] = per_document(rows, [m for m in wanted if m not in DERIVED])
+        if "token_perplexity" in wanted:
+            metrics[task]["token_perplexity"], stderr[task]["token_perplexity"] = token_perplexity(rows, tokenizer)
+    if samples_dir and benchmark.get("log_samples", True):
         samples_dir = Path(samples_dir)
         samples_dir.mkdir(parents=True, exist_ok=True)
         for task, rows in output["samples"].items():
             with open(samples_dir / f"samples_{task}.jsonl", "w") as f:
                 for row in rows:
                     f.write(json.dumps(row, default=str) + "\n")
-    return metrics
+    return Evaluation(metrics, stderr, samples)
+
+
+def per_document(rows: list[dict], names: list[str]) -> dict:
+    """{"doc_id": [...], metric: [value per document]} from lm-eval's per-sample rows (a metric lm-eval aggregates
+    from pairs, such as word_perplexity's (log-likelihood, words), keeps the pair)."""
+    out = {"doc_id": [row["doc_id"] for row in rows]}
+    for name in names:
+        out[name] = [list(row[name]) if isinstance(row[name], (list, tuple)) else float(row[name]) for row in rows]
+    return out
+
+
+def token_perplexity(rows: list[dict], tokenizer) -> tuple[float, float]:
+    """exp(-(sum of target log-likelihoods) / (sum of target tokens)) over a loglikelihood task's documents (lm-eval's
+    `perplexity` is per target, here one whole word of several tokens), and its bootstrap standard error."""
+    logliks = [float(row["perplexity"]) for row in rows]  # lm-eval stores each target's log-likelihood under it
+    tokens = [len(tokenizer(row["arguments"][0][1], add_special_tokens=False).input_ids) for row in rows]
+    value = math.exp(-sum(logliks) / sum(tokens))
+    rng = random.Random(0)
+    draws = []
+    for _ in range(BOOTSTRAP_ITERS):
+        picks = [rng.randrange(len(rows)) for _ in rows]
+        draws.append(math.exp(-sum(logliks[i] for i in picks) / sum(tokens[i] for i in picks)))
+    return value, statistics.stdev(draws)
 
 
 def headline(metrics: dict, benchmark: dict) -> dict:
