@@ -41,7 +41,7 @@ def test_ratio_keep_rate_flops_round_trip(info, ratio):
     (64, 0.9729, 0.10), (64, 0.9415, 0.20), (64, 0.9043, 0.30), (48, 0.9651, 0.10), (48, 0.9248, 0.20),
     (48, 0.8768, 0.30)])
 def test_paper_reduce_ratio_table_is_the_codes_token_fraction(n_layer, reduce_ratio, fraction):
-    # paper-utr.md 1.7: the official code's "model sparsity" = 1 - mean fraction of tokens entering each layer
+    # the official code's "Model Sparsity" (src/pom/mamba_model.py) = 1 - mean fraction of tokens entering each layer
     layers = budget.default_layers(n_layer)
     assert budget.token_fraction(layers, reduce_ratio, n_layer) == pytest.approx(fraction, abs=0.001)
 

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from ssmcompress import reduction
 from ssmcompress.reduction import METHODS, methods
-from reduction_fixtures import make_tokens, one_thread  # noqa: F401
+from reduction_fixtures import compose, make_tokens, mamba2, one_thread  # noqa: F401
 
 # six tokens, two channels: A = {0, 2, 4} by importance; 0 ~ 1 and 2 ~ 3 are near-duplicates
 HIDDEN = [[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.1, 1.0], [1.0, 1.0], [-1.0, 0.2]]
@@ -85,6 +86,25 @@ def test_tome_hand_worked_size_weighted_merge():
     assert out.plan.target[0, 0] == 5 and not bool(out.plan.removed[0, 1])
 
 
+def test_tome_merges_at_most_half_the_movable_tokens_of_an_odd_row():
+    # ToMe: r = min(r, (t - protected) // 2); A = {0, 2, 4, 6} could lose all four of a row of 7
+    torch.manual_seed(3)
+    tokens = make_tokens(torch.randn(7, 4))
+    assert methods.tome(tokens, torch.tensor([6])).counts.tolist() == [4]  # 7 - 7 // 2
+    protected = make_tokens(torch.randn(7, 4), protect=[False] * 6 + [True])  # 6 movable: at most 3
+    assert methods.tome(protected, torch.tensor([6])).counts.tolist() == [4]
+    both = make_tokens(torch.randn(2, 9, 4), valid=torch.arange(9) < torch.tensor([9, 5])[:, None])
+    assert methods.tome(both, torch.tensor([9, 9])).counts.tolist() == [5, 3]
+
+
+def test_pumer_merges_at_most_half_the_movable_survivors():
+    torch.manual_seed(4)
+    tokens = make_tokens(torch.randn(9, 4), torch.rand(9))
+    out = methods.pumer(tokens, torch.tensor([8]), prune_r=1.0, merge_r=3.0)  # prune 2, then 7 survivors: merge 3
+    assert int(out.plan.removed.sum()) == 5 and out.counts.tolist() == [4]
+    assert int(out.plan.merge_hidden.sum()) == 3
+
+
 def test_pumer_prunes_the_least_important_then_merges_among_survivors():
     hidden = [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 2.0], [1.0, 2.1], [-1.0, 0.0]]
     importance = [0.5, 0.1, 0.6, 0.7, 0.8, 0.9]
@@ -94,6 +114,18 @@ def test_pumer_prunes_the_least_important_then_merges_among_survivors():
     assert out.source[0].tolist() == [0, 2, 4, 5]
     assert torch.allclose(out.hidden[0, 2], (tokens.hidden[0, 3] + tokens.hidden[0, 4]) / 2)
     assert out.plan.merge_hidden[0].tolist() == [False, False, False, True, False, False]
+
+
+def test_random_follows_the_top_level_seed(mamba2):
+    model, info = mamba2
+    ids = torch.randint(1, 4000, (1, 60))
+    kept = []
+    for seed in (0, 1):
+        reducer = reduction.from_config(model, compose("random", 0.3, f"seed={seed}"), info)
+        assert reducer.setup.params["seed"] == seed
+        kept.append(reducer(ids).positions[0].tolist())
+        reducer.remove()
+    assert kept[0] != kept[1]
 
 
 def test_random_is_reproducible_batch_independent_and_seeded():
@@ -182,6 +214,24 @@ def test_official_clip_removes_the_first_even_positions_into_position_one():
     assert bool((out.plan.target[out.plan.removed] == 1).all())
     expected = tokens.hidden[:, [0, 1, 2, 4, 6, 8, 10]].mean(1)
     assert torch.allclose(out.hidden[:, 0], expected, atol=1e-6)
+
+
+def test_official_clip_with_exact_ties_still_removes_the_first_even_positions():
+    """All-zero rows of the per-channel-sorted clipped metric tie at score 0 (each channel here has at most 3 of 20
+    positive values, so a-rows 0.. are zero): our stable tie rule keeps the documented positional result, and
+    so does the transcribed code with a stable sort (the code's unstable argsort may pick other even positions)."""
+    torch.manual_seed(5)
+    hidden = -torch.rand(2, 20, 8)
+    hidden[:, [3, 9, 14]] = torch.rand(2, 3, 8)  # a few positive tokens; all others clip to zero
+    ordered = hidden.clamp(min=0).sort(dim=1, descending=True).values
+    assert bool((ordered[:, 10:] == 0).all()), "every a-row ties at 0"
+    tokens = make_tokens(hidden, residual=torch.randn(2, 20, 8))
+    out = methods.official(tokens, torch.tensor([6, 6]), hidden="merge", residual="merge")
+    for row in range(2):
+        assert out.plan.removed[row].nonzero().flatten().tolist() == [0, 2, 4, 6, 8, 10]
+        assert set(out.plan.target[row][out.plan.removed[row]].tolist()) == {1}
+    expected = official_reference(hidden, tokens.residual, 0.7, "merge", "merge", True)
+    assert torch.allclose(out.residual, expected[1], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ shared
