@@ -234,6 +234,69 @@ def test_official_clip_with_exact_ties_still_removes_the_first_even_positions():
     assert torch.allclose(out.residual, expected[1], atol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------------ positional
+
+
+def kept_positions(out, row=0):
+    return out.source[row, : out.counts[row]].tolist()
+
+
+def test_early_and_late_prune_the_earliest_and_the_latest_movable_tokens():
+    tokens = make_tokens(torch.randn(8, 3), protect=[True, False, False, True, False, False, False, True])
+    assert kept_positions(methods.early(tokens, torch.tensor([3]))) == [0, 3, 5, 6, 7]
+    assert kept_positions(methods.late(tokens, torch.tensor([3]))) == [0, 1, 2, 3, 7]
+    out = methods.late(tokens, torch.tensor([3]))
+    assert torch.equal(out.hidden[0], tokens.hidden[0, [0, 1, 2, 3, 7]])  # pruned: values untouched
+
+
+def test_strided_removes_evenly_spaced_movable_tokens():
+    for m, r in [(10, 3), (10, 5), (10, 6), (7, 7), (9, 1), (12, 0)]:
+        out = methods.strided(make_tokens(torch.randn(m, 2)), torch.tensor([r]))
+        removed = out.plan.removed[0].nonzero().flatten().tolist()
+        assert removed == sorted({math.floor(i * m / r) for i in range(r)}) and len(removed) == r
+    assert methods.strided(make_tokens(torch.randn(10, 2)), torch.tensor([5])).plan.removed[0].tolist() == \
+        [True, False] * 5
+    # ranks count movable tokens only: protected 1 and padding 9 are skipped
+    tokens = make_tokens(torch.randn(10, 2), protect=[False, True] + [False] * 8, valid=[True] * 9 + [False])
+    assert methods.strided(tokens, torch.tensor([4])).plan.removed[0].nonzero().flatten().tolist() == [0, 3, 5, 7]
+
+
+def test_early_merge_averages_the_earliest_into_the_next_kept_movable_token():
+    torch.manual_seed(6)
+    tokens = make_tokens(torch.randn(8, 3), protect=[False, False, False, True, False, False, False, False],
+                         residual=torch.randn(8, 3))
+    out = methods.early_merge(tokens, torch.tensor([3]))  # 0, 1, 2 go; 3 is protected: they merge into 4
+    assert kept_positions(out) == [3, 4, 5, 6, 7]
+    assert out.plan.target[0, :3].tolist() == [4, 4, 4]
+    for stream in ("hidden", "residual"):
+        assert torch.allclose(getattr(out, stream)[0, 1], getattr(tokens, stream)[0, [0, 1, 2, 4]].mean(0))
+    assert out.residual_sizes[0].tolist() == [1, 4, 1, 1, 1]
+    carried = make_tokens(tokens.hidden, sizes=[2.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0])
+    out = methods.early_merge(carried, torch.tensor([2]), sizes="carry")
+    assert torch.allclose(out.hidden[0, 0], (2 * carried.hidden[0, 0] + carried.hidden[0, 1]
+                                              + carried.hidden[0, 2]) / 4)
+    # no kept movable token left to receive them: pruned
+    out = methods.early_merge(make_tokens(torch.randn(3, 2), protect=[False, False, True]), torch.tensor([2]))
+    assert kept_positions(out) == [2] and not bool(out.plan.merge_hidden.any())
+
+
+@pytest.mark.parametrize("name", ["early", "early_merge", "strided", "late"])
+def test_positional_methods_are_batch_row_independent(name):
+    torch.manual_seed(7)
+    lengths = torch.tensor([17, 11, 4])
+    valid = torch.arange(17) < lengths[:, None]
+    protect = (torch.rand(3, 17) < 0.2) & valid
+    batch = make_tokens(torch.randn(3, 17, 4), residual=torch.randn(3, 17, 4), valid=valid, protect=protect)
+    n_remove = torch.tensor([6, 4, 3])
+    out = method_call(name, batch, n_remove)
+    for row, n in enumerate(lengths.tolist()):
+        alone = method_call(name, make_tokens(batch.hidden[row, :n], residual=batch.residual[row, :n],
+                                              protect=protect[row, :n]), n_remove[row:row + 1])
+        kept = int(out.counts[row])
+        assert out.source[row, :kept].tolist() == alone.source[0].tolist()
+        assert torch.equal(out.residual[row, :kept], alone.residual[0])
+
+
 # ------------------------------------------------------------------------------------------------ shared
 
 
@@ -271,7 +334,7 @@ def test_shared_properties(name):
         assert torch.equal(after[untouched], before[untouched])
 
 
-@pytest.mark.parametrize("name", ["tome", "merge_only", "pumer"])
+@pytest.mark.parametrize("name", ["tome", "merge_only", "pumer", "early_merge"])
 def test_merging_conserves_the_size_weighted_sum(name):
     torch.manual_seed(2)
     b, n = 3, 21

@@ -44,6 +44,7 @@ class Method:
     min_keep_rate: Callable[[dict], float] = lambda params: 0.5  # bipartite: at most half removed per layer
     rule: str = "cumulative"  # budget.removals
     overhead: str = "bipartite"  # budget.overhead_flops
+    uses_importance: bool = True  # reads the importance signal (the out_proj pre-hook captures it)
 
 
 def pumer_min_keep(params: dict) -> float:
@@ -51,6 +52,8 @@ def pumer_min_keep(params: dict) -> float:
     share = params["prune_r"] / (params["prune_r"] + params["merge_r"])
     return 1.0 - 1.0 / (2.0 - share)
 
+
+POSITIONAL = dict(min_keep_rate=lambda params: 0.0, overhead="none", uses_importance=False)
 
 METHODS = {
     "ours": Method(methods.utr, dict(importance="clip", hidden="hybrid", residual="merge", q=0.5, hidden_q=None,
@@ -66,6 +69,11 @@ METHODS = {
     "pumer": Method(methods.pumer, dict(importance="clip", prune_r=0.1, merge_r=0.3, sizes="reset"),
                     min_keep_rate=pumer_min_keep),
     "random": Method(methods.random_prune, dict(seed=0), min_keep_rate=lambda p: 0.0, overhead="none"),
+    # positional baselines: where tokens go, not which (methods.py)
+    "early": Method(methods.early, {}, **POSITIONAL),
+    "early_merge": Method(methods.early_merge, dict(sizes="reset"), **POSITIONAL),
+    "strided": Method(methods.strided, {}, **POSITIONAL),
+    "late": Method(methods.late, {}, **POSITIONAL),
 }
 COMMON = dict(strict=False)  # every method: strict=true makes a sequence too short for the budget an error
 
@@ -170,7 +178,7 @@ def resolve(cfg, info: dict) -> Setup:
         target = float(ratio)
     return Setup(name=name, function=entry.function, params=params, layers=layers, keep_rate=keep_rate,
                  rule=entry.rule, overhead=entry.overhead, min_keep_rate=min_keep_rate, ratio=target,
-                 reference_length=reference_length, strict=params["strict"])
+                 reference_length=reference_length, strict=params["strict"], uses_importance=entry.uses_importance)
 
 
 def info_from_config(model_config: dict) -> dict:

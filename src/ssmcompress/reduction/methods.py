@@ -8,7 +8,8 @@ fewer (never a protected token, at most half the movable tokens where it matches
 achieved are in the result. Similarities are cosines of the block's mixer output (the hidden stream), as in the
 official code. Merged values are weighted averages; the weights are the carried sizes (`sizes: carry`, ToMe) or
 1 per token at every layer (`sizes: reset`, the paper's (a + f)/2 and the official code). A merged token takes
-the place of the token it is merged into, so every method keeps the original order.
+the place of the token it is merged into, so every method keeps the original order. The positional baselines
+(`early`, `early_merge`, `strided`, `late`) decide by position alone and get no importance signal (None).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ STRATEGY_Q = {"prune": 1.0, "merge": 0.0}  # hybrid: the configured q
 
 def merge_weights(tokens: Tokens, sizes: str) -> Tensor | None:
     """`carry`: None, i.e. each stream weighs by its own carried sizes; `reset`: every token weighs 1."""
-    return None if sizes == "carry" else torch.ones_like(tokens.importance)
+    return None if sizes == "carry" else torch.ones(tokens.valid.shape, device=tokens.valid.device)
 
 
 def stream_q(strategy: str, q: float | None) -> float:
@@ -123,6 +124,52 @@ def random_prune(tokens: Tokens, n_remove: Tensor, *, seed: int = 0, **_) -> Red
     key = hash_int(hash_int(tokens.positions + 7919 * seed) ^ (tokens.layer + 1))
     dropped = lowest(key.double(), n_remove, tokens.movable)
     return apply(tokens, prune_plan(dropped))
+
+
+# ---------------------------------------------------------------------------------- positional baselines
+# They test where tokens are removed, not which: the official code's clipped path removes the first even positions
+# whatever the input (`official`, point 4). No importance, no similarity, the same budget and reducer as the rest.
+
+
+def early(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
+    """Prune the `n_remove` earliest movable tokens."""
+    return apply(tokens, prune_plan(lowest(tokens.slots, n_remove, tokens.movable)))
+
+
+def late(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
+    """Prune the `n_remove` latest movable tokens: each row keeps its first tokens (the mirror image of `early`).
+    It is also the `ceiling` measuring device: the cheapest cut at the budget's counts. The last position is
+    the one whose logits start generation or score a continuation: under protocol=exact scored positions are
+    protected (never removed), under protocol=paper nothing is and `late` drops them first."""
+    return apply(tokens, prune_plan(highest(tokens.slots, n_remove, tokens.movable)))
+
+
+def strided(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
+    """Prune evenly spaced movable tokens: of m movable tokens, those of rank floor(i · m / r), i = 0..r-1, for
+    r = min(n_remove, m) (a stride of m / r, fractional so that the count is exact; the first movable token goes,
+    the last stays unless all go). Deterministic, and per row: no draw, no dependence on the batch."""
+    movable = tokens.movable
+    m = movable.sum(1, keepdim=True)
+    r = torch.minimum(n_remove[:, None], m)
+    rank = movable.long().cumsum(1) - 1
+    # rank t is floor(i · m / r) for some integer i  <=>  ceil(t · r / m) · m < (t + 1) · r
+    first_i = (rank * r + m - 1).div(m.clamp(min=1), rounding_mode="floor")
+    return apply(tokens, prune_plan(movable & (first_i * m < (rank + 1) * r)))
+
+
+def early_merge(tokens: Tokens, n_remove: Tensor, *, sizes: str = "reset", **_) -> Reduced:
+    """The official code's effect made explicit: the `n_remove` earliest movable tokens are removed and each is
+    averaged, in both streams, into the next kept movable token to its right (protected tokens are skipped, as
+    nothing is averaged into them). All of them precede it, so that is one token: the first kept movable one,
+    which becomes the weighted mean of itself and all of them (weights: `sizes`, reset = 1 each as the official
+    code's merge_wavg, carry = the carried sizes). A row left without a kept movable token prunes them instead."""
+    movable = tokens.movable
+    removed = lowest(tokens.slots, n_remove, movable)
+    receiver = lowest(tokens.slots, torch.ones_like(n_remove), movable & ~removed)  # the first kept movable token
+    has = receiver.any(1, keepdim=True)
+    target = torch.where(removed & has, receiver.long().argmax(1, keepdim=True), tokens.slots)
+    merged = removed & has
+    return apply(tokens, Plan(removed, target, merged, merged, merge_weights(tokens, sizes)))
 
 
 def prune_plan(dropped: Tensor) -> Plan:

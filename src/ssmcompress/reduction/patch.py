@@ -77,6 +77,7 @@ class Setup:
     ratio: float | None  # the target; None where official's reduce_ratio was given directly
     reference_length: int
     strict: bool
+    uses_importance: bool = True  # the method reads the importance signal: capture it at out_proj
 
 
 class Reducer:
@@ -95,8 +96,10 @@ class Reducer:
         layers = model.backbone.layers
         for step, index in enumerate(setup.layers, start=1):
             block = layers[index]
-            self._handles.append(block.mixer.out_proj.register_forward_pre_hook(partial(self._capture, index)))
             self._handles.append(block.register_forward_hook(partial(self._reduce, index, step)))
+            if not setup.uses_importance:  # nothing to capture: out_proj and the fused paths stay as they are
+                continue
+            self._handles.append(block.mixer.out_proj.register_forward_pre_hook(partial(self._capture, index)))
             for flag in FUSED_FLAGS:
                 if hasattr(block.mixer, flag):
                     self._flags.append((block.mixer, flag, getattr(block.mixer, flag)))
@@ -118,11 +121,12 @@ class Reducer:
 
     def _reduce_step(self, state: ForwardState, index: int, step: int, hidden: Tensor, residual: Tensor):
         importance = state.importance.pop(index, None)
-        if importance is None:
+        if importance is None and self.setup.uses_importance:
             raise RuntimeError(f"layer {index}: the mixer's out_proj did not run as a module, so the token importance "
                                f"could not be captured (a fused kernel path is active)")
         # checked once after the forward (`_check_finite`): a check here would stall the GPU at every layer
-        state.nonfinite.append((index, ~torch.isfinite(importance) & state.valid))
+        if importance is not None:
+            state.nonfinite.append((index, ~torch.isfinite(importance) & state.valid))
         current = state.valid.sum(1)
         n_remove = budget.removals(self.setup.rule, self.setup.keep_rate, state.n0, current, step)
         tokens = Tokens(hidden, residual, importance, state.hidden_sizes, state.residual_sizes, state.valid,
