@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ssmcompress import reduction
-from ssmcompress.reduction import METHODS, methods
+from ssmcompress.reduction import METHODS, budget, methods, patch
 from reduction_fixtures import compose, make_tokens, mamba2, one_thread  # noqa: F401
 
 # six tokens, two channels: A = {0, 2, 4} by importance; 0 ~ 1 and 2 ~ 3 are near-duplicates
@@ -295,6 +295,50 @@ def test_positional_methods_are_batch_row_independent(name):
         kept = int(out.counts[row])
         assert out.source[row, :kept].tolist() == alone.source[0].tolist()
         assert torch.equal(out.residual[row, :kept], alone.residual[0])
+
+
+# ------------------------------------------------------------------------------------------------ ceiling
+
+
+@pytest.mark.parametrize("schedule", ["smooth", "chunk"])
+def test_ceiling_keeps_exactly_the_budgets_counts_as_first_tokens(mamba2, schedule):
+    model, info = mamba2
+    reducer = reduction.from_config(model, compose("ceiling", 0.3, "benchmark=efficiency", f"schedule={schedule}"),
+                                    info)
+    setup = reducer.setup
+    assert reducer.ceiling() is None and not setup.uses_importance
+    assert not any(model.backbone.layers[i].mixer.out_proj._forward_pre_hooks for i in setup.layers)
+    ids = torch.randint(1, 4000, (2, 100))
+    out = reducer(ids, trace=True)
+    reducer.remove()
+    expected = reducer.chunk_counts(100) if schedule == "chunk" else \
+        budget.predicted_counts(setup.rule, setup.keep_rate, 100, len(setup.layers), setup.min_keep_rate)
+    assert schedule == "smooth" or all(c % 16 == 0 for c in expected)
+    entering = 100
+    for entry, count in zip(out.trace, expected):
+        kept = entry["valid"] & (entry["hidden"] == patch.KEPT)
+        assert bool((kept == (torch.arange(kept.shape[1]) < count)).all()), "the first slots"
+        assert entry["position"][:, :count].tolist() == [list(range(count))] * 2, "a prefix of the sequence"
+        assert entering >= count
+        entering = count
+    assert out.positions.tolist() == [list(range(expected[-1]))] * 2
+
+
+@pytest.mark.parametrize("method", ["ours", "official", "evit"])
+def test_ceiling_beside_a_method_runs_at_its_schedule(mamba2, method):
+    model, info = mamba2
+    reducer = reduction.from_config(model, compose(method, 0.3, "schedule=chunk"), info)
+    ceiling = reducer.ceiling()
+    a, b = reducer.setup, ceiling.setup
+    assert (b.name, b.layers, b.keep_rate, b.rule, b.min_keep_rate, b.schedule, b.ratio) == \
+        ("ceiling", a.layers, a.keep_rate, a.rule, a.min_keep_rate, a.schedule, a.ratio)
+    ids = torch.randint(1, 4000, (2, 90))
+    counts = [entry["valid"].sum(1).tolist() for entry in reducer(ids, trace=True).trace]
+    ceiling_counts = [entry["valid"].sum(1).tolist() for entry in ceiling(ids, trace=True).trace]
+    assert counts == ceiling_counts
+    ceiling.remove()
+    reducer.remove()
+    assert not any(block._forward_hooks for block in model.backbone.layers)
 
 
 # ------------------------------------------------------------------------------------------------ shared

@@ -16,20 +16,29 @@ Also: `out.counts` (batch,) real tokens kept per row. A row keeping fewer tokens
 up to `kept` with filler slots (its padding first, else removed positions) placed after all its real tokens, so
 they never influence them; their logits are NaN. `reducer(..., trace=True)` adds `out.trace`, per reduction
 layer the fate of every slot (patch.trace_entry). `check_config(cfg, model_config)` raises ConfigError.
+`reducer.ceiling()`: a reducer of the `ceiling` measuring device at this reducer's schedule (None for the ceiling
+itself), which the efficiency benchmark times beside it.
 
 Layout: `merge` (shared matching, merging, compaction), `methods` (one function per method), `budget`
 (ratio -> keep rate, FLOPs bookkeeping), `patch` (hooks and the Reducer). The registry below names each method's
 function, parameters and defaults (the keys of conf/method/<name>.yaml), budget rule and limits.
+
+`schedule` (top-level key): `smooth`, the budget's integer counts, or `chunk`, counts in whole Mamba-2 SSD chunks
+(budget.chunk_counts), for every method. With `official` the chunk counts replace its ceil counts (rows too short
+for a chunk schedule keep them); its `reduce_ratio`, which fixes those ceil counts, cannot be combined with it.
+`ceiling` is no method for accuracy but a measuring device for efficiency: the cheapest cut at a schedule (both
+streams cut to the budget's counts, keeping each row's first tokens: no importance, no decision, no merge).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ssmcompress.config import ConfigError
 from ssmcompress.reduction import budget, methods
 from ssmcompress.reduction.patch import Reducer, Setup
 
+SCHEDULES = ("smooth", "chunk")
 STRATEGIES = ("prune", "merge", "hybrid")
 IMPORTANCE = ("clip", "raw", "l1", "l2")
 PRUNE_LINKS = ("most_similar", "least_similar", "least_important")
@@ -74,6 +83,8 @@ METHODS = {
     "early_merge": Method(methods.early_merge, dict(sizes="reset"), **POSITIONAL),
     "strided": Method(methods.strided, {}, **POSITIONAL),
     "late": Method(methods.late, {}, **POSITIONAL),
+    # the measuring device: `late`'s cut (each row keeps its first tokens), refused for accuracy unless allowed
+    "ceiling": Method(methods.late, dict(allow_accuracy=False), **POSITIONAL),
 }
 COMMON = dict(strict=False)  # every method: strict=true makes a sequence too short for the budget an error
 
@@ -133,6 +144,8 @@ def check_params(name: str, p: dict) -> None:
             raise ConfigError(f"method {name}: prune_r and merge_r must be numbers >= 0, not both 0, got {shares}")
     if "seed" in p and (not isinstance(p["seed"], int) or isinstance(p["seed"], bool)):
         raise ConfigError(f"method {name}: seed must be an integer, got {p['seed']!r}")
+    if "allow_accuracy" in p and not isinstance(p["allow_accuracy"], bool):
+        raise ConfigError(f"method {name}: allow_accuracy must be true or false, got {p['allow_accuracy']!r}")
 
 
 def reduction_layers(layers, n_layer: int) -> list[int]:
@@ -167,6 +180,11 @@ def resolve(cfg, info: dict) -> Setup:
         raise ConfigError(f"ratio must be a number with 0 < ratio < 1 (fraction of FLOPs removed), got {ratio!r}")
     model_cfg = cfg.get("model") or {}
     reference_length = int(model_cfg.get("max_length") or 2048)
+    schedule = check_schedule(cfg.get("schedule", "smooth"), info, params)
+    if name == "ceiling" and (cfg.get("benchmark") or {}).get("kind") == "lm_eval" and not params["allow_accuracy"]:
+        raise ConfigError("method=ceiling is a measuring device for efficiency (the cheapest cut at the budget's "
+                          "counts, keeping each row's first tokens), not a method for accuracy: use "
+                          "benchmark=efficiency, or method.allow_accuracy=true to evaluate it anyway")
     min_keep_rate = entry.min_keep_rate(params)
     if params.get("reduce_ratio") is not None:  # official: the paper's per-layer keep fraction, as its code
         keep_rate, target = float(params["reduce_ratio"]), None
@@ -176,9 +194,32 @@ def resolve(cfg, info: dict) -> Setup:
         keep_rate = budget.solve_keep_rate(info, layers, float(ratio), min_keep_rate, reference_length,
                                            f" by method {name}")
         target = float(ratio)
-    return Setup(name=name, function=entry.function, params=params, layers=layers, keep_rate=keep_rate,
-                 rule=entry.rule, overhead=entry.overhead, min_keep_rate=min_keep_rate, ratio=target,
-                 reference_length=reference_length, strict=params["strict"], uses_importance=entry.uses_importance)
+    setup = Setup(name=name, function=entry.function, params=params, layers=layers, keep_rate=keep_rate,
+                  rule=entry.rule, overhead=entry.overhead, min_keep_rate=min_keep_rate, ratio=target,
+                  reference_length=reference_length, strict=params["strict"], schedule=schedule,
+                  uses_importance=entry.uses_importance)
+    return setup if name == "ceiling" else replace(setup, ceiling=ceiling_of(setup))
+
+
+def ceiling_of(setup: Setup) -> Setup:
+    """The `ceiling` at a method's schedule: its layers, keep rate, removal rule, per-layer limit and schedule
+    (hence its integer counts), with the cut in place of the method's decision."""
+    entry = METHODS["ceiling"]
+    return replace(setup, name="ceiling", function=entry.function, params=dict(strict=setup.strict),
+                   overhead=entry.overhead, uses_importance=entry.uses_importance, ceiling=None)
+
+
+def check_schedule(schedule, info: dict, params: dict) -> str:
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}: use smooth (the budget's integer counts) or chunk "
+                          f"(counts in whole Mamba-2 SSD chunks)")
+    if schedule == "chunk" and info["generation"] != 2:
+        raise ConfigError("schedule=chunk counts tokens in Mamba-2 SSD chunks; Mamba-1's selective scan has no "
+                          "chunk size: use schedule=smooth")
+    if schedule == "chunk" and params.get("reduce_ratio") is not None:
+        raise ConfigError("method official: reduce_ratio fixes its per-layer ceil counts, schedule=chunk replaces "
+                          "them: set ratio= instead (reduce_ratio=null), or use schedule=smooth")
+    return schedule
 
 
 def info_from_config(model_config: dict) -> dict:
