@@ -97,6 +97,24 @@ def test_main_table_layout_best_per_block_and_missing_runs():
     assert rows(built["design_offline"])[("mamba2-tiny", "30 %", "q = 0.5 / M-only")]["Avg"] == tables.MISSING
 
 
+def test_schedule_and_positional_tables():
+    records = [record("mamba2-tiny", "ours", 0.2, score=0.5), record("mamba2-tiny", "ours", 0.2, "schedule=chunk",
+                                                                     score=0.4),
+               record("mamba2-tiny", "early", 0.2, score=0.3)]
+    built = by_name(records)
+    schedule = rows(built["schedule_offline"])
+    assert schedule[("mamba2-tiny", "20 %", "UTR (ours)", "smooth")]["Avg"] == "50.0"
+    assert schedule[("mamba2-tiny", "20 %", "UTR (ours)", "chunk")]["Avg"] == "40.0"
+    assert set(schedule[("mamba2-tiny", "10 %", "EViT", "chunk")].values()) == {tables.MISSING}  # the sweep's grid
+    main = rows(built["main_offline_mamba2"])  # a chunk run is not the main table's
+    assert main[("mamba2-tiny", "20 %", "UTR (ours)")]["Avg"] == "50.0" and "runs with other settings" not in \
+        built["main_offline_mamba2"].footer()
+    positional = rows(built["positional_offline_mamba2"])
+    assert positional[("mamba2-tiny", "20 %", "early")]["Avg"] == "30.0"
+    assert positional[("mamba2-tiny", "20 %", "UTR (ours)")]["Avg"] == "50.0"
+    assert built["positional_offline_mamba2"].n_expected == 1 + 10 * 3
+
+
 def test_ablation_rows_and_hub_benchmarks():
     records = [record("mamba2-tiny", "ours", 0.3, "method.hidden=merge", "method.residual=merge", score=0.2),
                record("mamba2-tiny", "ours", 0.3, "method.hidden=hybrid", "method.residual=hybrid",
@@ -153,7 +171,8 @@ def efficiency(method, ratio=None, latency=10.0, **extra):
     if method != "dense":
         fields.update(reduced_latency_ms=latency, reduced_tokens_per_s=64000 / latency, reduced_peak_mib=90.0,
                       reduced_activation_mib=8.0, speedup=10.0 / latency, peak_memory_saving=0.1,
-                      reduction_overhead=0.01)
+                      reduction_overhead=0.01, ceiling_latency_ms=6.25, ceiling_speedup=1.6,
+                      of_ceiling=10.0 / latency / 1.6)
     fields.update(extra)
     return record("mamba2-tiny", method, ratio, f"benchmark.measure.shape.cpu.batch_size={fields['batch_size']}",
                   benchmark="efficiency", efficiency=fields,
@@ -168,8 +187,8 @@ def test_efficiency_table():
     assert cells[("mamba2-tiny", "0 %", "dense")]["speed-up"] == "1.00"
     assert cells[("mamba2-tiny", "20 %", "UTR (ours)")] == {
         "FLOPs↓ achieved": "20.0 %", "latency ms": "8.00", "tokens/s": "8000.00", "peak MiB": "90.00",
-        "activation MiB": "8.00", "speed-up": "1.25", "of ideal": "100.0 %", "overhead": "1.0 %",
-        "peak memory saving": "10.0 %"}
+        "activation MiB": "8.00", "speed-up": "1.25", "of ideal": "100.0 %", "of ceiling": "78.1 %",
+        "overhead": "1.0 %", "peak memory saving": "10.0 %"}
     assert bold(table, ("mamba2-tiny", "20 %", "EViT"), "speed-up")
     assert bold(table, ("mamba2-tiny", "20 %", "EViT"), "latency ms")
     assert not bold(table, ("mamba2-tiny", "20 %", "UTR (ours)"), "speed-up")

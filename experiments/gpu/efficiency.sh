@@ -5,7 +5,8 @@
 #   bash experiments/gpu/efficiency.sh                                  # mamba2-2.7b, ours, ratios 0.1 0.2 0.3
 #   MODELS=mamba2-1.3b,mamba2-2.7b METHODS=ours,evit,pumer RATIOS=0.3 BATCH=8 LENGTH=2048 bash experiments/gpu/efficiency.sh
 # DTYPE (bfloat16), FVCORE (false: FLOPs by the analytic ruler only, which the tests hold to fvcore within 2 %),
-# WARMUP (2), REPEATS (5), TIMEOUT (540 s for the whole sweep; every finished job's record is already written).
+# SCHEDULE (smooth | chunk: counts in whole SSD chunks), WARMUP (2), REPEATS (5),
+# TIMEOUT (540 s for the whole sweep; every finished job's record is already written).
 # Results: $OUT/results/records.jsonl (one record per job) and $OUT/efficiency.log; a table is printed at the end.
 # The GPU machine reaches no package index: carry `.whl` holding these wheels (built once where PyPI is reachable)
 #   pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
@@ -27,7 +28,7 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLE
 
 # one Hydra multirun: jobs run one after another (basic launcher), so nothing else shares the GPU while measuring
 timeout "${TIMEOUT:-540}" "$PYTHON" run.py -m benchmark=efficiency model="${MODELS:-mamba2-2.7b}" \
-  model.random_init=true model.device="$DEVICE" model.dtype="${DTYPE:-bfloat16}" method="${METHODS:-ours}" ratio="${RATIOS:-0.1,0.2,0.3}" \
+  model.random_init=true model.device="$DEVICE" model.dtype="${DTYPE:-bfloat16}" method="${METHODS:-ours}" ratio="${RATIOS:-0.1,0.2,0.3}" schedule="${SCHEDULE:-smooth}" \
   benchmark.measure.shape."$DEVICE".batch_size="${BATCH:-8}" benchmark.measure.shape."$DEVICE".length="${LENGTH:-2048}" \
   benchmark.measure.warmup="${WARMUP:-2}" benchmark.measure.repeats="${REPEATS:-5}" \
   benchmark.measure.fvcore="${FVCORE:-false}" skip_existing=true \
@@ -38,14 +39,16 @@ grep -E "Error|Traceback|Killed" "$OUT/efficiency.log" | tail -n 20
 "$PYTHON" - "$OUT/results/records.jsonl" <<'EOF'
 import json, sys
 print(f"{'model':<14}{'method':<10}{'batch':>6}{'ratio':>6}{'FLOPs ratio':>12}{'dense ms':>10}{'reduced ms':>11}"
-      f"{'speedup':>8}{'ideal':>7}{'overhead':>9}{'dense MiB':>11}{'reduced MiB':>12}{'act. saving':>12}")
+      f"{'speedup':>8}{'ideal':>7}{'ceiling':>8}{'of ceil':>8}{'overhead':>9}{'dense MiB':>11}{'reduced MiB':>12}"
+      f"{'act. saving':>12}")
 for line in open(sys.argv[1]):
     r = json.loads(line)
     f, e = r.get("flops", {}), r.get("efficiency", {})
     ideal = 1 / (1 - f.get('achieved_ratio', 0))
     print(f"{r['model']:<14}{r['method']:<10}{e.get('batch_size', 0):>6}{r['ratio'] or 0:>6}"
           f"{f.get('achieved_ratio', 0):>12.4f}{e.get('dense_latency_ms', 0):>10.1f}{e.get('reduced_latency_ms', 0):>11.1f}"
-          f"{e.get('speedup', 1):>8.3f}{ideal:>7.3f}{100 * e.get('reduction_overhead', 0):>8.2f}%"
+          f"{e.get('speedup', 1):>8.3f}{ideal:>7.3f}{e.get('ceiling_speedup', 0):>8.3f}{100 * e.get('of_ceiling', 0):>7.1f}%"
+          f"{100 * e.get('reduction_overhead', 0):>8.2f}%"
           f"{e.get('dense_peak_mib', 0):>11.0f}{e.get('reduced_peak_mib', 0):>12.0f}"
           f"{e.get('activation_memory_saving', 0):>12.3f}")
 EOF

@@ -3,9 +3,10 @@
     python -m ssmcompress.tables [--results results] [--out results/tables] [--wandb entity/project]
 
 Each table is drawn from sweeps in experiments/ (main.yaml -> Tables 1/2, ablation_importance.yaml -> Table 3,
-ablation_location*.yaml -> 4, ablation_design.yaml -> 5, ablation_share.yaml, efficiency.yaml, and #8's
-pruning.yaml / pruning_joint.yaml): a sweep's grid is the rows its table must have, so a run that has not finished
-(or failed) is shown as "–" and counted under the table, never dropped; runs in the store beyond the grid (a hub
+ablation_location*.yaml -> 4, ablation_design.yaml -> 5, ablation_share.yaml, efficiency.yaml, schedule.yaml,
+positional.yaml, and #8's pruning.yaml / pruning_joint.yaml): a sweep's grid is the rows its table must have, so a
+run that has not finished (or failed) is shown as "–" and counted under the table, never dropped; runs in the store
+beyond the grid (a hub
 model, another ratio) are added. A record belongs to a table when it has the sweep's fixed settings and every
 setting it changes from the defaults (a method parameter, the reduction layers, a pruner) is one the sweep varies,
 so one run (UTR at 20 %) fills its cell in Tables 1, 3 and 4 alike: records are matched by content, not by tag,
@@ -32,7 +33,7 @@ from ssmcompress.config import CONF_DIR, EXPERIMENTS, register_resolvers
 MISSING = "–"
 SECTIONS = ("metrics", "headline", "flops", "efficiency", "timings", "pruning", "reduction")
 GROUPS = ("model", "benchmark", "method", "pruner")  # config groups an experiment selects in its defaults list
-SCALARS = ("ratio", "layers", "sparsity", "protocol")  # top-level settings an experiment may fix
+SCALARS = ("ratio", "layers", "schedule", "sparsity", "protocol")  # top-level settings an experiment may fix
 NUMERIC = ("ratio", "sparsity")  # rows in increasing order (0 = dense first); other axes in the sweep's order
 MODEL_SPECIFIC = ("layers",)  # sweep values that fit only the sweep's own models (layer indices)
 FREE = ("protocol", "device", "shape")  # splits a sweep does not pin: its expected rows join every such table of the records
@@ -44,7 +45,9 @@ TASKS = {"lambada_openai": "LAMBADA", "hellaswag": "HellaSwag", "piqa": "PIQA", 
          "shakespeare_continuation": "Continuation", "mqar": "MQAR", "story_qa": "StoryQA",
          "shakespeare_ppl": "Held-out"}
 METHODS = {"ours": "UTR (ours)", "official": "UTR (official code)", "evit": "EViT", "pumer": "PuMer",
-           "tome": "ToMe", "random": "random", "prune_only": "prune only", "merge_only": "merge only"}
+           "tome": "ToMe", "random": "random", "prune_only": "prune only", "merge_only": "merge only",
+           "early": "early", "early_merge": "early, merged", "strided": "strided", "late": "late",
+           "ceiling": "ceiling (cut only)"}
 HEADERS = {"ratio": "FLOPs↓", "design": "hidden / residual", "method.importance": "metric"}
 VALUES = {"method.importance": {"l1": "ℓ1-norm", "l2": "ℓ2-norm", "raw": "w/o Clip", "clip": "Clip (ours)"}}
 
@@ -171,12 +174,14 @@ def to_row(record: dict) -> dict:
     ratio = None if dense else record.get("ratio", config.get("ratio"))
     row["ratio"] = 0.0 if ratio is None else round(float(ratio), 6)
     row["layers"] = None if dense else _hashable(record.get("layers", config.get("layers")))
+    row["schedule"] = config.get("schedule") or "smooth"  # records older than the key: smooth
     row["sparsity"] = 0.0 if pruner == "none" else _hashable(record.get("sparsity", config.get("sparsity")))
     params = {k: v for k, v in flatten(config.get("method") or {}, "method").items() if k != "method.name"}
     row.update(params)
     defaults = method_defaults(method) if method else {}
     variant = [k for k, v in params.items() if k in defaults and v != defaults[k]]
     variant += ["layers"] * (row["layers"] is not None) + ["pruner", "sparsity"] * (pruner != "none")
+    variant += ["schedule"] * (row["schedule"] != "smooth" and not dense)
     row["variant"] = tuple(sorted(variant))
     row["tasks"] = tuple(benchmark.get("tasks") or ())
     row["extra_metrics"] = benchmark.get("extra_metrics") or {}
@@ -371,6 +376,8 @@ EFFICIENCY_COLUMNS = [
     Column("of ideal", "pct", "higher", lambda row: _number(
         row["efficiency"]["speedup"] * (1 - row["flops"]["achieved_ratio"]) if "speedup" in row["efficiency"]
         else None)),
+    # the speed-up over the ceiling's (the cut alone at the same counts, timed beside it): what the method keeps
+    Column("of ceiling", "pct", "higher", lambda row: _number(row["efficiency"].get("of_ceiling"))),
     Column("overhead", "pct", "lower", _dense_default("reduction_overhead", 0.0)),  # reduction's own time / dense
     Column("peak memory saving", "pct", "higher", _dense_default("peak_memory_saving", 0.0)),
 ]
@@ -428,6 +435,8 @@ SPECS = [
     Spec("design", "Hidden-state / residual design", ("ablation_design",), numbers={None: "Table 5"}),
     Spec("share", "Prune vs merge share", ("ablation_share",)),
     Spec("efficiency", "Efficiency", ("efficiency",), kind="efficiency", split=("device", "shape")),
+    Spec("schedule", "Smooth vs chunk-multiple token counts", ("schedule",)),
+    Spec("positional", "Positional baselines", ("positional",), split=("benchmark", "protocol", "generation")),
     Spec("pruning", "Weight pruning", ("pruning",), axes=("model", "sparsity", "pruner")),
     Spec("joint", "Weight pruning and token reduction", ("pruning_joint",),
          axes=("model", "pruner", "sparsity", "ratio", "method"), block=4),

@@ -24,7 +24,8 @@ def test_utr_flops_agree_across_fvcore_the_analytic_model_and_the_reducer():
     assert fl["tokens_per_layer"][0] == 256 and fl["tokens_per_layer"][-1] < 256
 
 
-@pytest.mark.parametrize("method", ["official", "evit", "tome", "pumer", "random", "prune_only", "merge_only"])
+@pytest.mark.parametrize("method", ["official", "evit", "tome", "pumer", "random", "prune_only", "merge_only", "early",
+                                    "early_merge", "strided", "late", "ceiling"])
 def test_every_method_can_be_counted_by_fvcore(method):
     """fvcore traces the reduced forward with torch.jit: a method must use traceable ops (no tensor & bool)."""
     model = tiny_model(2)

@@ -90,7 +90,8 @@ def test_the_reduction_overhead_is_timed_without_changing_the_outputs():
 
     model = tiny_model(2, n_layer=12)
     info = models.model_info(model)
-    cfg = efficiency_config("method=ours", "ratio=0.3", "benchmark.measure.fvcore=false")
+    cfg = efficiency_config("method=ours", "ratio=0.3", "benchmark.measure.fvcore=false",
+                            "benchmark.measure.ceiling=false")
     reducer = reduction.from_config(model, cfg, info)
     ids = efficiency.synthetic_batch(info["vocab_size"], 2, 48, "cpu")
     plain = reducer(ids).logits
@@ -104,3 +105,42 @@ def test_the_reduction_overhead_is_timed_without_changing_the_outputs():
     assert 0 < eff["reduction_ms"] < eff["reduced_latency_ms"] and reducer.stopwatch is None
     assert eff["reduction_overhead"] == pytest.approx(eff["reduction_ms"] / eff["dense_latency_ms"])
     assert "reduction overhead" in "\n".join(metrics.summary_lines({"efficiency": eff}))
+
+
+@pytest.mark.parametrize("schedule", ["smooth", "chunk"])
+def test_efficiency_times_the_ceiling_beside_the_method(schedule, single_thread):
+    """benchmark=efficiency times the ceiling at the method's schedule in the same interleaved loop; the record
+    says how much of the ceiling's speed-up the method keeps, and the model is left as it was."""
+    from ssmcompress import reduction
+
+    model = tiny_model(2)  # reduction layers 1, 2, 3 of 4
+    info = models.model_info(model)
+    cfg = efficiency_config("method=ours", "ratio=0.3", f"schedule={schedule}", "benchmark.measure.fvcore=false")
+    reducer = reduction.from_config(model, cfg, info)
+    try:
+        out = metrics.from_config(model, reducer, cfg, info)
+    finally:
+        reducer.remove()
+    eff = out["efficiency"]
+    assert len(eff["latencies_ms"]["ceiling"]) == len(eff["latencies_ms"]["reduced"]) == 2
+    assert eff["ceiling_speedup"] == pytest.approx(eff["dense_latency_ms"] / eff["ceiling_latency_ms"])
+    assert eff["of_ceiling"] == pytest.approx(eff["speedup"] / eff["ceiling_speedup"])
+    assert eff["ceiling_achieved_ratio"] == pytest.approx(out["flops"]["achieved_ratio"])  # the same counts
+    assert "ceiling_peak_mib" in eff or "dense_peak_mib" not in eff
+    assert "of the ceiling" in "\n".join(metrics.summary_lines(out))
+    assert not any(block._forward_hooks or block.mixer.out_proj._forward_pre_hooks for block in model.backbone.layers)
+
+
+def test_the_ceiling_is_not_timed_where_it_is_off_or_alone(single_thread):
+    from ssmcompress import reduction
+
+    model = tiny_model(2)
+    info = models.model_info(model)
+    for extra in (["method=ours", "benchmark.measure.ceiling=false"], ["method=ceiling"]):
+        cfg = efficiency_config("ratio=0.3", "benchmark.measure.fvcore=false", *extra)
+        reducer = reduction.from_config(model, cfg, info)
+        try:
+            eff = metrics.from_config(model, reducer, cfg, info)["efficiency"]
+        finally:
+            reducer.remove()
+        assert "ceiling_latency_ms" not in eff and "of_ceiling" not in eff and "speedup" in eff

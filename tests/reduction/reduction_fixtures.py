@@ -7,7 +7,9 @@ from ssmcompress import models
 from ssmcompress.reduction.merge import Tokens
 from conftest import tiny_model
 
-ALL_METHODS = ["ours", "official", "evit", "tome", "pumer", "random", "prune_only", "merge_only"]
+# the methods for accuracy (every registry entry but the `ceiling` measuring device, refused on lm-eval benchmarks)
+ALL_METHODS = ["ours", "official", "evit", "tome", "pumer", "random", "prune_only", "merge_only", "early",
+               "early_merge", "strided", "late"]
 
 
 @pytest.fixture(autouse=True)

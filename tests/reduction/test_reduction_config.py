@@ -15,8 +15,8 @@ def model_config(cfg):
 
 
 def test_every_method_has_a_config_and_the_registry_knows_them():
-    assert sorted(ALL_METHODS) == sorted(reduction.METHODS)
-    assert set(config_lib.available("method")) == set(ALL_METHODS) | {"dense"}
+    assert sorted(ALL_METHODS + ["ceiling"]) == sorted(reduction.METHODS)
+    assert set(config_lib.available("method")) == set(ALL_METHODS) | {"dense", "ceiling"}
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -80,3 +80,35 @@ def test_paper_anchor_layers_for_a_hub_sized_config():
     setup = reduction.resolve(cfg, info)
     assert setup.layers == [12, 17, 22, 27, 32, 37, 42]
     assert setup.reference_length == 2048
+
+
+@pytest.mark.parametrize("method,overrides,message", [
+    ("ours", ["schedule=steps"], "unknown schedule 'steps': use smooth .* or chunk"),
+    ("ours", ["model=mamba-tiny", "schedule=chunk"], "Mamba-1's selective scan has no chunk size: use schedule=smooth"),
+    ("official", ["schedule=chunk", "method.reduce_ratio=0.905"], "reduce_ratio fixes its per-layer ceil counts"),
+    ("ceiling", [], "method=ceiling is a measuring device for efficiency .* use benchmark=efficiency, or "
+                    "method.allow_accuracy=true"),
+    ("ceiling", ["benchmark=pruning"], "not a method for accuracy"),
+    ("ceiling", ["benchmark=efficiency", "method.allow_accuracy=1"], "allow_accuracy must be true or false"),
+])
+def test_schedule_and_ceiling_errors(method, overrides, message):
+    cfg = compose(method, 0.2, TINY_MODEL, *overrides)
+    with pytest.raises(ConfigError, match=message) as error:
+        reduction.check_config(cfg, model_config(cfg))
+    assert "\n" not in str(error.value)
+
+
+def test_ceiling_for_efficiency_or_when_insisted_and_chunk_on_mamba2():
+    for extra in (["benchmark=efficiency"], ["method.allow_accuracy=true"]):
+        cfg = compose("ceiling", 0.2, TINY_MODEL, *extra)
+        reduction.check_config(cfg, model_config(cfg))
+    cfg = compose("official", 0.2, TINY_MODEL, "schedule=chunk")
+    setup = reduction.resolve(cfg, reduction.info_from_config(model_config(cfg)))
+    assert (setup.schedule, setup.rule, setup.ceiling.rule, setup.ceiling.schedule) == ("chunk", "ceil", "ceil", "chunk")
+    config_lib.validate(compose("tome", 0.2, TINY_MODEL, "schedule=chunk", "logger=none"))
+
+
+def test_random_draw_follows_the_top_level_seed():
+    for seed in (0, 3):
+        cfg = compose("random", 0.2, TINY_MODEL, f"seed={seed}")
+        assert reduction.resolve(cfg, reduction.info_from_config(model_config(cfg))).params["seed"] == seed

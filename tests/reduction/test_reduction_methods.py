@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from ssmcompress.reduction import METHODS, methods
-from reduction_fixtures import make_tokens, one_thread  # noqa: F401
+from ssmcompress import reduction
+from ssmcompress.reduction import METHODS, budget, methods, patch
+from reduction_fixtures import compose, make_tokens, mamba2, one_thread  # noqa: F401
 
 # six tokens, two channels: A = {0, 2, 4} by importance; 0 ~ 1 and 2 ~ 3 are near-duplicates
 HIDDEN = [[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.1, 1.0], [1.0, 1.0], [-1.0, 0.2]]
@@ -85,6 +86,25 @@ def test_tome_hand_worked_size_weighted_merge():
     assert out.plan.target[0, 0] == 5 and not bool(out.plan.removed[0, 1])
 
 
+def test_tome_merges_at_most_half_the_movable_tokens_of_an_odd_row():
+    # ToMe: r = min(r, (t - protected) // 2); A = {0, 2, 4, 6} could lose all four of a row of 7
+    torch.manual_seed(3)
+    tokens = make_tokens(torch.randn(7, 4))
+    assert methods.tome(tokens, torch.tensor([6])).counts.tolist() == [4]  # 7 - 7 // 2
+    protected = make_tokens(torch.randn(7, 4), protect=[False] * 6 + [True])  # 6 movable: at most 3
+    assert methods.tome(protected, torch.tensor([6])).counts.tolist() == [4]
+    both = make_tokens(torch.randn(2, 9, 4), valid=torch.arange(9) < torch.tensor([9, 5])[:, None])
+    assert methods.tome(both, torch.tensor([9, 9])).counts.tolist() == [5, 3]
+
+
+def test_pumer_merges_at_most_half_the_movable_survivors():
+    torch.manual_seed(4)
+    tokens = make_tokens(torch.randn(9, 4), torch.rand(9))
+    out = methods.pumer(tokens, torch.tensor([8]), prune_r=1.0, merge_r=3.0)  # prune 2, then 7 survivors: merge 3
+    assert int(out.plan.removed.sum()) == 5 and out.counts.tolist() == [4]
+    assert int(out.plan.merge_hidden.sum()) == 3
+
+
 def test_pumer_prunes_the_least_important_then_merges_among_survivors():
     hidden = [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 2.0], [1.0, 2.1], [-1.0, 0.0]]
     importance = [0.5, 0.1, 0.6, 0.7, 0.8, 0.9]
@@ -94,6 +114,18 @@ def test_pumer_prunes_the_least_important_then_merges_among_survivors():
     assert out.source[0].tolist() == [0, 2, 4, 5]
     assert torch.allclose(out.hidden[0, 2], (tokens.hidden[0, 3] + tokens.hidden[0, 4]) / 2)
     assert out.plan.merge_hidden[0].tolist() == [False, False, False, True, False, False]
+
+
+def test_random_follows_the_top_level_seed(mamba2):
+    model, info = mamba2
+    ids = torch.randint(1, 4000, (1, 60))
+    kept = []
+    for seed in (0, 1):
+        reducer = reduction.from_config(model, compose("random", 0.3, f"seed={seed}"), info)
+        assert reducer.setup.params["seed"] == seed
+        kept.append(reducer(ids).positions[0].tolist())
+        reducer.remove()
+    assert kept[0] != kept[1]
 
 
 def test_random_is_reproducible_batch_independent_and_seeded():
@@ -184,6 +216,131 @@ def test_official_clip_removes_the_first_even_positions_into_position_one():
     assert torch.allclose(out.hidden[:, 0], expected, atol=1e-6)
 
 
+def test_official_clip_with_exact_ties_still_removes_the_first_even_positions():
+    """All-zero rows of the per-channel-sorted clipped metric tie at score 0 (each channel here has at most 3 of 20
+    positive values, so a-rows 0.. are zero): our stable tie rule keeps the documented positional result, and
+    so does the transcribed code with a stable sort (the code's unstable argsort may pick other even positions)."""
+    torch.manual_seed(5)
+    hidden = -torch.rand(2, 20, 8)
+    hidden[:, [3, 9, 14]] = torch.rand(2, 3, 8)  # a few positive tokens; all others clip to zero
+    ordered = hidden.clamp(min=0).sort(dim=1, descending=True).values
+    assert bool((ordered[:, 10:] == 0).all()), "every a-row ties at 0"
+    tokens = make_tokens(hidden, residual=torch.randn(2, 20, 8))
+    out = methods.official(tokens, torch.tensor([6, 6]), hidden="merge", residual="merge")
+    for row in range(2):
+        assert out.plan.removed[row].nonzero().flatten().tolist() == [0, 2, 4, 6, 8, 10]
+        assert set(out.plan.target[row][out.plan.removed[row]].tolist()) == {1}
+    expected = official_reference(hidden, tokens.residual, 0.7, "merge", "merge", True)
+    assert torch.allclose(out.residual, expected[1], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ positional
+
+
+def kept_positions(out, row=0):
+    return out.source[row, : out.counts[row]].tolist()
+
+
+def test_early_and_late_prune_the_earliest_and_the_latest_movable_tokens():
+    tokens = make_tokens(torch.randn(8, 3), protect=[True, False, False, True, False, False, False, True])
+    assert kept_positions(methods.early(tokens, torch.tensor([3]))) == [0, 3, 5, 6, 7]
+    assert kept_positions(methods.late(tokens, torch.tensor([3]))) == [0, 1, 2, 3, 7]
+    out = methods.late(tokens, torch.tensor([3]))
+    assert torch.equal(out.hidden[0], tokens.hidden[0, [0, 1, 2, 3, 7]])  # pruned: values untouched
+
+
+def test_strided_removes_evenly_spaced_movable_tokens():
+    for m, r in [(10, 3), (10, 5), (10, 6), (7, 7), (9, 1), (12, 0)]:
+        out = methods.strided(make_tokens(torch.randn(m, 2)), torch.tensor([r]))
+        removed = out.plan.removed[0].nonzero().flatten().tolist()
+        assert removed == sorted({math.floor(i * m / r) for i in range(r)}) and len(removed) == r
+    assert methods.strided(make_tokens(torch.randn(10, 2)), torch.tensor([5])).plan.removed[0].tolist() == \
+        [True, False] * 5
+    # ranks count movable tokens only: protected 1 and padding 9 are skipped
+    tokens = make_tokens(torch.randn(10, 2), protect=[False, True] + [False] * 8, valid=[True] * 9 + [False])
+    assert methods.strided(tokens, torch.tensor([4])).plan.removed[0].nonzero().flatten().tolist() == [0, 3, 5, 7]
+
+
+def test_early_merge_averages_the_earliest_into_the_next_kept_movable_token():
+    torch.manual_seed(6)
+    tokens = make_tokens(torch.randn(8, 3), protect=[False, False, False, True, False, False, False, False],
+                         residual=torch.randn(8, 3))
+    out = methods.early_merge(tokens, torch.tensor([3]))  # 0, 1, 2 go; 3 is protected: they merge into 4
+    assert kept_positions(out) == [3, 4, 5, 6, 7]
+    assert out.plan.target[0, :3].tolist() == [4, 4, 4]
+    for stream in ("hidden", "residual"):
+        assert torch.allclose(getattr(out, stream)[0, 1], getattr(tokens, stream)[0, [0, 1, 2, 4]].mean(0))
+    assert out.residual_sizes[0].tolist() == [1, 4, 1, 1, 1]
+    carried = make_tokens(tokens.hidden, sizes=[2.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0])
+    out = methods.early_merge(carried, torch.tensor([2]), sizes="carry")
+    assert torch.allclose(out.hidden[0, 0], (2 * carried.hidden[0, 0] + carried.hidden[0, 1]
+                                              + carried.hidden[0, 2]) / 4)
+    # no kept movable token left to receive them: pruned
+    out = methods.early_merge(make_tokens(torch.randn(3, 2), protect=[False, False, True]), torch.tensor([2]))
+    assert kept_positions(out) == [2] and not bool(out.plan.merge_hidden.any())
+
+
+@pytest.mark.parametrize("name", ["early", "early_merge", "strided", "late"])
+def test_positional_methods_are_batch_row_independent(name):
+    torch.manual_seed(7)
+    lengths = torch.tensor([17, 11, 4])
+    valid = torch.arange(17) < lengths[:, None]
+    protect = (torch.rand(3, 17) < 0.2) & valid
+    batch = make_tokens(torch.randn(3, 17, 4), residual=torch.randn(3, 17, 4), valid=valid, protect=protect)
+    n_remove = torch.tensor([6, 4, 3])
+    out = method_call(name, batch, n_remove)
+    for row, n in enumerate(lengths.tolist()):
+        alone = method_call(name, make_tokens(batch.hidden[row, :n], residual=batch.residual[row, :n],
+                                              protect=protect[row, :n]), n_remove[row:row + 1])
+        kept = int(out.counts[row])
+        assert out.source[row, :kept].tolist() == alone.source[0].tolist()
+        assert torch.equal(out.residual[row, :kept], alone.residual[0])
+
+
+# ------------------------------------------------------------------------------------------------ ceiling
+
+
+@pytest.mark.parametrize("schedule", ["smooth", "chunk"])
+def test_ceiling_keeps_exactly_the_budgets_counts_as_first_tokens(mamba2, schedule):
+    model, info = mamba2
+    reducer = reduction.from_config(model, compose("ceiling", 0.3, "benchmark=efficiency", f"schedule={schedule}"),
+                                    info)
+    setup = reducer.setup
+    assert reducer.ceiling() is None and not setup.uses_importance
+    assert not any(model.backbone.layers[i].mixer.out_proj._forward_pre_hooks for i in setup.layers)
+    ids = torch.randint(1, 4000, (2, 100))
+    out = reducer(ids, trace=True)
+    reducer.remove()
+    expected = reducer.chunk_counts(100) if schedule == "chunk" else \
+        budget.predicted_counts(setup.rule, setup.keep_rate, 100, len(setup.layers), setup.min_keep_rate)
+    assert schedule == "smooth" or all(c % 16 == 0 for c in expected)
+    entering = 100
+    for entry, count in zip(out.trace, expected):
+        kept = entry["valid"] & (entry["hidden"] == patch.KEPT)
+        assert bool((kept == (torch.arange(kept.shape[1]) < count)).all()), "the first slots"
+        assert entry["position"][:, :count].tolist() == [list(range(count))] * 2, "a prefix of the sequence"
+        assert entering >= count
+        entering = count
+    assert out.positions.tolist() == [list(range(expected[-1]))] * 2
+
+
+@pytest.mark.parametrize("method", ["ours", "official", "evit"])
+def test_ceiling_beside_a_method_runs_at_its_schedule(mamba2, method):
+    model, info = mamba2
+    reducer = reduction.from_config(model, compose(method, 0.3, "schedule=chunk"), info)
+    ceiling = reducer.ceiling()
+    a, b = reducer.setup, ceiling.setup
+    assert (b.name, b.layers, b.keep_rate, b.rule, b.min_keep_rate, b.schedule, b.ratio) == \
+        ("ceiling", a.layers, a.keep_rate, a.rule, a.min_keep_rate, a.schedule, a.ratio)
+    ids = torch.randint(1, 4000, (2, 90))
+    counts = [entry["valid"].sum(1).tolist() for entry in reducer(ids, trace=True).trace]
+    ceiling_counts = [entry["valid"].sum(1).tolist() for entry in ceiling(ids, trace=True).trace]
+    assert counts == ceiling_counts
+    ceiling.remove()
+    reducer.remove()
+    assert not any(block._forward_hooks for block in model.backbone.layers)
+
+
 # ------------------------------------------------------------------------------------------------ shared
 
 
@@ -221,7 +378,7 @@ def test_shared_properties(name):
         assert torch.equal(after[untouched], before[untouched])
 
 
-@pytest.mark.parametrize("name", ["tome", "merge_only", "pumer"])
+@pytest.mark.parametrize("name", ["tome", "merge_only", "pumer", "early_merge"])
 def test_merging_conserves_the_size_weighted_sum(name):
     torch.manual_seed(2)
     b, n = 3, 21

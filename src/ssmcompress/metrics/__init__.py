@@ -3,7 +3,9 @@
 `from_config(model, reducer, cfg, info)` is the runner's hook. It measures the dense model and, when a reducer is
 given, the reduced one, on one synthetic batch whose size is set by the benchmark config's `measure` block
 (`conf/benchmark/efficiency.yaml` documents the keys; lm-eval benchmarks carry a small one so every run reports
-FLOPs, latency and memory next to its accuracy). FLOPs are those of one forward of one sequence.
+FLOPs, latency and memory next to its accuracy). FLOPs are those of one forward of one sequence. With
+`measure.ceiling`, the reducer's `ceiling()` (the cheapest cut at the same schedule: what the kernels allow) is
+timed in the same interleaved loop, and the record says how much of the ceiling's speed-up the method keeps.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ DEFAULT_MEASURE = dict(
     enabled=True,
     fvcore=True,  # also count with fvcore (one traced forward per model variant)
     efficiency=True,  # latency, throughput and peak memory
+    ceiling=False,  # also time the reducer's ceiling (benchmark=efficiency turns it on)
     warmup=1,
     repeats=3,
     shape=dict(cpu=dict(batch_size=1, length=128), cuda=dict(batch_size=8, length=2048)),
@@ -72,8 +75,16 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
         forwards["reduced"] = forwards_lib.reduced_forward(reducer)
     sections = {"flops": flops_report(model, reducer, info, input_ids, forwards, settings["fvcore"])}
     if settings["efficiency"]:
-        sections["efficiency"] = efficiency.measure(forwards, input_ids, settings["warmup"], settings["repeats"],
-                                                    efficiency.weight_bytes(model))
+        ceiling = reducer.ceiling() if settings["ceiling"] and hasattr(reducer, "ceiling") else None
+        try:
+            timed = forwards if ceiling is None else {**forwards, "ceiling": forwards_lib.reduced_forward(ceiling)}
+            sections["efficiency"] = efficiency.measure(timed, input_ids, settings["warmup"], settings["repeats"],
+                                                        efficiency.weight_bytes(model))
+            if ceiling is not None:  # the same counts as the method's, unless it removed fewer
+                sections["efficiency"]["ceiling_achieved_ratio"] = ceiling.describe()["observed"]["achieved_ratio"]
+        finally:
+            if ceiling is not None:
+                ceiling.remove()  # before the reducer: it restores what the reducer's hooks set
         sections["efficiency"]["scan_kernel"] = efficiency.scan_kernel(info["generation"], device)
         if reducer is not None and hasattr(reducer, "stopwatch"):
             eff = sections["efficiency"]
@@ -165,10 +176,13 @@ def summary_lines(record: dict) -> list[str]:
             lines.append(f"{'tokens per layer':<28}" + " ".join(str(t) for t in flops["tokens_per_layer"]))
     eff = record.get("efficiency")
     if eff:
-        names = [n for n in ("dense", "reduced") if f"{n}_latency_ms" in eff]
+        names = [n for n in ("dense", "reduced", "ceiling") if f"{n}_latency_ms" in eff]
         lines.append(f"{'latency ms':<28}" + "  ".join(f"{n} {eff[f'{n}_latency_ms']:.4g}" for n in names)
                      + (f"  speedup {eff['speedup']:.3f}" if "speedup" in eff else "")
                      + f"  ({eff['batch_size']}x{eff['length']}, {eff['device']})")
+        if "of_ceiling" in eff:
+            lines.append(f"{'  of the ceiling':<28}{100 * eff['of_ceiling']:.1f}% of its speedup "
+                         f"{eff['ceiling_speedup']:.3f} (the cut alone, same counts)")
         if "reduction_ms" in eff:
             lines.append(f"{'  reduction overhead':<28}{eff['reduction_ms']:.4g} ms = "
                          f"{100 * eff['reduction_overhead']:.2f}% of dense latency (importance, matching, merging)")

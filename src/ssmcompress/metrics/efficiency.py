@@ -1,8 +1,8 @@
 """Latency, throughput and peak memory of forwards on synthetic inputs (weights do not change these numbers).
 
-Protocol, for every forward measured (dense and reduced, same process, same input):
+Protocol, for every forward measured (dense, reduced and the ceiling, same process, same input):
 - latency: `warmup` calls each, then `repeats` rounds that call the forwards in turn (dense, reduced, dense, ...)
-  so that drift (clocks, other jobs) hits both alike; the median is reported. On a GPU each call is timed with a
+  so that drift (clocks, other jobs) hits all alike; the median is reported. On a GPU each call is timed with a
   pair of CUDA events; on a CPU with `time.perf_counter` (CPU ops are synchronous).
 - throughput: input tokens per second, batch x length / median latency.
 - reduction overhead (reduced forward only): `repeats` extra calls with the reducer's stopwatch on, which sums the
@@ -174,7 +174,9 @@ def reduction_seconds(reducer, forward, input_ids: torch.Tensor, repeats: int) -
 def measure(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int, weights: int,
             progress: bool = True) -> dict:
     """Flat numbers for the record: per forward `<name>_latency_ms`, `<name>_tokens_per_s`, `<name>_peak_mib`,
-    `<name>_activation_mib`, and, with both `dense` and `reduced`, `speedup` and `peak_memory_saving`."""
+    `<name>_activation_mib`, and, with both `dense` and `reduced`, `speedup` and `peak_memory_saving`; with a
+    `ceiling` forward too, `ceiling_speedup` (dense / ceiling) and `of_ceiling` (speedup / ceiling_speedup: the
+    share of what the kernels allow at that schedule that the method keeps)."""
     batch_size, length = input_ids.shape
     times = time_forwards(forwards, input_ids, warmup, repeats, progress)
     out = dict(device=str(input_ids.device), batch_size=batch_size, length=length, warmup=warmup, repeats=repeats,
@@ -195,5 +197,8 @@ def measure(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int, 
             out["peak_memory_saving"] = 1 - out["reduced_peak_mib"] / out["dense_peak_mib"]
             if out["dense_activation_mib"] > 0:
                 out["activation_memory_saving"] = 1 - out["reduced_activation_mib"] / out["dense_activation_mib"]
+        if "ceiling" in forwards:
+            out["ceiling_speedup"] = out["dense_latency_ms"] / out["ceiling_latency_ms"]
+            out["of_ceiling"] = out["speedup"] / out["ceiling_speedup"]
     out["latencies_ms"] = {name: [t * 1000 for t in values] for name, values in times.items()}
     return out

@@ -1,4 +1,5 @@
-"""The forwards that are measured (dense, reduced) and how many tokens each of their layers processes."""
+"""The forwards that are measured (dense; reduced, for a reducer and for its ceiling) and how many tokens each of
+their layers processes."""
 from __future__ import annotations
 
 import torch

@@ -16,15 +16,23 @@ Also: `out.counts` (batch,) real tokens kept per row. A row keeping fewer tokens
 up to `kept` with filler slots (its padding first, else removed positions) placed after all its real tokens, so
 they never influence them; their logits are NaN. `reducer(..., trace=True)` adds `out.trace`, per reduction
 layer the fate of every slot (patch.trace_entry). `check_config(cfg, model_config)` raises ConfigError.
+`reducer.ceiling()`: a reducer of the `ceiling` measuring device at this reducer's schedule (None for the ceiling
+itself), which the efficiency benchmark times beside it.
 
 Layout: `merge` (shared matching, merging, compaction), `methods` (one function per method), `budget`
 (ratio -> keep rate, FLOPs bookkeeping), `patch` (hooks and the Reducer). The registry below names each method's
 function, parameters and defaults (the keys of conf/method/<name>.yaml), budget rule and limits.
+
+`schedule` (top-level key): `smooth`, the budget's integer counts, or `chunk`, counts in whole Mamba-2 SSD chunks
+(budget.chunk_counts), for every method. With `official` the chunk counts replace its ceil counts (rows too short
+for a chunk schedule keep them); its `reduce_ratio`, which fixes those ceil counts, cannot be combined with it.
+`ceiling` is no method for accuracy but a measuring device for efficiency: the cheapest cut at a schedule (both
+streams cut to the budget's counts, keeping each row's first tokens: no importance, no decision, no merge).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ssmcompress import architecture
@@ -32,6 +40,7 @@ from ssmcompress.config import ConfigError
 from ssmcompress.reduction import budget, methods
 from ssmcompress.reduction.patch import Reducer, Setup
 
+SCHEDULES = ("smooth", "chunk")
 STRATEGIES = ("prune", "merge", "hybrid")
 IMPORTANCE = ("clip", "raw", "l1", "l2")
 PRUNE_LINKS = ("most_similar", "least_similar", "least_important")
@@ -47,6 +56,7 @@ class Method:
     min_keep_rate: Callable[[dict], float] = lambda params: 0.5  # bipartite: at most half removed per layer
     rule: str = "cumulative"  # budget.removals
     overhead: str = "bipartite"  # budget.overhead_flops
+    uses_importance: bool = True  # reads the importance signal (the out_proj pre-hook captures it)
 
 
 def pumer_min_keep(params: dict) -> float:
@@ -54,6 +64,8 @@ def pumer_min_keep(params: dict) -> float:
     share = params["prune_r"] / (params["prune_r"] + params["merge_r"])
     return 1.0 - 1.0 / (2.0 - share)
 
+
+POSITIONAL = dict(min_keep_rate=lambda params: 0.0, overhead="none", uses_importance=False)
 
 METHODS = {
     "ours": Method(methods.utr, dict(importance="clip", hidden="hybrid", residual="merge", q=0.5, hidden_q=None,
@@ -69,6 +81,13 @@ METHODS = {
     "pumer": Method(methods.pumer, dict(importance="clip", prune_r=0.1, merge_r=0.3, sizes="reset"),
                     min_keep_rate=pumer_min_keep),
     "random": Method(methods.random_prune, dict(seed=0), min_keep_rate=lambda p: 0.0, overhead="none"),
+    # positional baselines: where tokens go, not which (methods.py)
+    "early": Method(methods.early, {}, **POSITIONAL),
+    "early_merge": Method(methods.early_merge, dict(sizes="reset"), **POSITIONAL),
+    "strided": Method(methods.strided, {}, **POSITIONAL),
+    "late": Method(methods.late, {}, **POSITIONAL),
+    # the measuring device: `late`'s cut (each row keeps its first tokens), refused for accuracy unless allowed
+    "ceiling": Method(methods.late, dict(allow_accuracy=False), **POSITIONAL),
 }
 COMMON = dict(strict=False)  # every method: strict=true makes a sequence too short for the budget an error
 
@@ -128,6 +147,8 @@ def check_params(name: str, p: dict) -> None:
             raise ConfigError(f"method {name}: prune_r and merge_r must be numbers >= 0, not both 0, got {shares}")
     if "seed" in p and (not isinstance(p["seed"], int) or isinstance(p["seed"], bool)):
         raise ConfigError(f"method {name}: seed must be an integer, got {p['seed']!r}")
+    if "allow_accuracy" in p and not isinstance(p["allow_accuracy"], bool):
+        raise ConfigError(f"method {name}: allow_accuracy must be true or false, got {p['allow_accuracy']!r}")
 
 
 def reduction_layers(layers, n_layer: int) -> list[int]:
@@ -168,6 +189,11 @@ def resolve(cfg, info: dict) -> Setup:
                     f"use layers=null for the default layers")
     model_cfg = cfg.get("model") or {}
     reference_length = int(model_cfg.get("max_length") or 2048)
+    schedule = check_schedule(cfg.get("schedule", "smooth"), info, params)
+    if name == "ceiling" and (cfg.get("benchmark") or {}).get("kind") == "lm_eval" and not params["allow_accuracy"]:
+        raise ConfigError("method=ceiling is a measuring device for efficiency (the cheapest cut at the budget's "
+                          "counts, keeping each row's first tokens), not a method for accuracy: use "
+                          "benchmark=efficiency, or method.allow_accuracy=true to evaluate it anyway")
     min_keep_rate = entry.min_keep_rate(params)
     if direct:
         keep_rate, target = float(params["reduce_ratio"]), None
@@ -177,9 +203,32 @@ def resolve(cfg, info: dict) -> Setup:
         keep_rate = budget.solve_keep_rate(info, layers, float(ratio), min_keep_rate, reference_length,
                                            f" by method {name}")
         target = float(ratio)
-    return Setup(name=name, function=entry.function, params=params, layers=layers, keep_rate=keep_rate,
-                 rule=entry.rule, overhead=entry.overhead, min_keep_rate=min_keep_rate, ratio=target,
-                 reference_length=reference_length, strict=params["strict"])
+    setup = Setup(name=name, function=entry.function, params=params, layers=layers, keep_rate=keep_rate,
+                  rule=entry.rule, overhead=entry.overhead, min_keep_rate=min_keep_rate, ratio=target,
+                  reference_length=reference_length, strict=params["strict"], schedule=schedule,
+                  uses_importance=entry.uses_importance)
+    return setup if name == "ceiling" else replace(setup, ceiling=ceiling_of(setup))
+
+
+def ceiling_of(setup: Setup) -> Setup:
+    """The `ceiling` at a method's schedule: its layers, keep rate, removal rule, per-layer limit and schedule
+    (hence its integer counts), with the cut in place of the method's decision."""
+    entry = METHODS["ceiling"]
+    return replace(setup, name="ceiling", function=entry.function, params=dict(strict=setup.strict),
+                   overhead=entry.overhead, uses_importance=entry.uses_importance, ceiling=None)
+
+
+def check_schedule(schedule, info: dict, params: dict) -> str:
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}: use smooth (the budget's integer counts) or chunk "
+                          f"(counts in whole Mamba-2 SSD chunks)")
+    if schedule == "chunk" and info["generation"] != 2:
+        raise ConfigError("schedule=chunk counts tokens in Mamba-2 SSD chunks; Mamba-1's selective scan has no "
+                          "chunk size: use schedule=smooth")
+    if schedule == "chunk" and params.get("reduce_ratio") is not None:
+        raise ConfigError("method official: reduce_ratio fixes its per-layer ceil counts, schedule=chunk replaces "
+                          "them: set ratio= instead (reduce_ratio=null), or use schedule=smooth")
+    return schedule
 
 
 def check_config(cfg, model_config: dict) -> None:

@@ -15,6 +15,9 @@ Conventions (README: Token reduction, The budget):
   `ceil` (the official code) keeps ceil(N·ρ) of the N tokens entering each reduction layer. Methods may remove
   fewer than asked (at most half the movable tokens for bipartite matching, never protected ones): a short or
   heavily protected row then falls below the target, and the achieved ratio says so.
+- `schedule: chunk` (Mamba-2) replaces those counts, per row, by `chunk_counts`: counts in whole SSD chunks, which
+  is what mamba-ssm's chunked scan charges for (a count of 1860 costs 8 chunks of 256 like 2048 does), chosen by
+  the same FLOPs model. A row too short for any chunk schedule keeps the counts above (the reducer counts them).
 """
 from __future__ import annotations
 
@@ -82,15 +85,23 @@ def solve_keep_rate(info: dict, layers: list[int], ratio: float, min_keep_rate: 
     return (low + high) / 2
 
 
-def removals(rule: str, keep_rate: float, n0: torch.Tensor, current: torch.Tensor, step: int) -> torch.Tensor:
+def removals(rule: str, keep_rate: float, n0: torch.Tensor, current: torch.Tensor, step: int,
+             table: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens each row should drop at its `step`-th reduction layer (1-based): n0 real tokens at the input,
-    `current` entering this layer. Exact float64 arithmetic, as Python's, so `ceil` matches the official code."""
+    `current` entering this layer. Exact float64 arithmetic, as Python's, so `ceil` matches the official code.
+    `table` (b, steps): per row the tokens to keep after each reduction layer (`chunk_counts`), -1 where the row
+    follows `rule` instead."""
     if rule == "cumulative":
         target = torch.floor(n0.double() * keep_rate ** step + 0.5).long().clamp(min=1)
-        return (current - target).clamp(min=0)
-    if rule == "ceil":
-        return current - torch.ceil(current.double() * keep_rate).long()
-    raise ValueError(f"unknown removal rule {rule!r}")
+        asked = (current - target).clamp(min=0)
+    elif rule == "ceil":
+        asked = current - torch.ceil(current.double() * keep_rate).long()
+    else:
+        raise ValueError(f"unknown removal rule {rule!r}")
+    if table is None:
+        return asked
+    chunked = table[:, step - 1]
+    return torch.where(chunked >= 0, (current - chunked).clamp(min=0), asked)
 
 
 def predicted_counts(rule: str, keep_rate: float, n0: int, n_steps: int, min_keep_rate: float) -> list[int]:
@@ -106,6 +117,101 @@ def predicted_counts(rule: str, keep_rate: float, n0: int, n_steps: int, min_kee
         current -= max(0, min(asked, cap))
         counts.append(current)
     return counts
+
+
+def chunk_floor(n0: int, n_steps: int, chunk: int, min_keep_rate: float) -> list[int]:
+    """The chunk schedule that keeps fewest tokens at every layer: each count the smallest chunk multiple the
+    limit allows (n0 itself while none lies between the limit and n0). It removes the most FLOPs, so a row
+    reaches a ratio in whole chunks iff this schedule does (the limit only tightens as counts grow)."""
+    counts, current = [], n0
+    for _ in range(n_steps):
+        least = max(math.ceil(current * min_keep_rate), 1)
+        current = min(current, chunk * math.ceil(least / chunk))
+        counts.append(current)
+    return counts
+
+
+def chunk_reachable(info_items: tuple, layers: tuple[int, ...], n0: int, ratio: float,
+                    min_keep_rate: float) -> bool:
+    """Whether a row of n0 tokens has a chunk schedule (`chunk_counts` is not None), without searching for it."""
+    chunk = dict(info_items)["chunk_size"]
+    if not layers or n0 < chunk:
+        return False
+    dense, reduced, _ = row_flops(info_items, layers, n0, tuple(chunk_floor(n0, len(layers), chunk, min_keep_rate)),
+                                  "none")
+    return 1 - reduced / dense >= ratio
+
+
+@lru_cache(maxsize=16384)
+def chunk_counts(info_items: tuple, layers: tuple[int, ...], n0: int, ratio: float,
+                 min_keep_rate: float) -> tuple[int, ...] | None:
+    """The `chunk` schedule of an unprotected row of n0 tokens: the tokens kept after each reduction layer, each a
+    multiple of the model's SSD chunk size (or n0 while nothing is removed), non-increasing, each layer keeping at
+    least max(ceil(min_keep_rate · its input), 1) tokens (the method's limit, as `predicted_counts`), removing at
+    least `ratio` of the forward FLOPs and, of all such schedules, the least FLOPs beyond it; ties (equal FLOPs)
+    go to the larger counts, from the last layer back. None when there is none (n0 under one chunk, or too short
+    to reach `ratio` in whole chunks). Cached: lm-eval repeats lengths.
+
+    Exact search, no heuristic: at n >= chunk size a block's FLOPs are its token count times a constant integer
+    (flops.py), so a schedule's FLOPs are an integer-weighted sum of its counts. A dynamic programme over the
+    layers keeps, per count, the set of reachable weighted sums as a bitset (a Python int); the best final sum is
+    then read off, and the schedule traced back. Sums are exact integers, and the ratio is compared exactly as
+    `row_flops` reports it."""
+    if not chunk_reachable(info_items, layers, n0, ratio, min_keep_rate):
+        return None
+    info = dict(info_items)
+    chunk = info["chunk_size"]
+    values = sorted({n0, *range(chunk, n0 + 1, chunk)}, reverse=True)  # the counts a layer may keep
+    least = [max(math.ceil(v * min_keep_rate), 1) for v in values]  # fewest tokens a layer may keep of v
+    spans = [b - a for a, b in zip(layers, [*layers[1:], info["n_layer"] - 1])]  # blocks after each layer
+    per_token = sum(flops.mixer_flops_per_token(info, n0).values())  # one block, per token (n >= chunk)
+    head = flops.lm_head_flops(info, 1) + flops.final_norm_flops(info, 1)
+    dense = flops.dense_flops(info, n0)
+    before = per_token * n0 * (layers[0] + 1)  # the blocks up to the first reduction layer see n0
+
+    def ratio_of(total: int, last: int) -> float:
+        return 1 - (before + per_token * total + head * last) / dense
+
+    # reach[j][i]: bitset of Σ_{l <= j} spans[l] · count_l over the valid schedules of layers 0..j ending at values[i]
+    reach = []
+    for j, span in enumerate(spans):
+        row = []
+        for i, value in enumerate(values):
+            if j == 0:  # from n0 = values[0]
+                came = int(value >= least[0])
+            else:
+                came = 0
+                for p in range(i + 1):  # values[p] >= value: counts never grow
+                    if least[p] <= value:
+                        came |= reach[j - 1][p]
+            row.append(came << (span * value))
+        reach.append(row)
+
+    best = None  # (total FLOPs ratio, value index, weighted sum)
+    for i, value in enumerate(values):
+        bits = reach[-1][i]
+        limit = math.floor(((1 - ratio) * dense - before - head * value) / per_token) + 1  # + 1: float rounding
+        while bits and limit >= 0:
+            below = bits & ((2 << limit) - 1)  # the reachable sums <= limit
+            if not below:
+                break
+            total = below.bit_length() - 1
+            if ratio_of(total, value) >= ratio:
+                if best is None or ratio_of(total, value) < best[0]:
+                    best = (ratio_of(total, value), i, total)
+                break
+            limit = total - 1
+    if best is None:
+        return None
+    _, i, total = best
+    counts = []
+    for j in range(len(spans) - 1, -1, -1):
+        value = values[i]
+        counts.append(value)
+        total -= spans[j] * value
+        if j:
+            i = next(p for p in range(i + 1) if least[p] <= value and reach[j - 1][p] >> total & 1)
+    return tuple(reversed(counts))
 
 
 def row_tokens(n0: int, counts: tuple[int, ...], layers: list[int], n_layer: int) -> tuple[list[int], int]:

@@ -8,7 +8,8 @@ fewer (never a protected token, at most half the movable tokens where it matches
 achieved are in the result. Similarities are cosines of the block's mixer output (the hidden stream), as in the
 official code. Merged values are weighted averages; the weights are the carried sizes (`sizes: carry`, ToMe) or
 1 per token at every layer (`sizes: reset`, the paper's (a + f)/2 and the official code). A merged token takes
-the place of the token it is merged into, so every method keeps the original order.
+the place of the token it is merged into, so every method keeps the original order. The positional baselines
+(`early`, `early_merge`, `strided`, `late`) decide by position alone and get no importance signal (None).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ STRATEGY_Q = {"prune": 1.0, "merge": 0.0}  # hybrid: the configured q
 
 def merge_weights(tokens: Tokens, sizes: str) -> Tensor | None:
     """`carry`: None, i.e. each stream weighs by its own carried sizes; `reset`: every token weighs 1."""
-    return None if sizes == "carry" else torch.ones_like(tokens.importance)
+    return None if sizes == "carry" else torch.ones(tokens.valid.shape, device=tokens.valid.device)
 
 
 def stream_q(strategy: str, q: float | None) -> float:
@@ -87,10 +88,12 @@ def evit(tokens: Tokens, n_remove: Tensor, *, fuse_token: bool = False, **_) -> 
 def tome(tokens: Tokens, n_remove: Tensor, *, sizes: str = "carry", **_) -> Reduced:
     """ToMe's bipartite soft matching: tokens alternate into A (even) and B (odd), each A token is linked to
     its most similar B token, the `n_remove` most similar links are merged (size-weighted average, sizes
-    carried across layers). Protected tokens keep their place in the alternation but are in neither set."""
+    carried across layers), at most half the movable tokens (ToMe: r = min(r, (t - protected) // 2), so an odd
+    row of m keeps ceil(m / 2) although its A set could lose ceil(m / 2)). Protected tokens keep their place in
+    the alternation but are in neither set."""
     even, odd = alternate(tokens.valid)
     partner, score = best_match(tokens.hidden, even & tokens.movable, odd & tokens.movable)
-    merged = highest(score, n_remove, score > -INF)
+    merged = highest(score, torch.minimum(n_remove, tokens.movable.sum(1) // 2), score > -INF)
     return apply(tokens, Plan(merged, partner, merged, merged, merge_weights(tokens, sizes)))
 
 
@@ -100,14 +103,17 @@ def pumer(tokens: Tokens, n_remove: Tensor, *, prune_r: float = 0.1, merge_r: fl
 
     Of the `n_remove` tokens, round(n_remove · prune_r / (prune_r + merge_r)) are pruned (PuMer's two ratios
     set the split; the budget sets the total); the rest are merged by bipartite matching on the surviving
-    sequence (A/B alternate over the survivors), sizes reset every layer as in PuMer. Text-informed pruning has
-    no counterpart in a text-only SSM: the importance signal stands in for the text-to-image attention.
+    sequence (A/B alternate over the survivors), at most half the movable survivors as ToMe, sizes reset every
+    layer as in PuMer. Text-informed pruning has no counterpart in a text-only SSM: the importance signal stands
+    in for the text-to-image attention.
     """
     n_prune = round_half_up(n_remove.double() * (prune_r / (prune_r + merge_r)))
     pruned = lowest(tokens.importance, n_prune, tokens.movable)
     even, odd = alternate(tokens.valid & ~pruned)
-    partner, score = best_match(tokens.hidden, even & tokens.movable, odd & tokens.movable)
-    merged = highest(score, n_remove - pruned.sum(1), score > -INF)
+    survivors = tokens.movable & ~pruned
+    partner, score = best_match(tokens.hidden, even & survivors, odd & survivors)
+    n_merge = torch.minimum(n_remove - pruned.sum(1), survivors.sum(1) // 2)
+    merged = highest(score, n_merge, score > -INF)
     target = torch.where(merged, partner, tokens.slots)
     return apply(tokens, Plan(pruned | merged, target, merged, merged, merge_weights(tokens, sizes)))
 
@@ -118,6 +124,52 @@ def random_prune(tokens: Tokens, n_remove: Tensor, *, seed: int = 0, **_) -> Red
     key = hash_int(hash_int(tokens.positions + 7919 * seed) ^ (tokens.layer + 1))
     dropped = lowest(key.double(), n_remove, tokens.movable)
     return apply(tokens, prune_plan(dropped))
+
+
+# ---------------------------------------------------------------------------------- positional baselines
+# They test where tokens are removed, not which: the official code's clipped path removes the first even positions
+# whatever the input (`official`, point 4). No importance, no similarity, the same budget and reducer as the rest.
+
+
+def early(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
+    """Prune the `n_remove` earliest movable tokens."""
+    return apply(tokens, prune_plan(lowest(tokens.slots, n_remove, tokens.movable)))
+
+
+def late(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
+    """Prune the `n_remove` latest movable tokens: each row keeps its first tokens (the mirror image of `early`).
+    It is also the `ceiling` measuring device: the cheapest cut at the budget's counts. The last position is
+    the one whose logits start generation or score a continuation: under protocol=exact scored positions are
+    protected (never removed), under protocol=paper nothing is and `late` drops them first."""
+    return apply(tokens, prune_plan(highest(tokens.slots, n_remove, tokens.movable)))
+
+
+def strided(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
+    """Prune evenly spaced movable tokens: of m movable tokens, those of rank floor(i · m / r), i = 0..r-1, for
+    r = min(n_remove, m) (a stride of m / r, fractional so that the count is exact; the first movable token goes,
+    the last stays unless all go). Deterministic, and per row: no draw, no dependence on the batch."""
+    movable = tokens.movable
+    m = movable.sum(1, keepdim=True)
+    r = torch.minimum(n_remove[:, None], m)
+    rank = movable.long().cumsum(1) - 1
+    # rank t is floor(i · m / r) for some integer i  <=>  ceil(t · r / m) · m < (t + 1) · r
+    first_i = (rank * r + m - 1).div(m.clamp(min=1), rounding_mode="floor")
+    return apply(tokens, prune_plan(movable & (first_i * m < (rank + 1) * r)))
+
+
+def early_merge(tokens: Tokens, n_remove: Tensor, *, sizes: str = "reset", **_) -> Reduced:
+    """The official code's effect made explicit: the `n_remove` earliest movable tokens are removed and each is
+    averaged, in both streams, into the next kept movable token to its right (protected tokens are skipped, as
+    nothing is averaged into them). All of them precede it, so that is one token: the first kept movable one,
+    which becomes the weighted mean of itself and all of them (weights: `sizes`, reset = 1 each as the official
+    code's merge_wavg, carry = the carried sizes). A row left without a kept movable token prunes them instead."""
+    movable = tokens.movable
+    removed = lowest(tokens.slots, n_remove, movable)
+    receiver = lowest(tokens.slots, torch.ones_like(n_remove), movable & ~removed)  # the first kept movable token
+    has = receiver.any(1, keepdim=True)
+    target = torch.where(removed & has, receiver.long().argmax(1, keepdim=True), tokens.slots)
+    merged = removed & has
+    return apply(tokens, Plan(removed, target, merged, merged, merge_weights(tokens, sizes)))
 
 
 def prune_plan(dropped: Tensor) -> Plan:
@@ -137,7 +189,8 @@ def hash_int(x: Tensor) -> Tensor:
 def official(tokens: Tokens, n_remove: Tensor, *, hidden: str = "hybrid", residual: str = "merge",
              importance: str = "clip", **_) -> Reduced:
     """The official ToR_SSM code path (`bipartite_hybrid_{pure,merge,prune}` + `merge_wavg`), kept to reproduce
-    the published numbers and to show where it differs from the paper's text (paper-utr.md §5.2):
+    the published numbers and to show where it differs from the paper's text (github.com/wuyushuwys/ToR_SSM,
+    src/pom/modules/tome.py and mamba_wrap.py):
 
     1. No importance classification. The similarity signal is the block output (after out_proj, not the SSM
        output), clamped at 0 with `importance: clip`, L2-normalised per token, then sorted *per channel* along
@@ -148,20 +201,31 @@ def official(tokens: Tokens, n_remove: Tensor, *, hidden: str = "hybrid", residu
     3. The source indices are sorted ascending after their destinations were gathered in edge order, so the
        k-th smallest source is paired with the destination of the k-th best edge.
     4. With clip this is data-independent: the removed tokens are the even positions 0, 2, …, 2r-2 at the
-       start of the sequence, all merged into position 1 (a row of non-negative sorted values dominates the
-       next, so edge scores fall along a and b-row 0 is every row's best match).
+       start of the sequence, all merged into position 1. Why: a row of non-negative sorted values dominates
+       the next, so b-row 0 is every a-row's best match (the first maximum) and the edge scores a_i · b_0 never
+       rise along a. Here this holds for every row without protected tokens: the stable edge sort of a
+       non-increasing sequence keeps a-rows 0..r-1. The code's argsort is unstable, so it agrees only where no
+       tie straddles the cut, i.e. the scores of a-rows r-1 and r differ. With clip they tie exactly when those
+       two sorted rows agree on every channel with a positive maximum; in practice when both are all zero,
+       which happens when no channel of the metric has ⌊N/2⌋ + r positive values (the lower half of each sorted
+       channel is zero: zero-mean channels, long rows). The code then removes other even positions among the
+       tied ones (still merged into position 1); ours keeps 0, 2, …, 2r-2. Without clip, matching is
+       data-dependent and the same tie rule decides exact ties only.
     5. Keep count ceil(N · reduce_ratio) of the N tokens entering the layer (removal rule `ceil`), removal
        capped at N // 2. N is the row's real token count; under protocol=paper it is the padded length, with
        padding reduced like real tokens, exactly as the code.
     6. hybrid: among the r removed sources, each channel keeps only its k = r // 2 largest (signed) values and
        adds them into the destination; the size tensor goes through the same top-k on equal values, which
-       counts k sources (we take the first k in source order; torch's choice among ties is unspecified). q is
-       fixed at 1/2 and is per channel, not per link. merge: size-weighted mean of the destination and all
-       its sources. prune: sources dropped.
+       counts k sources (we take the first k in source order; torch's choice among ties is unspecified, which
+       matters only when the sources have different destinations, i.e. not with clip). q is fixed at 1/2 and
+       is per channel, not per link. merge: size-weighted mean of the destination and all its sources. prune:
+       sources dropped.
     7. Sizes are reset to 1 at every reduction layer.
-    Differences from the code, none of which changes its behaviour on ordinary inputs: an all-zero token
-    normalises to zero (the code divides by zero and gets NaN); ties in the edge sort go to the lower index
-    (the code's argsort is unstable); protected tokens (the code has none) are excluded from both sides.
+    Differences from the code: ties in the edge sort go to the lower index and the size top-k takes the first
+    k sources (the code's choices among ties are unspecified: against the code run as-is, every disagreement
+    seen on random inputs came from ties, and with stable ties the two are bit-identical); an all-zero token
+    normalises to zero (the code divides by zero and gets NaN); protected tokens (the code has none) are
+    excluded from both sides.
     """
     # plain ints: under torch.jit.trace (fvcore) shapes are CPU tensors, which clamp(max=) refuses on a GPU
     b, n, d = (int(size) for size in tokens.hidden.shape)

@@ -60,6 +60,7 @@ class ForwardState:
     counts: list = field(default_factory=list)  # real tokens per row after each reduction layer
     nonfinite: list = field(default_factory=list)  # (layer, (b, n) real tokens whose importance is NaN/inf)
     trace: list | None = None
+    table: Tensor | None = None  # (b, steps) schedule=chunk: tokens each row keeps per reduction layer, -1: smooth
 
 
 @dataclass
@@ -77,6 +78,9 @@ class Setup:
     ratio: float | None  # the target; None where official's reduce_ratio was given directly
     reference_length: int
     strict: bool
+    schedule: str = "smooth"  # smooth | chunk (budget.chunk_counts)
+    uses_importance: bool = True  # the method reads the importance signal: capture it at out_proj
+    ceiling: Setup | None = None  # the ceiling at this schedule (reduction.ceiling_of); None for the ceiling
 
 
 class Reducer:
@@ -91,12 +95,14 @@ class Reducer:
         self.stopwatch: Stopwatch | None = None  # set by metrics to time the reduction's own work
         self._pending = []  # (n0, counts) of calls not yet added to the totals
         self._totals = dict(calls=0, rows=0, tokens=0, final_tokens=0, dense_flops=0.0, reduced_flops=0.0,
-                           overhead_flops=0.0, token_layers=0.0)
+                           overhead_flops=0.0, token_layers=0.0, chunk_fallback_rows=0)
         layers = model.backbone.layers
         for step, index in enumerate(setup.layers, start=1):
             block = layers[index]
-            self._handles.append(block.mixer.out_proj.register_forward_pre_hook(partial(self._capture, index)))
             self._handles.append(block.register_forward_hook(partial(self._reduce, index, step)))
+            if not setup.uses_importance:  # nothing to capture: out_proj and the fused paths stay as they are
+                continue
+            self._handles.append(block.mixer.out_proj.register_forward_pre_hook(partial(self._capture, index)))
             for flag in FUSED_FLAGS:
                 if hasattr(block.mixer, flag):
                     self._flags.append((block.mixer, flag, getattr(block.mixer, flag)))
@@ -118,13 +124,14 @@ class Reducer:
 
     def _reduce_step(self, state: ForwardState, index: int, step: int, hidden: Tensor, residual: Tensor):
         importance = state.importance.pop(index, None)
-        if importance is None:
+        if importance is None and self.setup.uses_importance:
             raise RuntimeError(f"layer {index}: the mixer's out_proj did not run as a module, so the token importance "
                                f"could not be captured (a fused kernel path is active)")
         # checked once after the forward (`_check_finite`): a check here would stall the GPU at every layer
-        state.nonfinite.append((index, ~torch.isfinite(importance) & state.valid))
+        if importance is not None:
+            state.nonfinite.append((index, ~torch.isfinite(importance) & state.valid))
         current = state.valid.sum(1)
-        n_remove = budget.removals(self.setup.rule, self.setup.keep_rate, state.n0, current, step)
+        n_remove = budget.removals(self.setup.rule, self.setup.keep_rate, state.n0, current, step, state.table)
         tokens = Tokens(hidden, residual, importance, state.hidden_sizes, state.residual_sizes, state.valid,
                         state.protect, state.positions, index)
         reduced = self.setup.function(tokens, n_remove, **self.setup.params)
@@ -156,7 +163,8 @@ class Reducer:
             self._check_lengths(n0)
         ones = torch.ones(valid.shape, device=valid.device)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        state = ForwardState(positions, valid, protect, ones, ones, n0, trace=[] if trace else None)
+        state = ForwardState(positions, valid, protect, ones, ones, n0, trace=[] if trace else None,
+                             table=self._chunk_table(input_ids, lengths))
         self._state = state
         try:
             logits = self.model(input_ids).logits
@@ -170,6 +178,35 @@ class Reducer:
                 logits = logits.masked_fill(~state.valid[..., None], float("nan"))
             self._pending.append((n0, torch.stack(state.counts, 1) if state.counts else None))
         return ReducedOutput(logits, state.positions, state.valid.sum(1), state.trace)
+
+    def chunk_counts(self, n: int) -> tuple[int, ...] | None:
+        """schedule=chunk: the tokens a row of n real tokens keeps after each reduction layer (budget.chunk_counts),
+        None where it falls back to the smooth counts (and under schedule=smooth)."""
+        s = self.setup
+        if s.schedule != "chunk" or s.ratio is None:
+            return None
+        return budget.chunk_counts(self._info_items, tuple(s.layers), n, s.ratio, s.min_keep_rate)
+
+    def _chunk_reachable(self, n: int) -> bool:
+        """Whether a row of n tokens has chunk counts (they reach the ratio), without searching for them."""
+        s = self.setup
+        return s.schedule == "chunk" and s.ratio is not None and budget.chunk_reachable(
+            self._info_items, tuple(s.layers), n, s.ratio, s.min_keep_rate)
+
+    def _chunk_table(self, input_ids: Tensor, lengths) -> Tensor | None:
+        """Per row its chunk counts, -1 for the smooth counts; from the lengths on the host (no GPU wait when they
+        live there, as lm-eval's do)."""
+        if self.setup.schedule != "chunk" or not self.setup.layers:
+            return None
+        b, n = (int(size) for size in input_ids.shape)
+        rows = [n] * b if lengths is None else torch.as_tensor(lengths).tolist()
+        table = [self.chunk_counts(length) or (-1,) * len(self.setup.layers) for length in rows]
+        return torch.tensor(table, device=input_ids.device)
+
+    def ceiling(self) -> Reducer | None:
+        """The `ceiling` at this reducer's schedule, on the same model (remove it before this one); None for the
+        ceiling itself."""
+        return None if self.setup.ceiling is None else Reducer(self.model, self.setup.ceiling, self.info)
 
     @property
     def totals(self) -> dict:
@@ -195,6 +232,7 @@ class Reducer:
             totals["reduced_flops"] += reduced
             totals["overhead_flops"] += extra
             totals["token_layers"] += sum(entering) / self.info["n_layer"]
+            totals["chunk_fallback_rows"] += self.setup.schedule == "chunk" and self.chunk_counts(n) is None
 
     def reduction_flops(self, tokens_per_layer: list[float]) -> float:
         """The reduction's own FLOPs for one sequence whose blocks saw `tokens_per_layer` tokens (the metrics
@@ -216,7 +254,8 @@ class Reducer:
     def predicted_ratio(self, n: int) -> float:
         """FLOPs ratio the integer schedule removes from an unprotected sequence of n real tokens."""
         s = self.setup
-        counts = budget.predicted_counts(s.rule, s.keep_rate, n, len(s.layers), s.min_keep_rate)
+        counts = self.chunk_counts(n) or budget.predicted_counts(s.rule, s.keep_rate, n, len(s.layers),
+                                                                 s.min_keep_rate)
         dense, reduced, _ = budget.row_flops(self._info_items, tuple(s.layers), n, tuple(counts), s.overhead)
         return 1.0 - reduced / dense
 
@@ -228,7 +267,7 @@ class Reducer:
             self._min_length = None
             if self.setup.ratio is not None and self.setup.layers:
                 for n in range(self.setup.reference_length, 0, -1):
-                    if self.predicted_ratio(n) < self.setup.ratio - budget.TOLERANCE:
+                    if not self._chunk_reachable(n) and self.predicted_ratio(n) < self.setup.ratio - budget.TOLERANCE:
                         break
                     self._min_length = n
         return self._min_length
@@ -241,7 +280,7 @@ class Reducer:
         nominal = budget.flops_ratio(info, s.layers, s.keep_rate, s.reference_length)
         record = dict(
             method=s.name, params={k: v for k, v in s.params.items()}, layers=list(s.layers),
-            target_ratio=s.ratio, keep_rate=s.keep_rate, removal_rule=s.rule,
+            target_ratio=s.ratio, keep_rate=s.keep_rate, removal_rule=s.rule, schedule=s.schedule,
             reference_length=s.reference_length,
             nominal=dict(flops_ratio=nominal, token_fraction=budget.token_fraction(s.layers, s.keep_rate,
                                                                                   info["n_layer"]),
@@ -250,6 +289,10 @@ class Reducer:
                          if s.layers else 0.0),
             min_length=self.min_length(),
         )
+        if s.schedule == "chunk":  # the counts at the reference length, and what they remove
+            chunked = self.chunk_counts(s.reference_length)
+            record["nominal"].update(chunk_counts=list(chunked) if chunked else None,
+                                     chunk_flops_ratio=self.predicted_ratio(s.reference_length) if chunked else None)
         t = self.totals
         if t["rows"]:
             record["observed"] = dict(
@@ -259,6 +302,8 @@ class Reducer:
                 achieved_ratio_with_overhead=1.0 - (t["reduced_flops"] + t["overhead_flops"]) / t["dense_flops"],
                 token_fraction=1.0 - t["token_layers"] / t["tokens"],
             )
+            if s.schedule == "chunk":  # rows too short for a chunk schedule: reduced by the smooth counts
+                record["observed"]["chunk_fallback_rows"] = t["chunk_fallback_rows"]
         else:
             record["observed"] = None
         return record
