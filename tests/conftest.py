@@ -5,6 +5,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels launched on CPU tensors (the reduction's fused kernels, forced in their tests) run under Triton's
+# interpreter, chosen when a kernel is defined, so before anything imports them. Nothing else changes: on a CPU,
+# compat routes every mamba-ssm kernel to its pure-torch reference, so no other Triton kernel runs.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

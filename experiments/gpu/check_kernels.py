@@ -15,9 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from ssmcompress import compat, models, reduction
-from ssmcompress.config import register_resolvers
+from ssmcompress.config import CONF_DIR, register_resolvers
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def logits(model, reducer, ids, lengths, reference: bool):
@@ -53,7 +52,7 @@ def main() -> None:
     report = {}
     for model_name, dtype in itertools.product(("mamba2-tiny", "mamba-tiny"),
                                                ("float32", "bfloat16") if device == "cuda" else ("float32",)):
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
             cfg = compose("config", overrides=[f"model={model_name}", "method=ours", "ratio=0.3"])
         torch.manual_seed(0)
         ids = torch.randint(1, 4096, (4, 512), device=device)

@@ -17,11 +17,10 @@ from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
 from ssmcompress import models, reduction
-from ssmcompress.config import register_resolvers
+from ssmcompress.config import CONF_DIR, register_resolvers
 from ssmcompress.metrics import efficiency
 from ssmcompress.reduction.patch import Stopwatch
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def main() -> None:
@@ -31,7 +30,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     register_resolvers()
     lines = []
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         base = compose("config", overrides=[f"model={model_name}", "model.random_init=true"])
     dtype = "bfloat16" if device == "cuda" else "float32"
     model = models.load_model(base.model.path, device, dtype, True, config=base.model.get("config")).eval()
@@ -42,7 +41,7 @@ def main() -> None:
     for method in ["dense"] + methods:
         reducer = None
         if method != "dense":
-            with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
                 cfg = compose("config", overrides=[f"model={model_name}", "model.random_init=true",
                                                    f"method={method}", "ratio=0.3"])
             reducer = reduction.from_config(model, cfg, info)

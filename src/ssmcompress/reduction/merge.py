@@ -8,6 +8,11 @@ over tokens: a row's result never depends on the other rows of its batch.
 The index map a method produces is a `Plan` over its input slots: which slots are removed, the slot each removed
 token is linked to, and, per stream, whether the removed token is averaged into that slot (merged) or dropped
 (pruned). `apply` turns a plan into the reduced streams; methods only decide the plan.
+
+On a GPU, matching and merging run as fused Triton kernels (`kernels`: no float32 copy of a stream, no similarity
+matrix in memory, no width read back by the host); the pure-torch functions here are their reference and the CPU
+path. Widths: a batch of unpadded, unprotected rows (the benchmark, the `paper` protocol) has every row's counts
+known on the host from the budget (`Tokens.host_counts`), so the output width needs no synchronisation either.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ssmcompress.reduction import kernels
 
 INF = float("inf")
 
@@ -33,6 +40,9 @@ class Tokens:
     protect: Tensor  # (b, n) bool: never removed, never averaged into
     positions: Tensor  # (b, n) original position of each slot
     layer: int  # block index (seeds the random baseline)
+    # (real tokens per row entering, kept) when these are the same for every row and known on the host (no padding,
+    # no protection: the budget's counts), so that no width has to be read from the GPU; None: read from the masks
+    host_counts: tuple[int, int] | None = None
 
     @property
     def movable(self) -> Tensor:
@@ -110,8 +120,7 @@ def round_half_up(x: Tensor) -> Tensor:
 
 def pack(mask: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """The slots where `mask` holds, gathered to the front of each row in slot order: (index, ok), (b, width)
-    with width at least the largest count (the caller reads it from the device); `ok` marks real entries (the
-    rest point at other, distinct slots)."""
+    with width at least the largest count; `ok` marks real entries (the rest point at other, distinct slots)."""
     count = mask.sum(-1)
     order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[:, :width]
     ok = torch.arange(width, device=mask.device) < count[:, None]
@@ -134,8 +143,12 @@ def best_match(metric: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor
 
     Returns (partner, score), both (b, n): for slots that are not in `src`, or have no `dst` to go to, the
     partner is the slot itself and the score is -inf. Ties go to the lower dst slot.
+    Fused on the GPU (kernels.best_match: the same scores up to float32 rounding, see there). Here the matrix is
+    exactly as wide as the largest set, read from the device: a wider one would round its products differently.
     """
     b, n = src.shape
+    if kernels.fused(metric):  # each row's counts are read inside the kernel: no width, no synchronisation
+        return kernels.best_match(metric, pack(src, n)[0], src.sum(-1), pack(dst, n)[0], dst.sum(-1))
     unit = F.normalize(metric.float(), dim=-1)  # a zero vector stays zero: similarity 0, never NaN
     widths = torch.stack([src.sum(-1).amax(), dst.sum(-1).amax()]).clamp(min=1).tolist()  # one synchronisation
     a_index, a_ok = pack(src, widths[0])
@@ -175,6 +188,14 @@ def average_into(x: Tensor, target: Tensor, merged: Tensor, weights: Tensor) -> 
     return out.view_as(x)
 
 
+def average_gather(x: Tensor, source: Tensor, target: Tensor, merged: Tensor, weights: Tensor) -> Tensor:
+    """The output slots `source` of a stream after merging: gather_slots(average_into(x, target, merged, weights),
+    source); one fused pass on the GPU (kernels.average_gather, bit for bit the same arithmetic)."""
+    if kernels.fused(x):
+        return kernels.average_gather(x, source, target, merged, weights)
+    return gather_slots(average_into(x, target, merged, weights), source)
+
+
 def carry_sizes(sizes: Tensor, target: Tensor, merged: Tensor) -> Tensor:
     """Sizes after merging: a slot accumulates the sizes of the slots merged into it."""
     slots = torch.arange(sizes.shape[1], device=sizes.device).expand_as(target)
@@ -182,19 +203,20 @@ def carry_sizes(sizes: Tensor, target: Tensor, merged: Tensor) -> Tensor:
     return (sizes - moving).scatter_add(1, torch.where(merged, target, slots), moving)
 
 
-def compact(keep: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+def compact(keep: Tensor, valid: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
     """The input slot of each output slot, and the real tokens kept per row.
 
     Output rows are as long as the longest row's kept tokens: each row's kept real slots in order, then fillers
     (its padding first, then its removed slots) so the batch stays rectangular. Fillers come after every real
-    token, so a causal model's real outputs never depend on them.
+    token, so a causal model's real outputs never depend on them. `width`: that length when the host knows it
+    (Tokens.host_counts), else it is read from the device (a synchronisation).
     """
     b, n = keep.shape
     kept = keep & valid
     counts = kept.sum(1)
     group = torch.where(kept, 0, torch.where(valid, 2, 1))
     order = torch.sort(group * n + torch.arange(n, device=keep.device), dim=1).indices
-    return order[:, : max(int(counts.max()), 1)], counts
+    return order[:, : max(int(counts.max()), 1) if width is None else width], counts
 
 
 def apply(tokens: Tokens, plan: Plan, hidden: Tensor | None = None, residual: Tensor | None = None) -> Reduced:
@@ -203,18 +225,18 @@ def apply(tokens: Tokens, plan: Plan, hidden: Tensor | None = None, residual: Te
     `hidden` / `residual`: streams a method has already merged its own way (`official`); the plan then only
     serves as the index map for that stream.
     """
+    source, counts = compact(~plan.removed, tokens.valid, None if tokens.host_counts is None else tokens.host_counts[1])
     if plan.prune_only:  # nothing is averaged: streams and sizes pass through unchanged
-        hidden, residual = tokens.hidden, tokens.residual
         hidden_sizes, residual_sizes = tokens.hidden_sizes, tokens.residual_sizes
+        hidden, residual = gather_slots(tokens.hidden, source), gather_slots(tokens.residual, source)
     else:
-        if hidden is None:
-            hidden = average_into(tokens.hidden, plan.target, plan.merge_hidden,
-                                  tokens.hidden_sizes if plan.weights is None else plan.weights)
-        if residual is None:
-            residual = average_into(tokens.residual, plan.target, plan.merge_residual,
-                                    tokens.residual_sizes if plan.weights is None else plan.weights)
+        hidden = gather_slots(hidden, source) if hidden is not None else average_gather(
+            tokens.hidden, source, plan.target, plan.merge_hidden,
+            tokens.hidden_sizes if plan.weights is None else plan.weights)
+        residual = gather_slots(residual, source) if residual is not None else average_gather(
+            tokens.residual, source, plan.target, plan.merge_residual,
+            tokens.residual_sizes if plan.weights is None else plan.weights)
         hidden_sizes = carry_sizes(tokens.hidden_sizes, plan.target, plan.merge_hidden)
         residual_sizes = carry_sizes(tokens.residual_sizes, plan.target, plan.merge_residual)
-    source, counts = compact(~plan.removed, tokens.valid)
-    return Reduced(gather_slots(hidden, source), gather_slots(residual, source), gather_slots(hidden_sizes, source),
-                   gather_slots(residual_sizes, source), source, counts, plan)
+    return Reduced(hidden, residual, gather_slots(hidden_sizes, source), gather_slots(residual_sizes, source), source,
+                   counts, plan)

@@ -235,7 +235,11 @@ def official(tokens: Tokens, n_remove: Tensor, *, hidden: str = "hybrid", residu
     unit = torch.nn.functional.normalize(metric, dim=-1).masked_fill(~valid[..., None], -INF)
     ordered = unit.sort(dim=1, descending=True).values  # per channel; padding (-inf) sorts last
     half = count // 2
-    width_a, width_b = torch.stack([(count - half).amax(), half.amax()]).clamp(min=1).tolist()  # one sync
+    if tokens.host_counts is None:
+        width_a, width_b = torch.stack([(count - half).amax(), half.amax()]).clamp(min=1).tolist()  # one sync
+    else:  # every row has the same count, known on the host
+        known = tokens.host_counts[0]
+        width_a, width_b = max(known - known // 2, 1), max(known // 2, 1)
     rows_a = torch.arange(width_a, device=device).expand(b, width_a)
     ok_a = rows_a < (count - half)[:, None]
     ok_b = torch.arange(width_b, device=device).expand(b, width_b) < half[:, None]
@@ -259,7 +263,8 @@ def official(tokens: Tokens, n_remove: Tensor, *, hidden: str = "hybrid", residu
     target = torch.cat([tokens.slots, tokens.slots[:, :1]], 1).scatter_(1, spare, dst_slot)[:, :n]
     merging = {name: removed if strategy != "prune" else torch.zeros_like(removed)  # no tensor & bool: fvcore traces
                for name, strategy in (("hidden", hidden), ("residual", residual))}
-    streams = {name: official_hybrid(getattr(tokens, name), src_slot, dst_slot, chosen, r)
+    most = None if tokens.host_counts is None else tokens.host_counts[0] - tokens.host_counts[1]  # r, on the host
+    streams = {name: official_hybrid(getattr(tokens, name), src_slot, dst_slot, chosen, r, most)
                for name, strategy in (("hidden", hidden), ("residual", residual)) if strategy == "hybrid"}
     plan = Plan(removed, target, merging["hidden"], merging["residual"], torch.ones_like(tokens.importance))
     return apply(tokens, plan, hidden=streams.get("hidden"), residual=streams.get("residual"))
@@ -272,10 +277,14 @@ def fit(mask: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=False)
 
 
-def official_hybrid(x: Tensor, src_slot: Tensor, dst_slot: Tensor, chosen: Tensor, r: Tensor) -> Tensor:
+def official_hybrid(x: Tensor, src_slot: Tensor, dst_slot: Tensor, chosen: Tensor, r: Tensor,
+                    most: int | None = None) -> Tensor:
     """The code's `bipartite_hybrid_pure` merge of one stream: per channel, the k = r // 2 largest values of the
     r sources are added into their destination; each destination is divided by 1 + the number of the first k
-    sources (in source order) that point at it."""
+    sources (in source order) that point at it. `most`: the largest r when the host knows it; the chosen sources
+    are each row's first r, so only those are gathered and ranked (same result, a fraction of the sorting)."""
+    if most is not None:
+        src_slot, dst_slot, chosen = src_slot[:, :max(most, 1)], dst_slot[:, :max(most, 1)], chosen[:, :max(most, 1)]
     k = r // 2
     values = gather_slots(x.float(), src_slot)  # (b, width, d), sources in ascending order
     top = ranks(values.masked_fill(~chosen[..., None], -INF).transpose(1, 2), descending=True).transpose(1, 2)

@@ -61,6 +61,7 @@ class ForwardState:
     nonfinite: list = field(default_factory=list)  # (layer, (b, n) real tokens whose importance is NaN/inf)
     trace: list | None = None
     table: Tensor | None = None  # (b, steps) schedule=chunk: tokens each row keeps per reduction layer, -1: smooth
+    planned: list[int] | None = None  # every row's real tokens after each reduction layer, known on the host
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Reducer:
         self._handles, self._flags = [], []
         self.stopwatch: Stopwatch | None = None  # set by metrics to time the reduction's own work
         self._pending = []  # (n0, counts) of calls not yet added to the totals
+        self._planned: dict[int, list[int] | None] = {}  # planned_counts per input length
         self._totals = dict(calls=0, rows=0, tokens=0, final_tokens=0, dense_flops=0.0, reduced_flops=0.0,
                            overhead_flops=0.0, token_layers=0.0, chunk_fallback_rows=0)
         layers = model.backbone.layers
@@ -132,8 +134,11 @@ class Reducer:
             state.nonfinite.append((index, ~torch.isfinite(importance) & state.valid))
         current = state.valid.sum(1)
         n_remove = budget.removals(self.setup.rule, self.setup.keep_rate, state.n0, current, step, state.table)
+        host_counts = None
+        if state.planned is not None:  # (entering, kept), the same for every row
+            host_counts = (state.planned[step - 2] if step > 1 else int(state.valid.shape[1]), state.planned[step - 1])
         tokens = Tokens(hidden, residual, importance, state.hidden_sizes, state.residual_sizes, state.valid,
-                        state.protect, state.positions, index)
+                        state.protect, state.positions, index, host_counts)
         reduced = self.setup.function(tokens, n_remove, **self.setup.params)
         if state.trace is not None:
             state.trace.append(trace_entry(index, tokens, reduced))
@@ -157,6 +162,8 @@ class Reducer:
         """Run the reduced model. `trace=True` also records, per reduction layer, every slot's fate."""
         if self._handles is None:
             raise RuntimeError("this reducer was removed; build a new one with reduction.from_config")
+        # int(): under torch.jit.trace (fvcore) shapes are tensors
+        planned = self.planned_counts(int(input_ids.shape[1])) if lengths is None and protect is None else None
         valid, protect = check_inputs(input_ids, lengths, protect)
         n0 = valid.sum(1)
         if self.setup.strict:
@@ -164,7 +171,7 @@ class Reducer:
         ones = torch.ones(valid.shape, device=valid.device)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         state = ForwardState(positions, valid, protect, ones, ones, n0, trace=[] if trace else None,
-                             table=self._chunk_table(input_ids, lengths))
+                             table=self._chunk_table(input_ids, lengths), planned=planned)
         self._state = state
         try:
             logits = self.model(input_ids).logits
@@ -172,8 +179,11 @@ class Reducer:
             self._state = None
         with _timed(self.stopwatch, logits):
             # every check that needs the GPU's answer, in one synchronisation
-            flags = torch.stack([state.valid.all()] + [bad.any() for _, bad in state.nonfinite]).tolist()
-            _check_finite(state.nonfinite, flags[1:])
+            planned = zip(state.counts, state.planned or ())
+            flags = torch.stack([state.valid.all()] + [bad.any() for _, bad in state.nonfinite]
+                                + [(counts != count).any() for counts, count in planned]).tolist()
+            _check_finite(state.nonfinite, flags[1:len(state.nonfinite) + 1])
+            _check_planned(self.setup.layers, flags[len(state.nonfinite) + 1:])
             if not flags[0]:
                 logits = logits.masked_fill(~state.valid[..., None], float("nan"))
             self._pending.append((n0, torch.stack(state.counts, 1) if state.counts else None))
@@ -259,6 +269,20 @@ class Reducer:
         dense, reduced, _ = budget.row_flops(self._info_items, tuple(s.layers), n, tuple(counts), s.overhead)
         return 1.0 - reduced / dense
 
+    def planned_counts(self, n: int) -> list[int] | None:
+        """Real tokens per row after each reduction layer for a batch of unpadded, unprotected rows of n tokens,
+        known on the host so that no width has to be read from the GPU: the budget's counts, where no layer asks
+        for more than the method's limit (min_keep_rate); every method then removes exactly what is asked. None
+        where a limit binds (the counts then follow each method's own rule: read from the GPU). Checked against
+        the real counts after the forward."""
+        if n not in self._planned:
+            s = self.setup
+            chunk = self.chunk_counts(n)  # schedule=chunk: within every method's limit by construction
+            capped = budget.predicted_counts(s.rule, s.keep_rate, n, len(s.layers), s.min_keep_rate)
+            asked = budget.predicted_counts(s.rule, s.keep_rate, n, len(s.layers), 0.0)  # a limit no ask reaches
+            self._planned[n] = list(chunk) if chunk is not None else capped if capped == asked and s.layers else None
+        return self._planned[n]
+
     def min_length(self) -> int | None:
         """The length from which on (up to the reference length) every unprotected sequence reaches the target
         ratio within the tolerance; None if the reference length itself does not (rounding makes the achieved
@@ -325,6 +349,17 @@ def _check_finite(nonfinite: list, flags: list) -> None:
             raise FloatingPointError(f"layer {index}: token importance is NaN/inf for {int(bad.sum())} real token(s) "
                                      f"in row(s) {rows[:8]}; the model's activations are not finite (check the "
                                      f"weights and the dtype)")
+
+
+def _check_planned(layers: list[int], flags: list) -> None:
+    """A clear error where a layer's real counts differed from `Reducer.planned_counts` (the widths were taken
+    from the plan, so a row keeping more would have lost tokens)."""
+    for index, flag in zip(layers, flags):
+        if flag:
+            raise RuntimeError(f"layer {index}: the method kept a different number of tokens than the budget planned "
+                               f"for unpadded, unprotected rows (non-finite activations, or a method that removes "
+                               f"other than min(asked, its min_keep_rate limit)); pass lengths= to take the widths "
+                               f"from the data instead")
 
 
 class Stopwatch:

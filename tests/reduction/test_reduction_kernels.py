@@ -1,0 +1,260 @@
+"""The fused Triton kernels against their pure-torch references (run on the CPU under Triton's interpreter, which
+tests/conftest.py selects), and the widths the reducer takes from the budget instead of the GPU.
+
+Tolerances: merging has the reference's arithmetic, so it is compared bit for bit; similarity scores are the same
+quantity rounded differently (kernels.py), compared within SCORE_TOL, on data whose best and second-best scores
+are further apart than that, so that no near-tie can flip; exact ties are tested on purpose (lower slot wins).
+"""
+import math
+
+import pytest
+import torch
+
+from ssmcompress import compat, models, reduction
+from ssmcompress.reduction import METHODS, kernels, merge
+from conftest import tiny_model
+from reduction_fixtures import ALL_METHODS, compose, make_tokens, mamba2, one_thread  # noqa: F401
+import test_reduction_merge
+from test_reduction_methods import method_call
+
+SCORE_TOL = 1e-6  # |fused - reference| for cosine similarities at d <= 64 (float32 rounding, see kernels.py)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setattr(kernels, "ROUTE", "fused")
+
+
+def on_route(route, call):
+    previous, kernels.ROUTE = kernels.ROUTE, route
+    try:
+        return call()
+    finally:
+        kernels.ROUTE = previous
+
+
+def matching_inputs(b=4, n=37, d=24, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    metric = torch.randn(b, n, d, generator=generator)
+    src = torch.rand(b, n, generator=generator) < 0.5
+    dst = ~src & (torch.rand(b, n, generator=generator) < 0.8)
+    dst[2] = False  # a row with nowhere to go
+    src[3, 20:] = dst[3, 20:] = False  # a row with padding
+    metric[0, 4] = 0.0  # a zero vector: similarity 0 to everything
+    return metric, src, dst
+
+
+def second_best_margin(metric, src, dst):
+    """Per source slot, how far its best destination's cosine lies above the second best's."""
+    unit = torch.nn.functional.normalize(metric.double(), dim=-1)
+    similarity = (unit @ unit.transpose(1, 2)).masked_fill(~dst[:, None, :], -math.inf)
+    top = similarity.topk(2, dim=-1).values
+    margin = (top[..., 0] - top[..., 1]).nan_to_num(math.inf)
+    return margin[src & (dst.sum(1, keepdim=True) >= 2)]
+
+
+def test_the_route_follows_compat_unless_forced(monkeypatch):
+    x = torch.zeros(2, 3)
+    assert not kernels.fused(x)  # a CPU tensor: the reference
+    monkeypatch.setattr(compat, "_triton_runs_on", lambda t: True)
+    assert kernels.fused(x)
+    with compat.reference_kernels():  # fvcore's tracing and the GPU check take every reference
+        assert not kernels.fused(x)
+    monkeypatch.setattr(kernels, "ROUTE", "reference")
+    assert not kernels.fused(x)
+    monkeypatch.setattr(kernels, "ROUTE", "fast")
+    with pytest.raises(ValueError, match="ROUTE must be one of"):
+        kernels.fused(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_best_match_equals_the_reference(dtype):
+    metric, src, dst = matching_inputs()
+    metric = metric.to(dtype)
+    assert bool((second_best_margin(metric.float(), src, dst) > 100 * SCORE_TOL).all()), "no near-tie in the data"
+    partner, score = on_route("reference", lambda: merge.best_match(metric, src, dst))
+    fused_partner, fused_score = on_route("fused", lambda: merge.best_match(metric, src, dst))
+    assert torch.equal(fused_partner, partner)
+    assert torch.equal(fused_score == -math.inf, score == -math.inf)
+    finite = score > -math.inf
+    assert (fused_score[finite] - score[finite]).abs().max() <= SCORE_TOL
+
+
+def test_best_match_exact_ties_go_to_the_lower_destination(fused):
+    test_reduction_merge.test_best_match_hand_example_and_missing_partners()  # its hand example, fused
+    metric = torch.randn(1, 200, 16)
+    metric[0, 170] = metric[0, 101]  # the same destination twice, in different blocks of the kernel's sweep
+    metric[0, 10] = metric[0, 101]  # a source identical to both: an exact tie, to the lower slot
+    src = torch.arange(200)[None] < 100
+    partner, score = merge.best_match(metric, src, ~src)
+    assert partner[0, 10] == 101 and score[0, 10] == pytest.approx(1.0, abs=SCORE_TOL)
+    assert bool((partner[0, :100] != 170).all())
+
+
+def test_best_match_rows_do_not_depend_on_their_batch(fused):
+    metric, src, dst = matching_inputs(b=4, n=70)
+    lengths = [70, 50, 33, 12]
+    for row, length in enumerate(lengths):  # row r is a sequence of lengths[r] tokens, then padding
+        src[row, length:] = dst[row, length:] = False
+    partner, score = merge.best_match(metric, src, dst)
+    for row, length in enumerate(lengths):
+        alone = merge.best_match(metric[row:row + 1, :length], src[row:row + 1, :length], dst[row:row + 1, :length])
+        assert torch.equal(alone[0][0], partner[row, :length]) and torch.equal(alone[1][0], score[row, :length])
+
+
+def merging_inputs(dtype, b=3, n=40, d=20, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, n, d, generator=generator) * 3).to(dtype)
+    slots = torch.arange(n).expand(b, n)
+    merged = torch.rand(b, n, generator=generator) < 0.4
+    target = torch.where(merged, torch.randint(0, n, (b, n), generator=generator), slots)
+    merged &= target != slots
+    target[2] = torch.where(merged[2], 7, slots[2])  # many-to-one (EViT's fused token)
+    weights = torch.randint(1, 5, (b, n), generator=generator).float()
+    weights[1] = torch.rand(n, generator=generator)  # non-integer weights (softmax importance)
+    source = torch.sort(torch.rand(b, n, generator=generator), 1).indices[:, :27]
+    return x, source, target, merged, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_average_gather_equals_the_reference_bit_for_bit(dtype):
+    x, source, target, merged, weights = merging_inputs(dtype)
+    expected = merge.gather_slots(merge.average_into(x, target, merged, weights), source)
+    out = on_route("fused", lambda: merge.average_gather(x, source, target, merged, weights))
+    assert out.dtype == dtype and torch.equal(out, expected)
+    received = torch.zeros(target.shape).scatter_add_(1, target, merged.float()) > 0
+    untouched = ~received.gather(1, source)
+    assert torch.equal(out[untouched], merge.gather_slots(x, source)[untouched])  # copied, not x·w/w
+
+
+def test_bfloat16_rounding_is_to_nearest_even():
+    """Averages that fall between two bfloat16 values: halfway (ties to even), past halfway, and subnormal."""
+    ulp = 2.0 ** -7  # bfloat16's spacing in [1, 2)
+    pairs = [(1.0, 1.0 + ulp, 1.0), (1.0 + ulp, 1.0 + 2 * ulp, 1.0), (1.0, 1.0 + ulp, 3.0), (-1.0, -1.0 - ulp, 3.0),
+             (1e-39, 2e-39, 1.0), (3e38, 3.3e38, 0.01), (0.0, -0.0, 1.0)]  # (receiver, sender, sender's weight)
+    m = len(pairs)
+    x = torch.tensor([p[0] for p in pairs] + [p[1] for p in pairs]).bfloat16()[None, :, None]
+    weights = torch.tensor([1.0] * m + [p[2] for p in pairs])[None]
+    target = torch.arange(2 * m)[None] % m  # slot m + i is merged into slot i
+    merged = torch.arange(2 * m)[None] >= m
+    source = torch.arange(m)[None]
+    expected = merge.gather_slots(merge.average_into(x, target, merged, weights), source)
+    assert expected[0, :2, 0].tolist() == [1.0, 1.0 + 2 * ulp]  # the reference ties to even
+    out = on_route("fused", lambda: merge.average_gather(x, source, target, merged, weights))
+    assert torch.equal(out, expected)
+
+
+# ------------------------------------------------------------------------------------------------ the reducer
+
+
+def small_reducer(model, method, info):
+    return reduction.from_config(model, compose(method, 0.2, "layers=[0,2]"), info)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_reducer_forward_is_the_same_on_both_paths(method):
+    model = tiny_model(2, seed=3)
+    info = models.model_info(model)
+    reducer = small_reducer(model, method, info)
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 4000, (3, 40), generator=generator)
+    lengths = torch.tensor([40, 31, 12])
+    protect = torch.zeros(3, 40, dtype=torch.bool)
+    protect[[0, 1, 2], [30, 20, 5]] = True
+    try:
+        for call in (dict(), dict(lengths=lengths, protect=protect)):  # widths from the host, and from the data
+            expected = on_route("reference", lambda: reducer(ids, **call))
+            out = on_route("fused", lambda: reducer(ids, **call))
+            assert torch.equal(out.positions, expected.positions) and torch.equal(out.counts, expected.counts)
+            assert torch.equal(out.logits.isnan(), expected.logits.isnan())
+            assert torch.equal(out.logits.nan_to_num(), expected.logits.nan_to_num())  # same tokens: same bits
+    finally:
+        reducer.remove()
+
+
+# ------------------------------------------------------------------------------------------------ host widths
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_widths_from_the_budget_change_nothing(mamba2, method):
+    model, info = mamba2
+    reducer = reduction.from_config(model, compose(method, 0.3), info)
+    ids = torch.randint(1, 4000, (2, 57), generator=torch.Generator().manual_seed(5))
+    try:
+        assert reducer.planned_counts(57) is not None
+        planned = reducer(ids)  # unpadded, unprotected: every width from the budget
+        read = reducer(ids, lengths=torch.tensor([57, 57]))  # the same rows, widths read from the masks
+        assert torch.equal(planned.positions, read.positions) and torch.equal(planned.logits, read.logits)
+        assert planned.counts.tolist() == [reducer.planned_counts(57)[-1]] * 2
+    finally:
+        reducer.remove()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_removes_exactly_what_is_asked_within_its_limit(name):
+    """What the planned widths rely on: for an unpadded, unprotected row of c tokens, asked for r <= the limit
+    its min_keep_rate implies (budget.predicted_counts), a method removes exactly r."""
+    entry = METHODS[name]
+    params = {**entry.defaults, **entry.fixed}
+    min_keep = entry.min_keep_rate(params)
+    generator = torch.Generator().manual_seed(6)
+    for c in (1, 2, 3, 4, 5, 7, 8, 13, 20, 33):
+        limit = c - max(math.ceil(c * min_keep), 1)
+        asked = torch.arange(limit + 1)
+        tokens = make_tokens(torch.randn(len(asked), c, 8, generator=generator),
+                             torch.rand(len(asked), c, generator=generator))
+        out = method_call(name, tokens, asked)
+        assert out.counts.tolist() == (c - asked).tolist(), f"{name}, {c} tokens"
+
+
+def test_planned_counts_stand_aside_where_a_limit_binds(mamba2):
+    model, info = mamba2
+    reducer = reduction.from_config(model, compose("official", 0.3, "method.reduce_ratio=0.3"), info)
+    ids = torch.randint(1, 4000, (2, 40), generator=torch.Generator().manual_seed(7))
+    try:
+        assert reducer.planned_counts(40) is None  # keeping 30 % asks for more than half: official's limit
+        out = reducer(ids)
+        assert out.counts.tolist() == [out.logits.shape[1]] * 2
+    finally:
+        reducer.remove()
+
+
+def test_a_count_off_the_plan_is_a_clear_error(mamba2):
+    model, info = mamba2
+    reducer = reduction.from_config(model, compose("tome", 0.3), info)
+    ids = torch.randint(1, 4000, (2, 40), generator=torch.Generator().manual_seed(8))
+    try:
+        planned = reducer.planned_counts(40)
+        reducer._planned[40] = [count + 1 for count in planned]  # a plan the method does not follow
+        with pytest.raises(RuntimeError, match="layer 2: the method kept a different number of tokens"):
+            reducer(ids)
+    finally:
+        reducer.remove()
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_the_fused_path_with_planned_widths_reads_nothing_back(fused, monkeypatch, method):
+    """No value goes from the device to the host inside a reduction layer (each would be a synchronisation on a
+    GPU): every conversion of a tensor to a Python value fails while one runs (the same call with lengths= fails)."""
+    model = tiny_model(2, seed=3)
+    info = models.model_info(model)
+    ids = torch.randint(1, 4000, (2, 40), generator=torch.Generator().manual_seed(9))
+    reducer = small_reducer(model, method, info)
+    assert reducer.planned_counts(40) is not None
+    step = reducer._reduce_step
+
+    def guarded(*args):
+        with monkeypatch.context() as guard:
+            for name in ("item", "tolist", "__int__", "__bool__", "__index__", "__float__"):
+                guard.setattr(torch.Tensor, name, forbidden)
+            return step(*args)
+
+    reducer._reduce_step = guarded
+    try:
+        reducer(ids)
+    finally:
+        reducer.remove()
+
+
+def forbidden(*args, **kwargs):
+    raise AssertionError("a tensor was read back on the host inside a reduction layer")
