@@ -103,12 +103,12 @@ def test_ceiling_for_efficiency_or_when_insisted_and_chunk_on_mamba2():
         cfg = compose("ceiling", 0.2, TINY_MODEL, *extra)
         reduction.check_config(cfg, model_config(cfg))
     cfg = compose("official", 0.2, TINY_MODEL, "schedule=chunk")
-    setup = reduction.resolve(cfg, reduction.info_from_config(model_config(cfg)))
+    setup = reduction.resolve(cfg, architecture.info_from_config(model_config(cfg)))
     assert (setup.schedule, setup.rule, setup.ceiling.rule, setup.ceiling.schedule) == ("chunk", "ceil", "ceil", "chunk")
-    config_lib.validate(compose("tome", 0.2, TINY_MODEL, "schedule=chunk", "logger=none"))
+    runner.validate(compose("tome", 0.2, TINY_MODEL, "schedule=chunk", "logger=none"))
 
 
 def test_random_draw_follows_the_top_level_seed():
     for seed in (0, 3):
         cfg = compose("random", 0.2, TINY_MODEL, f"seed={seed}")
-        assert reduction.resolve(cfg, reduction.info_from_config(model_config(cfg))).params["seed"] == seed
+        assert reduction.resolve(cfg, architecture.info_from_config(model_config(cfg))).params["seed"] == seed
