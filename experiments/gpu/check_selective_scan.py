@@ -90,17 +90,32 @@ def make_inputs(batch, dim, dstate, length, B, C, device, dtype=torch.float32, D
                 delta_bias=dt_bias.to(device) if bias else None, delta_softplus=softplus, return_last_state=last)
 
 
-def run(scan, inputs: dict, backward: bool = True):
-    """(outputs, gradients of every tensor input) of one call with a fixed random upstream gradient."""
-    leaves = {k: v.detach().clone().requires_grad_(backward) for k, v in inputs.items() if torch.is_tensor(v)}
-    options = {k: v for k, v in inputs.items() if not torch.is_tensor(v) and v is not None and k in
-               ("delta_softplus", "return_last_state")}
-    result = scan(**{k: leaves.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")}, **options)
+ARGUMENTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def prepare(inputs: dict, requires_grad: bool):
+    """(the tensor arguments as fresh leaves, the options, a fixed random upstream gradient for the output)."""
+    leaves = {k: v.detach().clone().requires_grad_(requires_grad) for k, v in inputs.items() if torch.is_tensor(v)}
+    upstream = torch.randn(inputs["u"].shape, generator=torch.Generator().manual_seed(1)).to(inputs["u"])
+    return leaves, {k: inputs[k] for k in ("delta_softplus", "return_last_state")}, upstream
+
+
+def call(scan, leaves: dict, options: dict, upstream=None) -> tuple:
+    """The outputs of one call; with `upstream`, the backward too (into the leaves' .grad, reset first)."""
+    for leaf in leaves.values():
+        leaf.grad = None
+    result = scan(**{k: leaves.get(k) for k in ARGUMENTS}, **options)
     outputs = result if isinstance(result, tuple) else (result,)
-    if backward:
-        upstream = torch.randn(outputs[0].shape, generator=torch.Generator().manual_seed(1)).to(outputs[0])
+    if upstream is not None:
         outputs[0].backward(upstream)
-    return outputs, {f"d{k}": v.grad for k, v in leaves.items()} if backward else {}
+    return outputs
+
+
+def run(scan, inputs: dict):
+    """(outputs, gradients of every tensor input) of one call."""
+    leaves, options, upstream = prepare(inputs, requires_grad=True)
+    outputs = call(scan, leaves, options, upstream)
+    return outputs, {f"d{k}": v.grad for k, v in leaves.items()}
 
 
 def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, **options):
@@ -173,28 +188,28 @@ def bounds(shape: dict, device) -> dict:
 
 def timings(shape: dict, device, smoke: bool) -> dict:
     inputs = make_inputs(**shape, B="shared", C="shared", device=device, dtype=torch.bfloat16, last=False)
-    fast, slow = (1, 1) if smoke else (10, 3)
+    frozen, options, _ = prepare(inputs, requires_grad=False)
+    leaves, _, upstream = prepare(inputs, requires_grad=True)
 
     def forward(scan):
-        def call():
+        def inference():
             with torch.no_grad():
-                scan(**{k: v for k, v in inputs.items() if v is not None})
-        return call
+                call(scan, frozen, options)
+        return inference
 
     def train_step(scan):
-        return lambda: run(lambda **k: scan(**k), inputs)
+        return lambda: call(scan, leaves, options, upstream)
 
-    methods = {"triton": lambda **k: selective_scan_fn(**k), "reference": reference_scan,
-               "mambapy parallel": lambda **k: compat.selective_scan_parallel(**k)}
+    methods = {"triton": selective_scan_fn, "reference": reference_scan,
+               "mambapy parallel": compat.selective_scan_parallel}
     report = {}
     for name, scan in methods.items():
-        repeats = fast if name == "triton" else slow
+        repeats = 1 if smoke else (10 if name == "triton" else 3)
         for kind, make in (("forward", forward), ("forward+backward", train_step)):
-            key = f"{name} {kind}"
             try:
-                report[key] = timed(make(scan), warmup=1 if smoke else 2, repeats=repeats, device=device)
+                report[f"{name} {kind}"] = timed(make(scan), warmup=1 if smoke else 2, repeats=repeats, device=device)
             except Exception as error:  # noqa: BLE001 - a method that cannot run at this size is reported, not fatal
-                report[key] = dict(error=f"{type(error).__name__}: {error}"[:300])
+                report[f"{name} {kind}"] = dict(error=f"{type(error).__name__}: {error}"[:300])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return report
@@ -202,15 +217,19 @@ def timings(shape: dict, device, smoke: bool) -> dict:
 
 def sweep(shape: dict, device, smoke: bool) -> dict:
     inputs = make_inputs(**shape, B="shared", C="shared", device=device, dtype=torch.bfloat16, last=False)
+    frozen, options, _ = prepare(inputs, requires_grad=False)
+    leaves, _, upstream = prepare(inputs, requires_grad=True)
     report = {}
     for tiles in (SWEEP[:2] if smoke else SWEEP):
         key = " ".join(f"{k}={v}" for k, v in tiles._asdict().items() if v != Tiles._field_defaults[k]) or "defaults"
+
+        def scan(**k):
+            return selective_scan_fn(**k, tiles=tiles)
         try:
-            fwd = timed(lambda: selective_scan_fn(**{k: v for k, v in inputs.items() if v is not None}, tiles=tiles),
-                        warmup=1, repeats=1 if smoke else 10, device=device)
-            step = timed(lambda: run(lambda **k: selective_scan_fn(**k, tiles=tiles), inputs), warmup=1,
-                         repeats=1 if smoke else 5, device=device)
-            report[key] = {"forward ms": fwd["ms"], "forward+backward ms": step["ms"]}
+            forward = timed(lambda: call(scan, frozen, options), warmup=1, repeats=1 if smoke else 10, device=device)
+            step = timed(lambda: call(scan, leaves, options, upstream), warmup=1, repeats=1 if smoke else 5,
+                         device=device)
+            report[key] = {"forward ms": forward["ms"], "forward+backward ms": step["ms"]}
         except Exception as error:  # noqa: BLE001 - e.g. a register cap this Triton does not accept
             report[key] = dict(error=f"{type(error).__name__}: {error}"[:300])
     return report
@@ -252,6 +271,10 @@ def text_report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(result: dict, out: Path) -> None:
+    (out / "check_selective_scan.json").write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -277,9 +300,13 @@ def main() -> None:
             print(error, file=sys.stderr)
         print(("PASS " if result["cases"][-1]["passed"] else "FAIL ") + name, flush=True)
     shape = dict(batch=1, dim=32, dstate=4, length=16) if args.smoke else MAMBA_2P8B
-    result.update(shape=shape, bounds=bounds(shape, device), timings=timings(shape, device, args.smoke),
-                  sweep={} if args.no_sweep else sweep(shape, device, args.smoke))
-    (args.out / "check_selective_scan.json").write_text(json.dumps(result, indent=1))
+    result.update(shape=shape, bounds=bounds(shape, device), timings={}, sweep={})
+    save(result, args.out)  # after each part, so that a run stopped by its time limit still reports
+    result["timings"] = timings(shape, device, args.smoke)
+    save(result, args.out)
+    if not args.no_sweep:
+        result["sweep"] = sweep(shape, device, args.smoke)
+        save(result, args.out)
     report = text_report(result)
     (args.out / "check_selective_scan.txt").write_text(report)
     print(report)
