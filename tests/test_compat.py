@@ -1,7 +1,9 @@
 """The compatibility layer: mamba-ssm imports and runs on a CPU, and our scan paths agree with its references."""
+import pytest
 import torch
 
 from ssmcompress import compat
+from ssmcompress.config import ConfigError
 from reference import reference_logits
 from conftest import tiny_model
 
@@ -62,4 +64,35 @@ def test_chunk_scan_reference_matches_mamba_ssm_and_has_finite_gradients():
 def test_mamba2_keeps_fused_path_off_without_causal_conv1d():
     config = compat.adapt_config({"ssm_cfg": {"layer": "Mamba2"}})
     assert config["ssm_cfg"]["use_mem_eff_path"] is False
-    assert "use_mem_eff_path" not in compat.adapt_config({"ssm_cfg": {}})["ssm_cfg"]  # Mamba-1 untouched
+    assert "use_mem_eff_path" not in compat.adapt_config({"ssm_cfg": {}})["ssm_cfg"]  # not a Mamba-1 option
+
+
+def test_mamba1_scan_routes_by_device_and_setting(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # routing only: nothing runs on the GPU
+    monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", False)
+    for setting, on_cpu, on_gpu in [("auto", "ref", "triton"), ("triton", "ref", "triton"), ("ref", "ref", "ref"),
+                                    ("parallel", "parallel", "parallel")]:
+        monkeypatch.setattr(compat, "MAMBA1_SCAN", setting)
+        assert (compat.mamba1_scan(cpu), compat.mamba1_scan(cuda)) == (on_cpu, on_gpu), setting
+    monkeypatch.setattr(compat, "MAMBA1_SCAN", "auto")
+    with compat.reference_kernels():  # FLOP counting traces the GPU path on the references
+        assert compat.mamba1_scan(cuda) == "ref"
+    monkeypatch.setattr(compat, "MAMBA1_SCAN", "cuda")
+    with pytest.raises(ConfigError, match="selective_scan_cuda"):
+        compat.mamba1_scan(cuda)
+    monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", True)
+    assert compat.mamba1_scan(cuda) == "cuda" and compat.mamba1_scan(cpu) == "ref"
+    for setting, on_gpu in [("auto", "cuda"), ("triton", "triton")]:
+        monkeypatch.setattr(compat, "MAMBA1_SCAN", setting)
+        assert compat.mamba1_scan(cuda) == on_gpu
+    monkeypatch.setattr(compat, "MAMBA1_SCAN", "fast")
+    with pytest.raises(ConfigError, match="auto, cuda, triton, ref, parallel"):
+        compat.mamba1_scan(cpu)
+
+
+def test_mamba1_keeps_fused_path_off_without_the_compiled_kernels(monkeypatch):
+    monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", False)
+    monkeypatch.setattr(compat, "HAS_CAUSAL_CONV1D", True)  # mamba_inner_fn would call the missing scan
+    assert compat.adapt_config({"ssm_cfg": {"layer": "Mamba1"}})["ssm_cfg"]["use_fast_path"] is False
+    monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", True)
+    assert "use_fast_path" not in compat.adapt_config({"ssm_cfg": {}})["ssm_cfg"]

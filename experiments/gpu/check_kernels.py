@@ -1,7 +1,7 @@
 """GPU check (issue 7): the bundled models' logits with mamba-ssm's Triton kernels vs the pure-torch reference path
 on the same GPU, dense and token-reduced (method=ours ratio=0.3), fp32 and bf16. Mamba-2: Triton SSD scan, gated
-RMSNorm and fused add+norm; Mamba-1: the Triton fused add+norm only (its selective scan has no Triton kernel and
-runs the reference on both paths without the compiled CUDA extension).
+RMSNorm and fused add+norm; Mamba-1: our Triton selective scan (ssmcompress.selective_scan, where mamba-ssm's
+compiled CUDA scan is not installed) and the Triton fused add+norm.
 
     python experiments/gpu/check_kernels.py      # on the lent GPU; wheels as in experiments/gpu/efficiency.sh
 """

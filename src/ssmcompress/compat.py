@@ -6,7 +6,9 @@ not compiled. mamba-ssm also ships pure-torch reference versions of every kernel
 (`selective_scan_ref`, `ssd_minimal_discrete`, `rms_norm_ref`, `selective_state_update_ref`).
 `install()` registers a placeholder for the missing extension so the package imports, then routes each
 kernel entry point, per call, to the fast kernel when the tensors live on a CUDA device that can run it and
-to mamba-ssm's own reference otherwise. The model code itself is never copied or changed.
+to mamba-ssm's own reference otherwise. Mamba-1's selective scan, which mamba-ssm has only as compiled CUDA,
+runs on a GPU without it on our Triton port (`ssmcompress.selective_scan`); `MAMBA1_SCAN` picks the scan.
+The model code itself is never copied or changed.
 
 Call `install()` before importing anything from `mamba_ssm` (importing `ssmcompress.models` does it).
 """
@@ -14,22 +16,49 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import sys
 import types
 
 import torch
 import torch.nn.functional as F
 
+from ssmcompress import selective_scan as triton_scan
+from ssmcompress.config import ConfigError
+
 _installed = False
 HAS_SELECTIVE_SCAN_CUDA = False  # compiled CUDA selective scan (Mamba-1 fast path)
 HAS_CAUSAL_CONV1D = False  # compiled causal-conv1d (fused paths of both Mamba generations)
-# "ref": mamba-ssm's sequential reference; "parallel": mambapy's parallel scan (same maths, much faster
-# to train with; see selective_scan_parallel). Only used where the compiled kernel is unavailable.
-MAMBA1_SCAN = "ref"
+# Mamba-1's selective scan (also settable as the environment variable SSMCOMPRESS_MAMBA1_SCAN):
+#   "auto"      on CUDA tensors mamba-ssm's compiled CUDA scan where installed, else our Triton scan;
+#               on CPU tensors mamba-ssm's sequential reference `selective_scan_ref`
+#   "cuda"      mamba-ssm's compiled scan on CUDA tensors (an error where it is not installed), to compare
+#   "triton"    our Triton scan on CUDA tensors, also where the compiled one is installed
+#   "ref"       mamba-ssm's reference everywhere
+#   "parallel"  mambapy's parallel scan everywhere (pure torch; see selective_scan_parallel): fast CPU training
+# With "cuda" or "triton", CPU tensors run the reference. Mamba-1's fused path (`mamba_inner_fn`) is kept off
+# without the compiled scan (adapt_config), so every forward goes through `selective_scan_fn`.
+MAMBA1_SCANS = ("auto", "cuda", "triton", "ref", "parallel")
+MAMBA1_SCAN = os.environ.get("SSMCOMPRESS_MAMBA1_SCAN", "auto")
 
 
-def _triton_runs_on(x: torch.Tensor) -> bool:
-    return x.is_cuda
+def _triton_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def mamba1_scan(device: torch.device) -> str:
+    """The selective scan Mamba-1 runs on `device` under MAMBA1_SCAN: "cuda", "triton", "ref" or "parallel"."""
+    if MAMBA1_SCAN not in MAMBA1_SCANS:
+        raise ConfigError(f"MAMBA1_SCAN (SSMCOMPRESS_MAMBA1_SCAN) must be one of {', '.join(MAMBA1_SCANS)}, "
+                          f"got {MAMBA1_SCAN!r}")
+    if MAMBA1_SCAN in ("ref", "parallel") or device.type != "cuda":
+        return MAMBA1_SCAN if MAMBA1_SCAN == "parallel" else "ref"
+    if MAMBA1_SCAN == "cuda" or (MAMBA1_SCAN == "auto" and HAS_SELECTIVE_SCAN_CUDA):
+        if not HAS_SELECTIVE_SCAN_CUDA:
+            raise ConfigError("MAMBA1_SCAN='cuda' needs mamba-ssm's compiled selective_scan_cuda, which is not "
+                              "installed; use 'auto' or 'triton'")
+        return "cuda"
+    return "triton" if _triton_runs_on(device) else "ref"  # reference_kernels() sends it to the reference
 
 
 @contextlib.contextmanager
@@ -83,16 +112,20 @@ def install() -> None:
 
     def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False):
-        if u.is_cuda and HAS_SELECTIVE_SCAN_CUDA:
+        route = mamba1_scan(u.device)
+        if route == "cuda":
             return fast["selective_scan_fn"](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-        scan = selective_scan_parallel if (MAMBA1_SCAN == "parallel" and not return_last_state) else selective_scan_ref
+        if route == "triton":
+            return triton_scan.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                 return_last_state)
+        scan = selective_scan_parallel if (route == "parallel" and not return_last_state) else selective_scan_ref
         return scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                     return_last_state=return_last_state)
 
     def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
                    cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
                    return_varlen_states=False):
-        if _triton_runs_on(x):
+        if _triton_runs_on(x.device):
             return fast["chunk_scan"](x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                       initial_states=initial_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
                                       dt_softplus=dt_softplus, dt_limit=dt_limit,
@@ -108,7 +141,7 @@ def install() -> None:
     def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
                       rowscale=None, prenorm=False, residual_in_fp32=False, is_rms_norm=False,
                       return_dropout_mask=False):
-        if _triton_runs_on(x):
+        if _triton_runs_on(x.device):
             return fast["layer_norm_fn"](x, weight, bias, residual=residual, x1=x1, weight1=weight1, bias1=bias1,
                                          eps=eps, dropout_p=dropout_p, rowscale=rowscale, prenorm=prenorm,
                                          residual_in_fp32=residual_in_fp32, is_rms_norm=is_rms_norm,
@@ -126,14 +159,14 @@ def install() -> None:
                              return_dropout_mask=return_dropout_mask)
 
     def gated_rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
-        if _triton_runs_on(x):
+        if _triton_runs_on(x.device):
             return fast["gated_rmsnorm_fn"](x, weight, bias, z=z, eps=eps, group_size=group_size,
                                             norm_before_gate=norm_before_gate)
         return lng.rms_norm_ref(x, weight, bias, z=z, eps=eps, group_size=group_size,
                                 norm_before_gate=norm_before_gate, upcast=True)
 
     def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, **kwargs):
-        if _triton_runs_on(x) and fast["state_update"] is not None:
+        if _triton_runs_on(x.device) and fast["state_update"] is not None:
             return fast["state_update"](state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                         **kwargs)
         out = selective_state_update_ref(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
@@ -162,6 +195,8 @@ def adapt_config(config: dict) -> dict:
     ssm_cfg = dict(config.get("ssm_cfg") or {})
     if ssm_cfg.get("layer", "Mamba1") == "Mamba2" and not HAS_CAUSAL_CONV1D:
         ssm_cfg["use_mem_eff_path"] = False
+    if ssm_cfg.get("layer", "Mamba1") == "Mamba1" and not (HAS_SELECTIVE_SCAN_CUDA and HAS_CAUSAL_CONV1D):
+        ssm_cfg["use_fast_path"] = False  # mamba_inner_fn calls both compiled extensions
     config["ssm_cfg"] = ssm_cfg
     return config
 

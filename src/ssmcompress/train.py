@@ -190,8 +190,12 @@ def main() -> None:
     model = models.build_model(config, device, "float32", seed=args.seed).train()
     if args.init is not None:
         model.load_state_dict(models.load_model(str(args.init), "cpu", "float32").state_dict())
-    if config.get("ssm_cfg", {}).get("layer", "Mamba1") == "Mamba1":
-        compat.MAMBA1_SCAN = "parallel"  # the reference scan's loop over time makes backward passes crawl
+    mamba1 = config.get("ssm_cfg", {}).get("layer", "Mamba1") == "Mamba1"
+    if mamba1 and device.type == "cpu" and "SSMCOMPRESS_MAMBA1_SCAN" not in os.environ:
+        # the reference scan's loop over time makes backward passes crawl; a GPU runs the Triton scan ("auto")
+        compat.MAMBA1_SCAN = "parallel"
+    if mamba1:
+        print(f"Mamba-1 selective scan: {compat.mamba1_scan(device)}")
     state_path = args.out / "train_state.pt"
     if args.export_only:
         model.load_state_dict(torch.load(state_path, map_location=device, weights_only=False)["model"])

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssmcompress import compat
 from ssmcompress.metrics import efficiency
 
 HAS_CLEAR_REFS = Path("/proc/self/clear_refs").exists()
@@ -15,6 +16,20 @@ def test_synthetic_batch_is_reproducible_and_avoids_the_pad_id():
     assert int(a.min()) >= 1 and int(a.max()) < 50
     assert torch.equal(a, efficiency.synthetic_batch(50, 4, 300, "cpu", seed=3))
     assert not torch.equal(a, efficiency.synthetic_batch(50, 4, 300, "cpu", seed=4))
+
+
+def test_scan_kernel_names_the_scan_that_runs(monkeypatch):
+    cuda = torch.device("cuda")  # routing only: nothing runs on the GPU
+    monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", False)
+    monkeypatch.setattr(compat, "MAMBA1_SCAN", "auto")
+    assert efficiency.scan_kernel(1, cuda) == "ssmcompress Triton selective scan"
+    assert efficiency.scan_kernel(2, cuda) == "mamba-ssm Triton SSD"
+    assert efficiency.scan_kernel(1, torch.device("cpu")) == "pure-torch reference (CPU)"
+    monkeypatch.setattr(compat, "MAMBA1_SCAN", "ref")
+    assert "not representative" in efficiency.scan_kernel(1, cuda)
+    monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", True)
+    monkeypatch.setattr(compat, "MAMBA1_SCAN", "auto")
+    assert efficiency.scan_kernel(1, cuda) == "mamba-ssm CUDA selective scan"
 
 
 def test_forwards_are_warmed_up_then_interleaved():

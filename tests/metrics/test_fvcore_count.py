@@ -127,6 +127,8 @@ def test_fused_mamba2_kernel_is_counted_as_its_parts(monkeypatch):
 
 def test_fused_mamba1_kernel_is_counted_as_its_parts(monkeypatch):
     model = tiny_model(1)
+    for layer in model.backbone.layers:  # built without the compiled kernels, so with the fused path off
+        monkeypatch.setattr(layer.mixer, "use_fast_path", True)
 
     def fused(ctx, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
               out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,

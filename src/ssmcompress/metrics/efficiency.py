@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ssmcompress import compat
+
 MIB = 2 ** 20
 
 
@@ -37,15 +39,15 @@ def synthetic_batch(vocab_size: int, batch_size: int, length: int, device, seed:
 
 def scan_kernel(generation: int, device: torch.device) -> str:
     """Which scan implementation the forwards ran (compat.py routes per device): latency means little without a
-    kernel, e.g. Mamba-1 on a GPU without mamba-ssm's compiled selective scan runs a Python loop over tokens."""
-    from ssmcompress import compat
-
+    kernel, e.g. Mamba-1 on mamba-ssm's reference scan runs a Python loop over tokens."""
     if device.type != "cuda":
         return "pure-torch reference (CPU)"
     if generation == 2:
         return "mamba-ssm Triton SSD"
-    return "mamba-ssm CUDA selective scan" if compat.HAS_SELECTIVE_SCAN_CUDA else \
-        "pure-torch reference (no compiled selective_scan_cuda): not representative"
+    return {"cuda": "mamba-ssm CUDA selective scan",
+            "triton": "ssmcompress Triton selective scan",
+            "parallel": "mambapy parallel scan (pure torch): not representative",
+            "ref": "pure-torch reference selective scan: not representative"}[compat.mamba1_scan(device)]
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
