@@ -56,7 +56,7 @@ def available(group: str) -> list[str]:
 
 def validate(cfg: DictConfig) -> None:
     """Reject unusable settings with a clear message before any work (model, benchmark, ratio, protocol)."""
-    from ssmcompress import models
+    from ssmcompress import families, models
 
     for group in ("model", "method", "benchmark"):
         name = cfg.get(group, {}).get("name")
@@ -72,7 +72,9 @@ def validate(cfg: DictConfig) -> None:
     device = models.resolve_device(cfg.model.device)
     models.resolve_dtype(cfg.model.dtype, device)
     # a local dir without config.json, an offline hub name, ... fail here, before any weights are read
-    model_config = to_dict(cfg.model)["config"] if cfg.model.random_init else models.load_config(cfg.model.path)
+    family = families.of(cfg.model)  # models (mamba-ssm) or hf_models (transformers)
+    model_config = to_dict(cfg.model)["config"] if cfg.model.random_init else family.load_config(cfg.model.path)
+    families.check_config(cfg)  # e.g. no token reduction on transformers models
     if cfg.method.name != "dense":
         from ssmcompress import reduction
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from ssmcompress import config as config_lib
-from ssmcompress import models, tracking
+from ssmcompress import families, tracking
 
 
 def output_dir() -> Path:
@@ -70,11 +70,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     timings, start = {}, time.perf_counter()
 
-    model = models.load_model(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.random_init,
+    family = families.of(cfg.model)  # models (mamba-ssm) or hf_models (transformers)
+    model = family.load_model(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.random_init,
                               config=resolved["model"].get("config"))
-    info = models.model_info(model)
+    info = family.model_info(model)
     device = str(next(model.parameters()).device)
-    tokenizer = models.load_tokenizer(cfg.model.tokenizer) if cfg.benchmark.kind == "lm_eval" else None
+    tokenizer = family.load_tokenizer(cfg.model.tokenizer) if cfg.benchmark.kind == "lm_eval" else None
     timings["load_s"] = time.perf_counter() - start
 
     record = tracking.new_record(key, resolved, device)

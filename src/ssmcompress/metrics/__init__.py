@@ -50,11 +50,13 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
     forwards = {"dense": forwards_lib.dense_forward(model)}
     if reducer is not None:
         forwards["reduced"] = forwards_lib.reduced_forward(reducer)
-    sections = {"flops": flops_report(model, reducer, info, input_ids, forwards, settings["fvcore"])}
+    mamba = info.get("family", "mamba") == "mamba"  # the FLOPs model and fvcore's op handles are mamba-ssm's
+    sections = {"flops": flops_report(model, reducer, info, input_ids, forwards, settings["fvcore"])} if mamba else {}
     if settings["efficiency"]:
         sections["efficiency"] = efficiency.measure(forwards, input_ids, settings["warmup"], settings["repeats"],
                                                     efficiency.weight_bytes(model))
-        sections["efficiency"]["scan_kernel"] = efficiency.scan_kernel(info["generation"], device)
+        if mamba:
+            sections["efficiency"]["scan_kernel"] = efficiency.scan_kernel(info["generation"], device)
         if reducer is not None and hasattr(reducer, "stopwatch"):
             eff = sections["efficiency"]
             eff["reduction_ms"] = 1000 * efficiency.reduction_seconds(reducer, forwards["reduced"], input_ids,
