@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import compose_config
 from hf_fixtures import TINY_HF, save_tiny_hf, tiny_hf_model
 from ssmcompress import config as config_lib
-from ssmcompress import families, hf_models, models
+from ssmcompress import families, hf_models, models, runner
 from ssmcompress.config import ConfigError
 
 
@@ -84,3 +84,21 @@ def test_token_reduction_is_refused_for_transformers_models(tmp_path):
         config_lib.validate(cfg)
     assert "\n" not in str(error.value)
     config_lib.validate(compose_config(["model=tiny-opt", f"model.path={tmp_path}", "logger=none"]))
+
+
+@pytest.mark.parametrize("name,kind", [("opt-125m", "opt"), ("llama-2-7b", "llama")])
+def test_a_hub_config_runs_on_a_local_hub_format_directory(tmp_path, name, kind, single_thread):
+    """The hub configs' path: a tiny random model of the same architecture saved with save_pretrained, given as
+    model.path (and tokenizer), validates, loads and prunes with the config's own targets."""
+    model_dir = save_tiny_hf(tmp_path / kind, kind)
+    overrides = [f"model={name}", f"model.path={model_dir}", f"model.tokenizer={model_dir}", "model.device=cpu",
+                 "model.max_length=128",  # the tiny model's positions
+                 "logger=none", f"results_dir={tmp_path / 'results'}", "benchmark=pruning", "benchmark.limit=2",
+                 "benchmark.tasks=[shakespeare_ppl,mqar]", "benchmark.measure.enabled=false", "pruner=wanda",
+                 "sparsity=2:4", "pruner.calibration.samples=4", "pruner.calibration.length=32"]
+    cfg = compose_config(overrides)
+    config_lib.validate(cfg)
+    record = runner.run(cfg, run_dir=tmp_path / "run")
+    assert record["model_info"]["model_type"] == kind and record["pruning"]["achieved_sparsity"] == 0.5
+    assert sorted(record["pruning"]["targets"]) == sorted(cfg.model.prune_targets)
+    assert record["metrics"]["shakespeare_ppl"]["word_perplexity"] > 1

@@ -138,6 +138,9 @@ def test_check_config_on_transformers_models(tmp_path):
     for kind in ("llama", "gpt2"):
         pruning.check_config(compose_hf(tmp_path, "pruner=sparsegpt", "sparsity=2:4",
                                         f"pruner.targets=[{LAYERS[kind][-1]}]"), TINY_HF[kind])
+    for name in ("opt-350m", "llama-2-7b"):  # the hub configs' own architecture and targets, before any download
+        config_lib.validate(compose_config([f"model={name}", "model.random_init=true", "pruner=multi",
+                                            "sparsity=4:8", "logger=none"]))
 
 
 @pytest.fixture(scope="module")

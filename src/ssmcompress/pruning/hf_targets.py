@@ -11,7 +11,7 @@ Block inputs: the official drivers replace the first decoder layer by a `Catcher
 keyword arguments (attention mask; LLaMA also position ids) and reuse those arguments for every layer. Here, during
 one forward of the model per calibration batch, forward pre-hooks record every layer's call arguments besides the
 hidden states (attention mask, position ids, rotary position embeddings, cache position, ...) and the first layer's
-hidden states; the forward stops at the last layer. A block then runs exactly as the model would call it, also where
+hidden states; the forward stops at the last layer's input. A block then runs exactly as the model would call it, also where
 layers get different arguments (models with sliding-window layers), and whatever a transformers version passes.
 """
 from __future__ import annotations
@@ -26,9 +26,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ssmcompress.hf_models import transformers_config
 
-# layers that read the same input tensor: pruned in one true-sequential pass (SparseGPT's llama.py groups
-# [k, v, q], [o], [up, gate], [down]); any other layer gets a pass of its own, which is always correct
-# (keyed by the decoder layer's class)
+# per decoder layer class, the layers that read the same input tensor: pruned in one true-sequential pass (SparseGPT's
+# llama.py groups [k, v, q], [o], [up, gate], [down]); any other layer gets a pass of its own, which is always correct
 LLAMA_SHARED = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")]
 SHARED_INPUTS = {"OPTDecoderLayer": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")],
                  "LlamaDecoderLayer": LLAMA_SHARED, "MistralDecoderLayer": LLAMA_SHARED,
