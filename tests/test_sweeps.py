@@ -58,7 +58,7 @@ def compose_job(name: str, job: list[str], *extra: str, hydra: bool = False):
 def test_every_table_has_its_sweep_file():
     names = {n for spec in tables.SPECS for n in spec.experiments}
     assert names <= {p.stem for p in EXPERIMENTS.glob("*.yaml")}
-    assert set(SWEEPS) | {"pruning", "pruning_joint"} == names
+    assert set(SWEEPS) | {"pruning", "pruning_joint", "pruning_hf"} == names
 
 
 def test_paper_script_runs_every_bundled_sweep_then_the_tables():

@@ -112,20 +112,33 @@ def check_weights(source: str) -> None:
         raise ModelSourceError(f"model directory {source!r} has config.json but no {WEIGHTS}")
 
 
-def check_config(cfg) -> dict:
-    """The `model` section, before any work: device, dtype, max_length, the source's config.json (or the config of a
-    random init), its weights and, when the run reads text, its tokenizer. Returns the model's config dict."""
-
+def check_settings(cfg) -> dict:
+    """The `model` section's settings any family shares, before any work: device, dtype, max_length, random_init
+    (and, for a random init, its architecture). Returns the section as a dict."""
     model = to_dict(cfg.model)
     device = resolve_device(model.get("device", "auto"))
     resolve_dtype(model.get("dtype", "auto"), device)
     integer("model.max_length", model.get("max_length"), minimum=1)
     if not isinstance(model.get("random_init"), bool):
         raise ModelSourceError(f"model.random_init must be true or false, got {model.get('random_init')!r}")
+    if model["random_init"] and not isinstance(model.get("config"), dict):
+        raise ModelSourceError(f"model.random_init=true needs model.config (the architecture), got "
+                               f"{model.get('config')!r}")
+    return model
+
+
+def needs_tokenizer(cfg) -> bool:
+    """Runs that read text: lm-eval benchmarks, and pruning (its calibration windows)."""
+    return cfg.benchmark.get("kind") == "lm_eval" or cfg.pruner.name != "none"
+
+
+def check_config(cfg) -> dict:
+    """The `model` section of a mamba-ssm model, before any work: the shared settings, the source's config.json (or
+    the config of a random init), its weights and, when the run reads text, its tokenizer. Returns the model's
+    config dict."""
+    model = check_settings(cfg)
     if model["random_init"]:
-        config = model.get("config")
-        if not isinstance(config, dict):
-            raise ModelSourceError(f"model.random_init=true needs model.config (the architecture), got {config!r}")
+        config = model["config"]
     else:
         config = load_config(model["path"])
         check_weights(model["path"])
@@ -133,7 +146,7 @@ def check_config(cfg) -> dict:
         architecture.info_from_config(config)
     except (TypeError, ValueError, KeyError) as error:
         raise ModelSourceError(f"model config of {model.get('path')!r} is not a mamba-ssm config: {error}") from None
-    if cfg.benchmark.get("kind") == "lm_eval" or cfg.pruner.name != "none":
+    if needs_tokenizer(cfg):
         check_tokenizer(model["tokenizer"])
     return config
 

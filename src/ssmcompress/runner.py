@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from ssmcompress import config as config_lib
-from ssmcompress import metrics, models, pruning, records, reduction, tracking
+from ssmcompress import families, metrics, models, pruning, records, reduction, tracking
 from ssmcompress.evaluation import harness
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def validate(cfg: DictConfig) -> dict:
 def validate_model(cfg: DictConfig) -> dict:
     """The checks of what `prepare` builds: top-level keys, model, pruner, reducer; returns the model's config."""
     config_lib.check(cfg)
-    model_config = models.check_config(cfg)
+    model_config = families.of(cfg.model).check_config(cfg)  # models (mamba-ssm) or hf_models (transformers)
     if cfg.pruner.name != "none":
         pruning.check_config(cfg, model_config)
     if cfg.method.name != "dense":
@@ -59,18 +59,15 @@ class Prepared:
     timings: dict
 
 
-def needs_tokenizer(cfg: DictConfig) -> bool:
-    return cfg.benchmark.kind == "lm_eval" or cfg.pruner.name != "none"
-
-
 def prepare(cfg: DictConfig) -> Prepared:
     """Load (or randomly initialise, from the run's seed) the model, prune it, wrap it in the reducer."""
     timings, start = {}, time.perf_counter()
     resolved = config_lib.to_dict(cfg.model)
-    model = models.load_model(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.random_init,
+    family = families.of(cfg.model)
+    model = family.load_model(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.random_init,
                               config=resolved.get("config"), seed=cfg.seed)
-    info = models.model_info(model)
-    tokenizer = models.load_tokenizer(cfg.model.tokenizer) if needs_tokenizer(cfg) else None
+    info = family.model_info(model)
+    tokenizer = family.load_tokenizer(cfg.model.tokenizer) if models.needs_tokenizer(cfg) else None
     timings["load_s"] = time.perf_counter() - start
     pruning_stats = None
     if cfg.pruner.name != "none":

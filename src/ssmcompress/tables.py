@@ -168,6 +168,7 @@ def to_row(record: dict) -> dict:
                device=(record.get("efficiency") or {}).get("device_name") or env.get("gpu") or env.get("cpu")
                or env.get("device"))
     row["generation"] = generation(row["model"], model.get("config"), record.get("model_info"))
+    row["family"] = model.get("family") or (record.get("model_info") or {}).get("family") or "mamba"
     efficiency = record.get("efficiency") or {}
     row["shape"] = f"batch {efficiency['batch_size']} x {efficiency['length']}" if efficiency else None
     dense = method == "dense"
@@ -425,6 +426,7 @@ class Spec:
     block: int = 2                     # leading axes forming a block, for best-per-column highlighting
     split: tuple = ("benchmark", "protocol")
     numbers: dict = field(default_factory=dict)  # the paper's numbering: {generation: "Table 1"} or {None: ...}
+    family: str = "mamba"              # the model family of its records (mamba-ssm or hf: transformers)
 
 
 SPECS = [
@@ -438,6 +440,8 @@ SPECS = [
     Spec("schedule", "Smooth vs chunk-multiple token counts", ("schedule",)),
     Spec("positional", "Positional baselines", ("positional",), split=("benchmark", "protocol", "generation")),
     Spec("pruning", "Weight pruning", ("pruning",), axes=("model", "sparsity", "pruner")),
+    Spec("pruning_hf", "Weight pruning (transformer)", ("pruning_hf",), axes=("model", "sparsity", "pruner"),
+         family="hf"),
     Spec("joint", "Weight pruning and token reduction", ("pruning_joint",),
          axes=("model", "pruner", "sparsity", "ratio", "method"), block=4),
 ]
@@ -510,6 +514,7 @@ def build_spec(df: pd.DataFrame, spec: Spec) -> list[Table]:
     for row in df.to_dict("records"):
         wanted = (row["kind"] == "efficiency" and row["efficiency"]) if spec.kind == "efficiency" else \
             (row["kind"] != "efficiency" and row["headline"])
+        wanted = wanted and row["family"] == spec.family
         if wanted and any(matches(row, e, axes) for e in experiments):
             for experiment in experiments:
                 row = experiment.label_groups(row)

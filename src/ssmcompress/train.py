@@ -1,12 +1,15 @@
-"""Train the bundled tiny Mamba / Mamba-2 models on the offline suite's training distribution.
+"""Train the bundled tiny models (Mamba, Mamba-2, and the transformers tiny-opt) on the offline suite's training
+distribution.
 
     python -m ssmcompress.train --model mamba2-tiny --out src/ssmcompress/assets/models/mamba2-tiny
     python -m ssmcompress.train --model mamba-tiny --out ... --resume    # continue from <out>/train_state.pt
+    python -m ssmcompress.train --model tiny-opt --out ... --tokenizer src/ssmcompress/assets/models/mamba2-tiny
 
 Plain PyTorch: a BPE tokenizer trained with `tokenizers` on the training plays and synthetic text, then next-token
 training on a mixture of Shakespeare windows (training plays only) and synthetic MQAR / story documents (seeds
 disjoint from the evaluation suite's). Checkpoints every `--save-every` steps, so a killed run resumes where it
-stopped. The architecture comes from the Hydra model config (`conf/model/<model>.yaml`, key `config`).
+stopped. The architecture comes from the Hydra model config (`conf/model/<model>.yaml`, key `config`; its `family`
+picks mamba-ssm or transformers).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from ssmcompress import compat, models
+from ssmcompress import compat, families, models
 from ssmcompress.config import CONF_DIR
 from ssmcompress.suite import corpus, synthetic
 
@@ -121,8 +124,12 @@ def choice_accuracy(model, tokenizer, docs: list[dict], device) -> float:
     return (predicted == torch.tensor([doc["label"] for doc in docs])).float().mean().item()
 
 
+def model_group(name: str) -> dict:
+    return yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text())
+
+
 def model_config(name: str) -> dict:
-    return yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text())["config"]
+    return model_group(name)["config"]
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -184,13 +191,14 @@ def main() -> None:
         print(f"tokenizer ({len(tokenizer)} tokens) saved to {args.out}")
         return
 
+    family = families.of(model_group(args.model))
     config = dict(model_config(args.model), vocab_size=len(tokenizer))
     if args.n_layer is not None:
-        config["n_layer"] = args.n_layer
-    model = models.build_model(config, device, "float32", seed=args.seed).train()
+        config["n_layer" if family is models else "num_hidden_layers"] = args.n_layer
+    model = family.build_model(config, device, "float32", seed=args.seed).train()
     if args.init is not None:
-        model.load_state_dict(models.load_model(str(args.init), "cpu", "float32").state_dict())
-    mamba1 = config.get("ssm_cfg", {}).get("layer", "Mamba1") == "Mamba1"
+        model.load_state_dict(family.load_model(str(args.init), "cpu", "float32").state_dict())
+    mamba1 = family is models and config.get("ssm_cfg", {}).get("layer", "Mamba1") == "Mamba1"
     if mamba1 and device.type == "cpu" and "SSMCOMPRESS_MAMBA1_SCAN" not in os.environ:
         # the reference scan's loop over time makes backward passes crawl; a GPU runs the Triton scan ("auto")
         compat.MAMBA1_SCAN = "parallel"
@@ -199,7 +207,7 @@ def main() -> None:
     state_path = args.out / "train_state.pt"
     if args.export_only:
         model.load_state_dict(torch.load(state_path, map_location=device, weights_only=False)["model"])
-        models.save_model(model, args.out, tokenizer, dtype=getattr(torch, args.save_dtype))
+        family.save_model(model, args.out, tokenizer, dtype=getattr(torch, args.save_dtype))
         print(f"exported {state_path} to {args.out}")
         return
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
@@ -241,7 +249,7 @@ def main() -> None:
         torch.save(state, state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)  # atomic: a kill mid-write keeps the last state
         if final:
-            models.save_model(model, args.out, tokenizer, dtype=getattr(torch, args.save_dtype))
+            family.save_model(model, args.out, tokenizer, dtype=getattr(torch, args.save_dtype))
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 

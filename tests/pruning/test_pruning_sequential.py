@@ -15,7 +15,7 @@ def test_every_target_is_observed_once_per_token():
         model = tiny_model(generation)
         names = list(targets.TARGETS[generation])
         inputs = sequential.embed(model, TOKENS, batch_size=2)
-        stats, _ = sequential.observe_inputs(model.backbone.layers[0], inputs, names)
+        stats, _ = sequential.observe_inputs(targets, model.backbone.layers[0], 0, inputs, names)
         widths = {name: getattr(model.backbone.layers[0].mixer, name).in_features for name in names}
         for name in names:
             assert stats[name].tokens == TOKENS.numel(), (generation, name)
@@ -38,7 +38,7 @@ def test_mamba1_dt_proj_input_is_what_its_raw_matmul_multiplies(monkeypatch):
         return scan(u, delta, *args, **kwargs)
 
     monkeypatch.setattr(m1, "selective_scan_fn", spy)
-    handle = targets.observe(mixer, "dt_proj", captured.append)
+    handle = targets.observe_mixer(mixer, "dt_proj", captured.append)
     with torch.no_grad():
         model(TOKENS[:1])
     handle.remove()
@@ -51,7 +51,7 @@ def test_mamba2_in_proj_input_matches_the_module_call():
     model = tiny_model(2)
     mixer = model.backbone.layers[1].mixer
     captured, module_inputs = [], []
-    handles = [targets.observe(mixer, "in_proj", captured.append),
+    handles = [targets.observe_mixer(mixer, "in_proj", captured.append),
                mixer.in_proj.register_forward_pre_hook(lambda m, args: module_inputs.append(args[0]))]
     with torch.no_grad():
         model(TOKENS[:1])
@@ -77,7 +77,7 @@ def final_model_inputs(model, tokens, names):
         for name in names:
             layer = stats.setdefault(f"backbone.layers.{index}.mixer.{name}",
                                      LayerInputs(getattr(block.mixer, name).in_features))
-            handles.append(targets.observe(block.mixer, name, layer.add))
+            handles.append(targets.observe_mixer(block.mixer, name, layer.add))
     with torch.no_grad(), targets.unfused(targets.mixers(model)):
         model(tokens)
     for handle in handles:

@@ -1,4 +1,4 @@
-"""The pruning sweeps (experiments/pruning*.yaml): every swept value composes and validates on the bundled models,
+"""The pruning sweeps (conf/experiment/pruning*.yaml): every swept value composes and validates on the bundled models,
 so a bad value fails here and not hours into a sweep; both tables know their sweeps."""
 import pytest
 from hydra import compose, initialize_config_dir
@@ -29,7 +29,7 @@ def each_value_once(expanded: list[list[str]]) -> list[list[str]]:
     return chosen
 
 
-@pytest.mark.parametrize("name", ["pruning", "pruning_joint"])
+@pytest.mark.parametrize("name", ["pruning", "pruning_joint", "pruning_hf"])
 def test_every_swept_value_composes_and_validates(name):
     expanded = jobs(name)
     assert {o.split("=", 1)[1] for job in expanded for o in job if o.startswith("pruner=")} == \
@@ -43,6 +43,8 @@ def test_every_swept_value_composes_and_validates(name):
 
 
 def test_the_tables_read_these_sweeps():
-    assert {"pruning", "pruning_joint"} <= {name for spec in tables.SPECS for name in spec.experiments}
+    assert {"pruning", "pruning_joint", "pruning_hf"} <= {name for spec in tables.SPECS for name in spec.experiments}
+    assert {spec.family for spec in tables.SPECS if "pruning_hf" in spec.experiments} == {"hf"}
+    assert tables.load_experiment("pruning_hf").values("sparsity") == [0.5, 0.6, 0.7, "2:4", "4:8"]
     joint = tables.load_experiment("pruning_joint")
     assert joint.values("sparsity") == [0.5, "2:4"] and joint.values("method") == ["dense", "ours"]

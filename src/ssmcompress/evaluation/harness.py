@@ -122,18 +122,34 @@ def evaluate(model, tokenizer, benchmark: dict, reducer=None, protocol: str = "e
     benchmark's main and extra metrics (for paired tests between runs); lm-eval's per-sample outputs are also
     written to samples_dir."""
     from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
 
+    from ssmcompress import hf_models
+    from ssmcompress.evaluation import perplexity
     from ssmcompress.evaluation.lm_backend import ReducedMambaLM
 
-    lm = ReducedMambaLM(model, tokenizer, reducer=reducer, protocol=protocol, batch_size=benchmark["batch_size"],
-                        max_length=max_length)
-    output = simple_evaluate(model=lm, tasks=list(benchmark["tasks"]),
+    # WikiText-2 / PTB / C4 perplexity by SparseGPT's protocol, not lm-eval's (every position is scored: under the
+    # exact protocol token reduction could not change it)
+    corpora = [task for task in benchmark["tasks"] if task in perplexity.CORPORA]
+    metrics = {task: perplexity.evaluate(model, tokenizer, task, benchmark.get("seqlen") or max_length,
+                                         benchmark["batch_size"]) for task in corpora}
+    stderr, samples = {task: {} for task in corpora}, {}
+    tasks = [task for task in benchmark["tasks"] if task not in corpora]
+    if not tasks:
+        return Evaluation(metrics, stderr, samples)
+    if hf_models.is_model(model):  # transformers models: lm-eval's own `hf` backend on the model object (no copy)
+        if reducer is not None:
+            raise ValueError("token reduction applies to mamba-ssm models only")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=benchmark["batch_size"], max_length=max_length)
+    else:
+        lm = ReducedMambaLM(model, tokenizer, reducer=reducer, protocol=protocol,
+                            batch_size=benchmark["batch_size"], max_length=max_length)
+    output = simple_evaluate(model=lm, tasks=tasks,
                              task_manager=task_manager(benchmark.get("include_path")),
                              num_fewshot=benchmark.get("num_fewshot", 0), limit=benchmark.get("limit"),
                              log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS, random_seed=seed,
                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-    metrics, stderr, samples = {}, {}, {}
-    for task in benchmark["tasks"]:
+    for task in tasks:
         values = output["results"].get(task)
         if values is None:
             raise RuntimeError(f"lm-eval returned no result for task {task}")

@@ -73,7 +73,8 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
     forwards = {"dense": forwards_lib.dense_forward(model)}
     if reducer is not None:
         forwards["reduced"] = forwards_lib.reduced_forward(reducer)
-    sections = {"flops": flops_report(model, reducer, info, input_ids, forwards, settings["fvcore"])}
+    mamba = info.get("family", "mamba") == "mamba"  # the FLOPs model and fvcore's op handles are mamba-ssm's
+    sections = {"flops": flops_report(model, reducer, info, input_ids, forwards, settings["fvcore"])} if mamba else {}
     if settings["efficiency"]:
         ceiling = reducer.ceiling() if settings["ceiling"] and hasattr(reducer, "ceiling") else None
         try:
@@ -85,7 +86,8 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
         finally:
             if ceiling is not None:
                 ceiling.remove()  # before the reducer: it restores what the reducer's hooks set
-        sections["efficiency"]["scan_kernel"] = efficiency.scan_kernel(info["generation"], device)
+        if mamba:
+            sections["efficiency"]["scan_kernel"] = efficiency.scan_kernel(info["generation"], device)
         if reducer is not None and hasattr(reducer, "stopwatch"):
             eff = sections["efficiency"]
             eff["reduction_ms"] = 1000 * efficiency.reduction_seconds(reducer, forwards["reduced"], input_ids,

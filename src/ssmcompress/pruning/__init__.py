@@ -1,11 +1,14 @@
-"""Post-training weight pruning of Mamba / Mamba-2 linear layers (issue #8).
+"""Post-training weight pruning of the linear layers of Mamba / Mamba-2 mixers and of transformer decoder blocks.
 
     python run.py pruner=multi sparsity=0.5                  # the paper's multi-removal pruner, 50 % unstructured
     python run.py pruner=sparsegpt sparsity=2:4 method=ours ratio=0.2   # joint with token reduction
+    python run.py model=tiny-opt pruner=wanda sparsity=0.5   # a transformers model (OPT, LLaMA, GPT-2, ...)
 
 Pruners (one module each, one signature: `prune(weight, inputs, pattern, **options) -> pruned weight`):
-magnitude, wanda, sparsegpt, multi. The runner calls `check_config` before loading anything and `from_config`
-after loading the model; the dict `from_config` returns is stored as `record["pruning"]` (schema: `summarize`).
+magnitude, wanda, sparsegpt, multi. One core for both model families (sequential.py), with an adapter per family
+(adapters.py: targets.py for mamba-ssm, hf_targets.py for transformers). The runner calls `check_config` before
+loading anything and `from_config` after loading the model; the dict `from_config` returns is stored as
+`record["pruning"]` (schema: `summarize`).
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import inspect
 import time
 from pathlib import Path
 
-from ssmcompress.pruning import calibration, magnitude, multi, sequential, sparsegpt, targets, wanda
+from ssmcompress import families
+from ssmcompress.pruning import adapters, calibration, magnitude, multi, sequential, sparsegpt, wanda
 from ssmcompress.pruning.masks import Pattern, check_width, parse_pattern
 
 PRUNERS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "multi": multi}
@@ -52,12 +56,10 @@ def check_config(cfg, model_config: dict) -> None:
         raise _config_error(f"pruner={name} needs sparsity=<fraction or N:M>, e.g. sparsity=0.5 or sparsity=2:4")
     try:
         pattern = parse_pattern(cfg.sparsity)
-        if model_config.get("attn_layer_idx"):
-            raise ValueError("hybrid models with attention layers are not supported by the pruners")
-        names = targets.in_order(settings.get("targets") or [], targets.config_generation(model_config))
+        kind, widths = adapters.ADAPTERS[families.name_of(cfg.model)].config_widths(model_config)
+        names = adapters.in_order(settings.get("targets") or [], list(widths), kind)
         if not names:
-            raise ValueError("pruner.targets is empty: choose layers, e.g. [in_proj, out_proj]")
-        widths = targets.input_widths(model_config)
+            raise ValueError(f"pruner.targets is empty: choose layers, e.g. [{', '.join(list(widths)[:2])}]")
         for target in names:
             try:
                 check_width(pattern, widths[target])
@@ -86,7 +88,6 @@ def check_calibration(settings: dict) -> None:
 
 def from_config(model, tokenizer, cfg) -> dict:
     """Prune `model` in place as cfg.pruner and cfg.sparsity say; returns the record's `pruning` section."""
-    from ssmcompress import models
     from ssmcompress.config import to_dict
 
     settings = to_dict(cfg.pruner)
@@ -96,7 +97,7 @@ def from_config(model, tokenizer, cfg) -> dict:
     tokens, calibration_settings = None, None
     if module.NEEDS_INPUTS:
         calibration_settings = dict(settings["calibration"])
-        tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(cfg.model.tokenizer)
+        tokenizer = tokenizer if tokenizer is not None else families.of(cfg.model).load_tokenizer(cfg.model.tokenizer)
         tokens = calibration.windows(calibration_settings["source"], tokenizer, calibration_settings["samples"],
                                      calibration_settings["length"], calibration_settings.get("seed", 0))
     calibration_s = time.perf_counter() - start
@@ -112,9 +113,10 @@ def from_config(model, tokenizer, cfg) -> dict:
     summary = summarize(model, name, pattern, settings, options, calibration_settings, layers,
                         dict(calibration=calibration_s, prune=prune_s, total=calibration_s + prune_s))
     if settings.get("save_dir"):
+        family = families.of_model(model)
         if tokenizer is None:
-            tokenizer = models.load_tokenizer(cfg.model.tokenizer)
-        models.save_model(model, settings["save_dir"], tokenizer=tokenizer)
+            tokenizer = family.load_tokenizer(cfg.model.tokenizer)
+        family.save_model(model, settings["save_dir"], tokenizer=tokenizer)
         summary["saved_to"] = str(Path(settings["save_dir"]).resolve())
     print(describe(summary))
     return summary
@@ -127,7 +129,8 @@ def summarize(model, name: str, pattern: Pattern, settings: dict, options: dict,
     pruner, sparsity ("0.5" / "2:4"), pattern {kind: unstructured | n:m, fraction, n, m}, targets (forward order),
     true_sequential, options (the pruner's own), calibration {source, samples, length, seed, batch_size, tokens}
     (None for magnitude), layers {"backbone.layers.<i>.mixer.<target>": {sparsity, zeros, params, error}} (error:
-    relative output error ||(W - Ŵ)X||² / ||WX||² on the calibration inputs, None without them),
+    relative output error ||(W - Ŵ)X||² / ||WX||² on the calibration inputs, None without them; transformers:
+    "<decoder layers path>.<i>.<layer>", e.g. "model.decoder.layers.0.fc1"),
     achieved_sparsity (zeros / params over the pruned layers), pruned_params, model_fraction (zeros / all
     parameters), mean_error, seconds {calibration, prune, total}, saved_to (absolute directory or None).
     """
@@ -142,7 +145,7 @@ def summarize(model, name: str, pattern: Pattern, settings: dict, options: dict,
         pruner=name, sparsity=str(pattern),
         pattern=dict(kind="n:m" if pattern.is_nm else "unstructured", fraction=pattern.fraction,
                      n=pattern.n or None, m=pattern.m or None),
-        targets=targets.in_order(settings["targets"], targets.generation(model.backbone.layers[0].mixer)),
+        targets=sequential.target_order(model, settings["targets"]),
         true_sequential=bool(settings.get("true_sequential", True)) if calibration_settings else None,
         options=options, calibration=calibration_settings, layers=layers,
         achieved_sparsity=zeros / params if params else 0.0, pruned_params=params,

@@ -55,7 +55,9 @@ def inverse_factor(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor,
     hessian = hessian.clone()
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1
-    hessian.diagonal().add_(damping * hessian.diagonal().mean())
+    # the mean of a contiguous copy of the diagonal, as SparseGPT's torch.mean(torch.diag(H)): a strided view sums in
+    # another order, 1 ulp off, which the factorisation of an ill-conditioned H turns into ~1e-5 relative
+    hessian.diagonal().add_(damping * torch.diag(hessian).mean())
     factor, info = torch.linalg.cholesky_ex(hessian)
     if info.item() != 0:
         raise ValueError(f"the damped Hessian is not positive definite (damping {damping}); raise pruner.damping")

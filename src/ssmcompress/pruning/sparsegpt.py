@@ -7,8 +7,11 @@ Columns are processed left to right in blocks of `blocksize`. With U the upper C
 - N:M mask: at the first column of every group of M, per row, the N lowest saliencies of that group;
 - each column's removal error is compensated only by the columns to its right (err = w_j / U_jj,
   W[:, j:] -= err ⊗ U[j, j:]); later blocks receive the block's errors in one lazy matrix product.
-Deviation from the official code: a block removes exactly floor(sparsity · rows · block) weights, where the
-official `<=` threshold removes one more (and one weight per block even at sparsity 0).
+Deviations from the official code (tests/pruning/test_pruning_official.py: otherwise bit for bit on its inputs):
+- a block removes exactly floor(sparsity · rows · block) weights, where the official `<=` threshold removes one
+  more (one weight per block even at sparsity 0), and every weight tied with the threshold;
+- inputs never active in calibration (H_jj = 0) have saliency 0, so they are removed first, but only as many as
+  the pattern asks; the official code zeroes their whole column beforehand (`W[:, dead] = 0`), beyond the pattern.
 """
 from __future__ import annotations
 
