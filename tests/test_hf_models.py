@@ -81,9 +81,9 @@ def test_token_reduction_is_refused_for_transformers_models(tmp_path):
     save_tiny_hf(tmp_path)
     cfg = compose_config(["model=tiny-opt", f"model.path={tmp_path}", "method=ours", "ratio=0.2", "logger=none"])
     with pytest.raises(ConfigError, match="token reduction is implemented for mamba-ssm models only") as error:
-        config_lib.validate(cfg)
+        runner.validate(cfg)
     assert "\n" not in str(error.value)
-    config_lib.validate(compose_config(["model=tiny-opt", f"model.path={tmp_path}", "logger=none"]))
+    runner.validate(compose_config(["model=tiny-opt", f"model.path={tmp_path}", "logger=none"]))
 
 
 @pytest.mark.parametrize("name,kind", [("opt-125m", "opt"), ("llama-2-7b", "llama")])
@@ -97,7 +97,7 @@ def test_a_hub_config_runs_on_a_local_hub_format_directory(tmp_path, name, kind,
                  "benchmark.tasks=[shakespeare_ppl,mqar]", "benchmark.measure.enabled=false", "pruner=wanda",
                  "sparsity=2:4", "pruner.calibration.samples=4", "pruner.calibration.length=32"]
     cfg = compose_config(overrides)
-    config_lib.validate(cfg)
+    runner.validate(cfg)
     record = runner.run(cfg, run_dir=tmp_path / "run")
     assert record["model_info"]["model_type"] == kind and record["pruning"]["achieved_sparsity"] == 0.5
     assert sorted(record["pruning"]["targets"]) == sorted(cfg.model.prune_targets)

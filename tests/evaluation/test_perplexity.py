@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import TOKENIZER_DIR, compose_config
 from hf_fixtures import tiny_hf_model
-from ssmcompress import hf_models
+from ssmcompress import hf_models, hub
 from ssmcompress.config import ConfigError, to_dict
 from ssmcompress.evaluation import harness, perplexity
 
@@ -39,7 +39,7 @@ def test_the_harness_scores_corpora_without_lm_eval(monkeypatch, single_thread):
     tokenizer = hf_models.load_tokenizer(str(TOKENIZER_DIR))
     benchmark = to_dict(compose_config(["benchmark=perplexity", "benchmark.seqlen=32"]).benchmark)
     model = tiny_hf_model("opt")
-    metrics = harness.evaluate(model, tokenizer, benchmark)
+    metrics = harness.evaluate(model, tokenizer, benchmark).metrics
     ids = tokenizer(TEXT)["input_ids"]
     assert set(metrics) == {"wikitext2", "ptb", "c4"}
     assert metrics["wikitext2"]["windows"] == len(ids) // 32 and metrics["ptb"]["seqlen"] == 32
@@ -49,6 +49,6 @@ def test_the_harness_scores_corpora_without_lm_eval(monkeypatch, single_thread):
 
 def test_the_perplexity_benchmark_needs_the_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(harness, "datasets_cache", lambda: Path("/nonexistent"))
+    monkeypatch.setattr(hub, "datasets_cache", lambda: Path("/nonexistent"))
     with pytest.raises(ConfigError, match="benchmark perplexity needs the datasets"):
-        harness.check_datasets(to_dict(compose_config(["benchmark=perplexity"]).benchmark))
+        harness.check_config(compose_config(["benchmark=perplexity"]))

@@ -21,10 +21,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
-from ssmcompress.hf_models import transformers_config
+from ssmcompress.hf_models import is_model, transformers_config
 
 # per decoder layer class, the layers that read the same input tensor: pruned in one true-sequential pass (SparseGPT's
 # llama.py groups [k, v, q], [o], [up, gate], [down]); any other layer gets a pass of its own, which is always correct
@@ -32,11 +30,18 @@ LLAMA_SHARED = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("
 SHARED_INPUTS = {"OPTDecoderLayer": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")],
                  "LlamaDecoderLayer": LLAMA_SHARED, "MistralDecoderLayer": LLAMA_SHARED,
                  "Qwen2DecoderLayer": LLAMA_SHARED}
-LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
 def handles(model) -> bool:
-    return isinstance(model, PreTrainedModel)
+    return is_model(model)
+
+
+def conv1d():
+    """transformers' Conv1D (GPT-2's linear layer). Imported here, not at the top: transformers takes a second to
+    import, and every run checks its pruner settings before any heavy import."""
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
 
 
 def _decoder_layers(model) -> tuple[str, nn.ModuleList]:
@@ -58,7 +63,7 @@ def block_prefix(model, index: int) -> str:
 
 
 def _linears(block) -> dict[str, nn.Module]:
-    return {name: module for name, module in block.named_modules() if isinstance(module, LINEAR_TYPES)}
+    return {name: module for name, module in block.named_modules() if isinstance(module, (nn.Linear, conv1d()))}
 
 
 def prunable(block) -> tuple[str, ...]:
@@ -87,12 +92,12 @@ def sequential_groups(block, names: list[str]) -> list[list[str]]:
 def get_weight(block, name: str) -> torch.Tensor:
     """The layer's weight, (out x in)."""
     module = _linears(block)[name]
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
+    return module.weight.T if isinstance(module, conv1d()) else module.weight
 
 
 def set_weight(block, name: str, weight: torch.Tensor) -> None:
     module = _linears(block)[name]
-    module.weight.copy_(weight.T if isinstance(module, Conv1D) else weight)
+    module.weight.copy_(weight.T if isinstance(module, conv1d()) else weight)
 
 
 def observe(block, name: str, record: Callable[[torch.Tensor], None]) -> torch.utils.hooks.RemovableHandle:
@@ -158,6 +163,8 @@ def tail_is_linear(block, names: list[str]) -> bool:
 def config_widths(model_config: dict) -> tuple[str, dict[str, int]]:
     """(kind, {layer: input width} in block order) from a config dict: one decoder layer built on the meta device
     (no memory, no weights), so that the layers and widths are the model's own."""
+    from transformers import AutoModelForCausalLM  # only for transformers models (see conv1d)
+
     one_layer = {**model_config, "num_hidden_layers": 1}
     if isinstance(model_config.get("layer_types"), list):
         one_layer["layer_types"] = model_config["layer_types"][:1]
