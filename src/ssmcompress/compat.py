@@ -131,12 +131,12 @@ def install() -> None:
                                       dt_softplus=dt_softplus, dt_limit=dt_limit,
                                       return_final_states=return_final_states,
                                       return_varlen_states=return_varlen_states)
-        if (initial_states is not None or seq_idx is not None or cu_seqlens is not None or return_final_states
-                or return_varlen_states):
-            raise NotImplementedError("the CPU reference chunk scan supports plain full-sequence forwards only "
-                                      "(no states, seq_idx or cu_seqlens); decode with a CUDA device")
+        if initial_states is not None or seq_idx is not None or cu_seqlens is not None or return_varlen_states:
+            raise NotImplementedError("the CPU reference chunk scan supports full-sequence forwards only (no initial "
+                                      "states, seq_idx or cu_seqlens)")
         return chunk_scan_reference(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
-                                    dt_softplus=dt_softplus, dt_limit=dt_limit)
+                                    dt_softplus=dt_softplus, dt_limit=dt_limit,
+                                    return_final_states=return_final_states)
 
     def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
                       rowscale=None, prenorm=False, residual_in_fp32=False, is_rms_norm=False,
@@ -181,7 +181,39 @@ def install() -> None:
     lng.rmsnorm_fn = gated_rmsnorm_fn
     m1.selective_state_update = state_update
     m2.selective_state_update = state_update
+    if not torch.cuda.is_available():
+        import mamba_ssm.utils.generation as generation
+
+        generation.torch = _torch_with_inert_events()
     _installed = True
+
+
+class _InertEvent:
+    """Stands in for torch.cuda.Event where a CPU build of torch refuses to make one (see below)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+def _torch_with_inert_events():
+    """torch, as mamba-ssm's generation module sees it, with an inert cuda.Event. Its `decode` makes two CUDA events
+    before it decodes, also when it does not time (enable_timing=False), and a CPU build of torch raises when asked
+    for one; everything else it calls runs on a CPU. So decoding on a CPU is mamba-ssm's own loop too."""
+    cuda = types.SimpleNamespace(**{name: getattr(torch.cuda, name) for name in dir(torch.cuda)
+                                    if not name.startswith("__")})
+    cuda.Event = _InertEvent
+    view = types.SimpleNamespace(**{name: getattr(torch, name) for name in dir(torch) if not name.startswith("__")})
+    view.cuda = cuda
+    return view
 
 
 def adapt_config(config: dict) -> dict:
@@ -202,14 +234,15 @@ def adapt_config(config: dict) -> dict:
 
 
 def chunk_scan_reference(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                         dt_limit=(0.0, float("inf"))):
+                         dt_limit=(0.0, float("inf")), return_final_states=False):
     """`mamba_chunk_scan_combined` through mamba-ssm's `ssd_minimal_discrete` (pure torch), for any length.
 
     We use `ssd_minimal_discrete` rather than `ssd_chunk_scan_combined_ref`: the latter exponentiates unmasked
     segment sums, whose overflow makes dt's gradient NaN, and it is slower. The minimal SSD needs the discretised
     inputs (x*dt, A*dt), per-head B/C and a length divisible by the chunk: we apply dt_bias/softplus/dt_limit as the
     Triton kernel does, expand groups to heads, right-pad (causal, so padding cannot change earlier outputs), and add
-    the D skip and z gate afterwards.
+    the D skip and z gate afterwards. `return_final_states`: also the state after the last token (b, h, p, n), as
+    the kernel returns it for a prefill that fills an inference cache.
     """
     from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
 
@@ -225,13 +258,15 @@ def chunk_scan_reference(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=Non
     xf = x.float()
     pad = (-length) % chunk_size
     padded = [F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf * dt[..., None], B, C)]
-    y, _ = ssd_minimal_discrete(padded[0], F.pad(A.float() * dt, (0, 0, 0, pad)), padded[1], padded[2], chunk_size)
+    # the padding neither adds to the state (x·dt = 0) nor decays it (A·dt = 0): the final state is the last token's
+    y, final_state = ssd_minimal_discrete(padded[0], F.pad(A.float() * dt, (0, 0, 0, pad)), padded[1], padded[2],
+                                          chunk_size)
     y = y[:, :length]
     if D is not None:
         y = y + xf * (D.float()[:, None] if D.dim() == 1 else D.float())
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(dtype)
+    return (y.to(dtype), final_state) if return_final_states else y.to(dtype)
 
 
 def add_norm_reference(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm, rms_ref, ln_ref):

@@ -54,6 +54,7 @@ class Record:
     headline: dict | None = None  # the paper-style row: main metric per task, extra metrics, average
     flops: dict | None = None
     efficiency: dict | None = None
+    generation: dict | None = None  # benchmark=generation (metrics.generation)
     reduction: dict | None = None  # reducer.describe()
     pruning: dict | None = None
     output_dir: str | None = None

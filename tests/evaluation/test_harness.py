@@ -157,3 +157,21 @@ def test_headline_averages_the_main_metric_of_each_task(offline_benchmark):
     expected = [metrics[t][offline_benchmark["main_metric"][t]] for t in offline_benchmark["tasks"]]
     assert row["average"] == pytest.approx(sum(expected) / len(expected))
     assert row["shakespeare_lastword/perplexity"] == 9.0
+
+
+def test_generation_tasks_run_with_reduction_and_do_not_depend_on_the_batch(single_thread):
+    """benchmark=offline_gen: MQAR and story QA answered by lm-eval's generate_until, through the reducer's prefill."""
+    from ssmcompress import reduction
+
+    model, tokenizer = models.load_model(str(TOKENIZER_DIR), "cpu", "float32"), models.load_tokenizer(str(TOKENIZER_DIR))
+    cfg = compose_config(["benchmark=offline_gen", "benchmark.limit=6", "method=ours", "ratio=0.3"])
+    reducer = reduction.from_config(model, cfg, models.model_info(model))
+    try:
+        scores = [harness.evaluate(model, tokenizer, {**to_dict(cfg.benchmark), "batch_size": size}, reducer=reducer)
+                  for size in (1, 6)]
+    finally:
+        reducer.remove()
+    assert scores[0].metrics == scores[1].metrics
+    assert set(scores[0].metrics) == {"mqar_gen", "story_qa_gen"}
+    assert scores[0].samples["mqar_gen"]["doc_id"] == list(range(6))
+    assert reducer.describe()["observed"]["achieved_ratio"] > 0.25

@@ -129,10 +129,28 @@ def test_padded_rows_ending_in_the_pad_id_protect_every_candidate():
         lengths_and_protection(torch.tensor([[9, 9, 0]]), scored)
 
 
-def test_generation_with_a_reducer_is_refused(model, tokenizer):
-    lm = ReducedMambaLM(model, tokenizer, reducer=DropTokens(model, 0, 1), batch_size=1)
-    with pytest.raises(NotImplementedError, match="generation"):
-        lm._model_generate(torch.tensor([[1, 2]]), 4, None)
+def test_generate_until_drops_lm_evals_left_padding_and_is_batch_invariant(model, tokenizer):
+    """lm-eval left-pads a generation batch; each prompt must generate as it does alone (dense and reduced)."""
+    from conftest import compose_config
+    from ssmcompress import generation, reduction
+
+    cfg = compose_config(["model.random_init=true", "method=ours", "ratio=0.3", "layers=[1,2]"])
+    reducer = reduction.from_config(model, cfg, models.model_info(model))
+    try:
+        for active in (None, reducer):
+            lm = ReducedMambaLM(model, tokenizer, reducer=active, batch_size=4)
+            prompts = [torch.randint(1, 4000, (n,)).tolist() for n in (12, 20, 16)]
+            width = max(map(len, prompts))
+            context = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            out = lm._model_generate(context, width + 3, None, attention_mask=mask, do_sample=False)
+            assert out.shape == (3, width + 3) and torch.equal(out[:, :width], context)
+            alone = [generation.generate_each(model, [p], 3, reducer=active, eos_token_id=lm.eot_token_id)[0]
+                     for p in prompts]
+            for row, tokens in zip(out[:, width:].tolist(), alone):
+                assert row[:len(tokens)] == tokens and set(row[len(tokens):]) <= {lm.eot_token_id}
+    finally:
+        reducer.remove()
 
 
 def test_unknown_protocol_is_an_error(model, tokenizer):

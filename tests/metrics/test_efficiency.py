@@ -76,3 +76,23 @@ def test_cuda_measurement_resets_the_peak_per_call():
     assert big["peak"] - big["before"] >= 2 ** 28
     assert small["peak"] - small["before"] < 2 ** 20
     assert efficiency.time_call(lambda t: torch.ones(2 ** 20, device="cuda").sum(), x) > 0
+
+
+def test_the_generation_benchmark_measures_dense_reduced_and_the_ceiling(tmp_path):
+    from conftest import compose_config
+    from ssmcompress import runner
+
+    cfg = compose_config(["benchmark=generation", "method=evit", "ratio=0.3", "model.random_init=true",
+                          "model.config.n_layer=4", "logger=none", f"results_dir={tmp_path}",
+                          "benchmark.measure.repeats=1", "benchmark.measure.warmup=0",
+                          "benchmark.measure.shape.cpu.length=24", "benchmark.measure.shape.cpu.new_tokens=3"])
+    record = runner.run(cfg, run_dir=tmp_path / "run")
+    gen = record["generation"]
+    assert (gen["batch_size"], gen["length"], gen["new_tokens"]) == (2, 24, 3)
+    for name in ("dense", "reduced", "ceiling"):
+        assert gen[f"{name}_generation_ms"] > 0 and gen[f"{name}_prefill_ms"] > 0
+        assert gen[f"{name}_tokens_per_s"] == pytest.approx(2 * 3 / gen[f"{name}_generation_ms"] * 1000)
+    decode = gen["dense_generation_ms"] - gen["dense_prefill_ms"]
+    assert gen["bound"] == pytest.approx(gen["dense_generation_ms"] / (gen["ceiling_prefill_ms"] + decode))
+    assert gen["of_bound"] == pytest.approx(gen["speedup"] / gen["bound"])
+    assert record["flops"]["achieved_ratio"] > 0.2 and record["efficiency"] is None

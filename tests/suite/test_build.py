@@ -12,6 +12,26 @@ def test_rebuilding_reproduces_the_bundled_suite(tmp_path):
         assert (tmp_path / f"{task}.jsonl").read_text() == (build.TASK_DIR / f"{task}.jsonl").read_text(), task
 
 
+def test_the_full_variant_is_the_same_tasks_with_more_documents(tmp_path):
+    """offline_full: rebuilt byte for byte; every document of the small variant is in it; lm-eval loads its tasks
+    (same names, same YAML through `include`) with its own data."""
+    from ssmcompress.evaluation import harness
+
+    full = build.TASKS / "offline_full"
+    assert build.build(tmp_path, build.VARIANTS["offline_full"]) == build.VARIANTS["offline_full"]
+    build.variant_tasks(tmp_path, "offline_full")
+    for task in build.SIZES:
+        assert (tmp_path / f"{task}.jsonl").read_text() == (full / f"{task}.jsonl").read_text(), task
+        assert (tmp_path / f"{task}.yaml").read_text() == (full / f"{task}.yaml").read_text(), task
+        small = {json.dumps(d, sort_keys=True) for d in load(task)}
+        large = {json.dumps(json.loads(line), sort_keys=True)
+                 for line in (full / f"{task}.jsonl").read_text().splitlines()}
+        assert small < large
+    loaded = harness.task_manager(str(full)).load(["mqar", "shakespeare_lastword"])["tasks"]
+    assert {name: len(task.dataset["test"]) for name, task in loaded.items()} == {"mqar": 500,
+                                                                                "shakespeare_lastword": 449}
+
+
 def test_heldout_plays_are_not_in_training():
     train, heldout = corpus.split_plays(corpus.load_plays())
     assert set(heldout) == set(corpus.HELDOUT_PLAYS) and not set(train) & set(heldout)

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # datasets otherwise pi
 os.environ.setdefault("DISABLE_MULTIPROC", "1")
 
 
-KINDS = ("lm_eval", "efficiency")  # what a benchmark config's `kind` may be
+KINDS = ("lm_eval", "efficiency", "generation")  # what a benchmark config's `kind` may be
 FILE_DATASETS = ("json", "csv", "parquet", "text", "arrow")  # `dataset_path`s that read local `data_files`
 
 

@@ -24,6 +24,8 @@ import logging
 import torch
 from lm_eval.models.mamba_lm import MambaLMWrapper
 
+from ssmcompress import generation
+
 PAD_ID = 0  # lm-eval's pad_and_concat right-pads input rows with zeros
 logger = logging.getLogger(__name__)
 
@@ -85,10 +87,23 @@ class ReducedMambaLM(MambaLMWrapper):
         return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        if self.reducer is not None:
-            raise NotImplementedError("generation tasks are not supported with token reduction; use "
-                                      "loglikelihood / multiple-choice tasks")
-        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        """generate_until's generation, dense or reduced, through ssmcompress.generation (mamba-ssm's own decoding):
+        lm-eval left-pads its batch, and a Mamba state would take the padding in, so the padding is dropped and each
+        prompt is generated with those of its own length (the same tokens alone as in any batch). Returns lm-eval's
+        layout: the padded context, then up to max_length - context length new tokens (eos after a stop)."""
+        mask = generation_kwargs.pop("attention_mask", None)
+        rows = context.tolist() if mask is None else [row[m.bool()].tolist() for row, m in zip(context, mask)]
+        greedy = not generation_kwargs.get("do_sample") or not generation_kwargs.get("temperature", 1.0)
+        sampling = generation.Sampling() if greedy else generation.Sampling(
+            top_k=int(generation_kwargs.get("top_k") or 0), top_p=float(generation_kwargs.get("top_p") or 0.0),
+            temperature=float(generation_kwargs.get("temperature", 1.0)))
+        new = generation.generate_each(self._built_model, rows, max_length - context.shape[1], reducer=self.reducer,
+                                       batch_size=self.batch_size, sampling=sampling, eos_token_id=self.eot_token_id)
+        out = context.new_full((context.shape[0], max_length), self.eot_token_id)
+        out[:, :context.shape[1]] = context
+        for i, tokens in enumerate(new):
+            out[i, context.shape[1]:context.shape[1] + len(tokens)] = torch.tensor(tokens, dtype=out.dtype)
+        return out
 
 
 def scored_rows(requests, max_length: int) -> dict[tuple, dict[int, int]]:

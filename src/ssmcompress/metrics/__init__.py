@@ -16,6 +16,7 @@ from ssmcompress.errors import ConfigError
 from ssmcompress.metrics import efficiency
 from ssmcompress.metrics import flops as analytic
 from ssmcompress.metrics import forwards as forwards_lib
+from ssmcompress.metrics import generation as generation_lib
 
 DEFAULT_MEASURE = dict(
     enabled=True,
@@ -24,6 +25,7 @@ DEFAULT_MEASURE = dict(
     ceiling=False,  # also time the reducer's ceiling (benchmark=efficiency turns it on)
     warmup=1,
     repeats=3,
+    new_tokens=100,  # benchmark=generation: tokens generated after each prompt
     shape=dict(cpu=dict(batch_size=1, length=128), cuda=dict(batch_size=8, length=2048)),
 )
 CONVENTION = ("one forward of one sequence; 1 multiply-add = 1 FLOP; norms 5/element; scan = the kernel's "
@@ -41,11 +43,14 @@ def check_config(cfg, model_config: dict) -> None:
         return
     integer("benchmark.measure.warmup", settings["warmup"], minimum=0)
     integer("benchmark.measure.repeats", settings["repeats"], minimum=1)
+    integer("benchmark.measure.new_tokens", settings["new_tokens"], minimum=1)
     for device, shape in settings["shape"].items():
         if not isinstance(shape, dict):
             raise ConfigError(f"benchmark.measure.shape.{device} must be {{batch_size: N, length: N}}, got {shape!r}")
         integer(f"benchmark.measure.shape.{device}.batch_size", shape.get("batch_size"), minimum=1)
         integer(f"benchmark.measure.shape.{device}.length", shape.get("length"), minimum=1)
+        if "new_tokens" in shape:
+            integer(f"benchmark.measure.shape.{device}.new_tokens", shape["new_tokens"], minimum=1)
 
 
 def measure_settings(benchmark: dict) -> dict:
@@ -75,7 +80,9 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
         forwards["reduced"] = forwards_lib.reduced_forward(reducer)
     mamba = info.get("family", "mamba") == "mamba"  # the FLOPs model and fvcore's op handles are mamba-ssm's
     sections = {"flops": flops_report(model, reducer, info, input_ids, forwards, settings["fvcore"])} if mamba else {}
-    if settings["efficiency"]:
+    if cfg.benchmark.kind == "generation":
+        sections["generation"] = generation_report(model, reducer, input_ids, settings)
+    elif settings["efficiency"]:
         ceiling = reducer.ceiling() if settings["ceiling"] and hasattr(reducer, "ceiling") else None
         try:
             timed = forwards if ceiling is None else {**forwards, "ceiling": forwards_lib.reduced_forward(ceiling)}
@@ -94,6 +101,20 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
                                                                       settings["repeats"])
             eff["reduction_overhead"] = eff["reduction_ms"] / eff["dense_latency_ms"]
     return sections
+
+
+def generation_report(model, reducer, input_ids, settings: dict) -> dict:
+    """benchmark=generation: metrics.generation.measure for dense, the reducer and its ceiling."""
+    ceiling = reducer.ceiling() if reducer is not None and settings["ceiling"] else None
+    variants = {"dense": None, **({"reduced": reducer} if reducer is not None else {}),
+                **({"ceiling": ceiling} if ceiling is not None else {})}
+    try:
+        new_tokens = settings["shape"][input_ids.device.type].get("new_tokens", settings["new_tokens"])
+        return generation_lib.measure(model, variants, input_ids, new_tokens, settings["warmup"],
+                                      settings["repeats"], efficiency.weight_bytes(model))
+    finally:
+        if ceiling is not None:
+            ceiling.remove()  # before the reducer: it restores what the reducer's hooks set
 
 
 def flops_report(model, reducer, info: dict, input_ids, forwards: dict, use_fvcore: bool = True) -> dict:
@@ -176,6 +197,21 @@ def summary_lines(record: dict) -> list[str]:
                          f"achieved ratio {fv['achieved_ratio']:.4f} (reduction's own work included)")
         if flops["achieved_ratio"]:
             lines.append(f"{'tokens per layer':<28}" + " ".join(str(t) for t in flops["tokens_per_layer"]))
+    gen = record.get("generation")
+    if gen:
+        names = [n for n in ("dense", "reduced", "ceiling") if f"{n}_generation_ms" in gen]
+        lines.append(f"{'generation':<28}{gen['batch_size']} x {gen['length']} prompt tokens + {gen['new_tokens']} new"
+                     f" ({gen['device']}{', CUDA graphs' if gen['cuda_graphs'] else ''})")
+        for part, key, unit in (("prefill", "prefill_ms", "ms"), ("generation", "generation_ms", "ms"),
+                                ("decode / token", "decode_ms_per_token", "ms"), ("tokens/s", "tokens_per_s", ""),
+                                ("peak memory", "peak_mib", "MiB")):
+            if all(f"{n}_{key}" in gen for n in names):
+                lines.append(f"{'  ' + part + (' ' + unit if unit else ''):<28}"
+                             + "  ".join(f"{n} {gen[f'{n}_{key}']:.4g}" for n in names))
+        if "speedup" in gen:
+            lines.append(f"{'  speed-up':<28}generation {gen['speedup']:.3f}  prefill {gen['prefill_speedup']:.3f}"
+                         + (f"  bound {gen['bound']:.3f} (ceiling prefill + dense decoding)  of bound "
+                            f"{100 * gen['of_bound']:.1f}%" if "bound" in gen else ""))
     eff = record.get("efficiency")
     if eff:
         names = [n for n in ("dense", "reduced", "ceiling") if f"{n}_latency_ms" in eff]

@@ -144,7 +144,9 @@ def kernels_as_ops():
     selective_scan_op = _named_op("SelectiveScanFn", selective_scan_router)
 
     def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                   dt_limit=(0.0, float("inf"))):
+                   dt_limit=(0.0, float("inf")), return_final_states=False):
+        if return_final_states:  # a prefill into an inference cache: not what the FLOPs of a forward count
+            raise NotImplementedError("fvcore counts plain forwards, not prefills that return the SSM states")
         return chunk_scan_op.apply(x, dt, A, B, C, chunk_size, D, z, dt_bias, None, None, None, dt_softplus,
                                    dt_limit)
 

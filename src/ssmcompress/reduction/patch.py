@@ -10,6 +10,7 @@ switched off on reduction layers only, and restored by `remove()`, which leaves 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -160,6 +161,15 @@ class Reducer:
     def __call__(self, input_ids: Tensor, lengths: Tensor | None = None, protect: Tensor | None = None,
                  trace: bool = False) -> ReducedOutput:
         """Run the reduced model. `trace=True` also records, per reduction layer, every slot's fate."""
+        state = self._begin(input_ids, lengths, protect, trace)
+        try:
+            logits = self.model(input_ids).logits
+        finally:
+            self._state = None
+        return self._settle(state, logits)
+
+    def _begin(self, input_ids: Tensor, lengths: Tensor | None, protect: Tensor | None, trace: bool) -> ForwardState:
+        """The bookkeeping of one reduced forward, made active for the hooks."""
         if self._handles is None:
             raise RuntimeError("this reducer was removed; build a new one with reduction.from_config")
         # int(): under torch.jit.trace (fvcore) shapes are tensors
@@ -173,21 +183,58 @@ class Reducer:
         state = ForwardState(positions, valid, protect, ones, ones, n0, trace=[] if trace else None,
                              table=self._chunk_table(input_ids, lengths), planned=planned)
         self._state = state
-        try:
-            logits = self.model(input_ids).logits
-        finally:
-            self._state = None
-        with _timed(self.stopwatch, logits):
-            # every check that needs the GPU's answer, in one synchronisation
+        return state
+
+    def _settle(self, state: ForwardState, logits: Tensor | None, same_counts: bool = False) -> ReducedOutput:
+        """After a reduced forward: every check that needs the GPU's answer, in one synchronisation, and the
+        bookkeeping. `same_counts`: every row must have kept as many tokens as every other (a prefill, whose cached
+        states would otherwise include filler slots)."""
+        with _timed(self.stopwatch, state.n0):
             planned = zip(state.counts, state.planned or ())
+            same = [(counts != counts[:1]).any() for counts in state.counts] if same_counts else []
             flags = torch.stack([state.valid.all()] + [bad.any() for _, bad in state.nonfinite]
-                                + [(counts != count).any() for counts, count in planned]).tolist()
-            _check_finite(state.nonfinite, flags[1:len(state.nonfinite) + 1])
-            _check_planned(self.setup.layers, flags[len(state.nonfinite) + 1:])
-            if not flags[0]:
+                                + [(counts != count).any() for counts, count in planned] + same).tolist()
+            found = len(state.nonfinite)
+            _check_finite(state.nonfinite, flags[1:found + 1])
+            _check_planned(self.setup.layers, flags[found + 1:len(flags) - len(same)])
+            if any(flags[len(flags) - len(same):]):
+                raise RuntimeError("the rows of a prefill kept different numbers of tokens; their cached states would "
+                                   "include filler slots (generate prompts of one length per batch)")
+            if logits is not None and not flags[0]:
                 logits = logits.masked_fill(~state.valid[..., None], float("nan"))
-            self._pending.append((n0, torch.stack(state.counts, 1) if state.counts else None))
+            self._pending.append((state.n0, torch.stack(state.counts, 1) if state.counts else None))
         return ReducedOutput(logits, state.positions, state.valid.sum(1), state.trace)
+
+    @contextlib.contextmanager
+    def prefilling(self):
+        """While active, every prefill of the model (a forward with `inference_params` at offset 0, as mamba-ssm's
+        generation makes) runs reduced, with each row's last position protected: its logits start decoding, and
+        every layer caches the conv and SSM states of the tokens it saw. Decoding steps run dense."""
+        def begin(module, args, kwargs):
+            params = kwargs.get("inference_params")
+            input_ids = args[0] if args else kwargs["input_ids"]
+            if params is None or params.seqlen_offset > 0:
+                return None
+            protect = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            protect[:, -1] = True
+            self._prefill = self._begin(input_ids, None, protect, False)
+            return None
+
+        def settle(module, args, kwargs, output):
+            state, self._prefill, self._state = self._prefill, None, None
+            if state is not None:
+                self._settle(state, None, same_counts=True)
+            return None
+
+        handles = [self.model.register_forward_pre_hook(begin, with_kwargs=True),
+                   self.model.register_forward_hook(settle, with_kwargs=True)]
+        self._prefill = None
+        try:
+            yield self
+        finally:
+            self._state = self._prefill = None
+            for handle in handles:
+                handle.remove()
 
     def chunk_counts(self, n: int) -> tuple[int, ...] | None:
         """schedule=chunk: the tokens a row of n real tokens keeps after each reduction layer (budget.chunk_counts),

@@ -1,6 +1,12 @@
 """Build the offline benchmark suite (lm-eval task YAMLs + JSONL) deterministically.
 
     python -m ssmcompress.suite.build            # writes src/ssmcompress/assets/tasks/offline/*.jsonl
+    python -m ssmcompress.suite.build --variant offline_full   # the larger variant: tasks/offline_full/*.jsonl
+
+Two variants of the same tasks from the same generators and seeds: `offline` (120-150 documents per task, sized for
+the < 1 minute default run) and `offline_full` (every last-word passage the held-out plays have, 449, and 500 of each
+other task: standard errors of about 2 points instead of 4, for the sweeps behind the tables). The small variant's
+documents are among the large one's. offline_full's YAMLs include offline's and name their own data files.
 
 Tasks (all zero-shot, scored by lm-eval from log-likelihoods):
 - shakespeare_lastword: LAMBADA-style. A passage of a held-out play whose last word also occurs earlier in the
@@ -20,8 +26,11 @@ from pathlib import Path
 
 from ssmcompress.suite import corpus, synthetic
 
-TASK_DIR = Path(__file__).resolve().parents[1] / "assets" / "tasks" / "offline"
+TASKS = Path(__file__).resolve().parents[1] / "assets" / "tasks"
+TASK_DIR = TASKS / "offline"
 SIZES = dict(shakespeare_lastword=120, shakespeare_continuation=120, mqar=150, story_qa=120)  # python run.py < 1 min
+VARIANTS = {"offline": SIZES,
+            "offline_full": dict(shakespeare_lastword=449, shakespeare_continuation=500, mqar=500, story_qa=500)}
 SEEDS = dict(shakespeare_lastword=1, shakespeare_continuation=2, mqar=3, story_qa=4)  # training uses seeds >= 1000
 STOPWORDS = set("""a an and are as at be but by for from had has have he her him his i if in is it its me my no
 nor not of on or our she so that the thee their them then there they thou thy to us was we were what when which
@@ -136,12 +145,29 @@ def build(task_dir: Path = TASK_DIR, sizes: dict | None = None) -> dict[str, int
     return {task: len(rows) for task, rows in docs.items()}
 
 
+def variant_tasks(task_dir: Path, variant: str, source: Path = TASK_DIR) -> None:
+    """For each task of `source`, a YAML in `task_dir` that includes it and reads the variant's JSONL instead (the
+    tasks, their names and metrics stay the source's: a variant differs in its data only). The YAMLs name the
+    variant's folder beside `source` (assets/tasks/<variant>)."""
+    for path in sorted(source.glob("*.yaml")):
+        if path.stem not in SIZES:  # the group file and the pruning benchmark's held-out perplexity
+            continue
+        (task_dir / path.name).write_text(
+            f"# {path.stem} with the {variant} data (written by python -m ssmcompress.suite.build)\n"
+            f"include: ../{source.name}/{path.name}\n"
+            f"dataset_kwargs:\n  data_file: ../{variant}/{path.stem}.jsonl\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=TASK_DIR)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="offline")
+    parser.add_argument("--out", type=Path, default=None, help="default: src/ssmcompress/assets/tasks/<variant>")
     args = parser.parse_args()
-    for task, count in build(args.out).items():
-        print(f"{task}: {count} documents -> {args.out / (task + '.jsonl')}")
+    out = args.out or TASKS / args.variant
+    for task, count in build(out, VARIANTS[args.variant]).items():
+        print(f"{task}: {count} documents -> {out / (task + '.jsonl')}")
+    if args.variant != "offline":
+        variant_tasks(out, args.variant)
 
 
 if __name__ == "__main__":

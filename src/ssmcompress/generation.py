@@ -1,0 +1,68 @@
+"""Generation with token reduction: the prompt is prefilled through the reducer, the answer decoded from the states
+the prefill cached.
+
+Built on mamba-ssm's own generation (`mamba_ssm.utils.generation.decode`: its InferenceParams cache, its sampling
+with temperature / top-k / top-p / min-p, and on a GPU its CUDA-graph decoding); no second decoding loop. The reducer
+takes part in the prefill only (`Reducer.prefilling`): every reduction layer shortens the prompt as in a scored
+forward, so each layer caches the conv and SSM states of the tokens it actually saw, and each row's last prompt
+position is kept (its logits start decoding). Decoding steps run dense on the cached states.
+
+mamba-ssm's decode takes a batch of prompts of one length (a padded prompt would put its padding into the cached
+state), so `generate_each` groups prompts by length: a prompt generates the same tokens alone and in any batch.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """mamba-ssm's sampling options; the defaults are greedy decoding."""
+
+    top_k: int = 1
+    top_p: float = 0.0
+    min_p: float = 0.0
+    temperature: float = 1.0
+
+
+def generate(model, input_ids: Tensor, max_new_tokens: int, reducer=None, sampling: Sampling = Sampling(),
+             eos_token_id: int | None = None, cg: bool | None = None) -> Tensor:
+    """(batch, length + up to max_new_tokens) tokens: the prompts (all of one length) and what was generated. With a
+    reducer the prompt is prefilled reduced; `cg`: CUDA-graph decoding (default: on a GPU)."""
+    from mamba_ssm.utils.generation import decode
+
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be (batch, length >= 1), got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    cg = input_ids.is_cuda if cg is None else cg
+    with torch.no_grad(), (reducer.prefilling() if reducer is not None else contextlib.nullcontext()):
+        output = decode(input_ids, model, max_length=input_ids.shape[1] + max_new_tokens, top_k=sampling.top_k,
+                        top_p=sampling.top_p, min_p=sampling.min_p, temperature=sampling.temperature,
+                        eos_token_id=eos_token_id, cg=cg)
+    return output.sequences
+
+
+def generate_each(model, prompts: list[list[int]], max_new_tokens: int, reducer=None, batch_size: int = 16,
+                  sampling: Sampling = Sampling(), eos_token_id: int | None = None) -> list[list[int]]:
+    """The new tokens of every prompt (up to and without the first eos), in the prompts' order: prompts of one
+    length are generated together, `batch_size` at a time."""
+    device = next(model.parameters()).device
+    groups: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {index} is empty")
+        groups.setdefault(len(prompt), []).append(index)
+    out: list[list[int] | None] = [None] * len(prompts)
+    for length, indices in groups.items():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            ids = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
+            sequences = generate(model, ids, max_new_tokens, reducer, sampling, eos_token_id)[:, length:].tolist()
+            for i, new in zip(chunk, sequences):
+                out[i] = new[:new.index(eos_token_id)] if eos_token_id in new else new
+    return out
