@@ -25,7 +25,8 @@ from ssmcompress import models, reduction
 from ssmcompress.config import CONF_DIR, register_resolvers
 from ssmcompress.metrics import efficiency
 from ssmcompress.reduction import budget, kernels, merge, methods
-from ssmcompress.reduction.patch import Stopwatch, importance_of
+from ssmcompress.reduction.patch import importance_of
+from ssmcompress.timing import Stopwatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_reduction import count_syncs  # noqa: E402

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from ssmcompress import models, reduction
 from ssmcompress.config import CONF_DIR, register_resolvers
 from ssmcompress.metrics import efficiency
-from ssmcompress.reduction.patch import Stopwatch
+from ssmcompress.timing import Stopwatch
 
 
 

@@ -108,9 +108,7 @@ class SsmcompressLM(ReducedMambaLM):
 def main() -> None:
     """`ssmcompress-lm-eval <lm-eval's own options>`: lm-eval's command line with the `ssmcompress` model registered
     (lm-eval 0.4.13 does not discover third-party models from entry points)."""
-    from lm_eval.__main__ import cli_evaluate
-
-    import ssmcompress  # noqa: F401  (registers the model)
+    from lm_eval.__main__ import cli_evaluate  # lm-eval's CLI imports its whole stack: only for this command
 
     try:
         cli_evaluate()

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ssmcompress.metrics import flops
+from ssmcompress import flops
 
 
 class DropTokens:

@@ -14,7 +14,8 @@ from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 from conftest import TINY, tiny_model
 from evaluation.fake_reducer import DropTokens
 from ssmcompress import compat, models
-from ssmcompress.metrics import flops, fvcore_count
+from ssmcompress import flops
+from ssmcompress.metrics import fvcore_count
 from ssmcompress.metrics.forwards import dense_forward, reduced_forward, tokens_per_layer
 
 # the references as they are outside any count (kernels_as_ops swaps the module attributes while counting)

@@ -12,9 +12,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssmcompress import hub
+from ssmcompress import hf_models, hub
 from ssmcompress.config import integer, to_dict
 from ssmcompress.errors import ConfigError
+from ssmcompress.evaluation import perplexity
 
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # datasets otherwise pings S3 on every load
 # lm-eval bootstraps standard errors in a process pool of cpu_count() workers unless this is set; a pool per task
@@ -121,11 +122,10 @@ def evaluate(model, tokenizer, benchmark: dict, reducer=None, protocol: str = "e
     """lm-eval on the benchmark's tasks: metrics, their standard errors and the per-document values of the
     benchmark's main and extra metrics (for paired tests between runs); lm-eval's per-sample outputs are also
     written to samples_dir."""
+    # lm-eval's models (transformers, accelerate) take seconds to import: here, after every config check, not at the top
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from ssmcompress import hf_models
-    from ssmcompress.evaluation import perplexity
     from ssmcompress.evaluation.lm_backend import ReducedMambaLM
 
     # WikiText-2 / PTB / C4 perplexity by SparseGPT's protocol, not lm-eval's (every position is scored: under the

@@ -14,7 +14,7 @@ import copy
 from ssmcompress.config import integer, to_dict
 from ssmcompress.errors import ConfigError
 from ssmcompress.metrics import efficiency
-from ssmcompress.metrics import flops as analytic
+from ssmcompress import flops as analytic
 from ssmcompress.metrics import forwards as forwards_lib
 from ssmcompress.metrics import generation as generation_lib
 
@@ -29,7 +29,7 @@ DEFAULT_MEASURE = dict(
     shape=dict(cpu=dict(batch_size=1, length=128), cuda=dict(batch_size=8, length=2048)),
 )
 CONVENTION = ("one forward of one sequence; 1 multiply-add = 1 FLOP; norms 5/element; scan = the kernel's "
-              "contractions; other elementwise work 0 (ssmcompress.metrics.flops)")
+              "contractions; other elementwise work 0 (ssmcompress.flops)")
 
 
 def check_config(cfg, model_config: dict) -> None:
@@ -145,7 +145,7 @@ def flops_report(model, reducer, info: dict, input_ids, forwards: dict, use_fvco
 
 
 def fvcore_report(model, info: dict, input_ids, forwards: dict, analytic_report: dict) -> dict:
-    from ssmcompress.metrics import fvcore_count
+    from ssmcompress.metrics import fvcore_count  # fvcore (iopath, yacs) only where a run counts with it
 
     batch_size = input_ids.shape[0]
     counts = {name: fvcore_count.count_forward(model, forward, input_ids, info) for name, forward in forwards.items()}

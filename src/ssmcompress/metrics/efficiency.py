@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ssmcompress import compat
+from ssmcompress.timing import Stopwatch
 
 MIB = 2 ** 20
 
@@ -156,8 +157,6 @@ def reduction_seconds(reducer, forward, input_ids: torch.Tensor, repeats: int) -
     """Median seconds per reduced forward spent in the reduction's own work (importance, matching, merging,
     gathers, its bookkeeping), from the reducer's stopwatch over `repeats` extra calls (after the timed ones, so
     the latencies above are measured without it)."""
-    from ssmcompress.reduction.patch import Stopwatch
-
     per_call = []
     with torch.no_grad():
         for _ in range(repeats):

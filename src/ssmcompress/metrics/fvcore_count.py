@@ -20,7 +20,8 @@ import math
 import torch
 from torch import nn
 
-from ssmcompress.metrics import flops as analytic
+from ssmcompress import compat
+from ssmcompress import flops as analytic
 
 # ---------------------------------------------------------------------------------------------------- handles
 
@@ -124,7 +125,6 @@ def kernels_as_ops():
     import mamba_ssm.ops.triton.layer_norm as ln
     import mamba_ssm.ops.triton.layernorm_gated as lng
 
-    from ssmcompress import compat
 
     chunk_scan_ref, add_norm_ref = compat.chunk_scan_reference, compat.add_norm_reference
     gated_norm_ref, selective_scan_router = lng.rms_norm_ref, m1.selective_scan_fn

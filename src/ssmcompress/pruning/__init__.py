@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 from ssmcompress import families
+from ssmcompress.config import to_dict
+from ssmcompress.errors import ConfigError
 from ssmcompress.pruning import adapters, calibration, magnitude, multi, sequential, sparsegpt, wanda
 from ssmcompress.pruning.masks import Pattern, check_width, parse_pattern
 
@@ -24,8 +26,6 @@ PRUNERS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "mult
 
 
 def _config_error(message: str):
-    from ssmcompress.config import ConfigError
-
     return ConfigError(message)
 
 
@@ -46,8 +46,6 @@ def check_options(name: str, pattern: Pattern, options: dict) -> None:
 
 def check_config(cfg, model_config: dict) -> None:
     """Reject unusable pruning settings with one line, before any model is loaded."""
-    from ssmcompress.config import to_dict
-
     settings = to_dict(cfg.pruner)
     name = settings["name"]
     if name not in PRUNERS:
@@ -88,8 +86,6 @@ def check_calibration(settings: dict) -> None:
 
 def from_config(model, tokenizer, cfg) -> dict:
     """Prune `model` in place as cfg.pruner and cfg.sparsity say; returns the record's `pruning` section."""
-    from ssmcompress.config import to_dict
-
     settings = to_dict(cfg.pruner)
     name, pattern, options = settings["name"], parse_pattern(cfg.sparsity), options_of(settings)
     module = PRUNERS[name]

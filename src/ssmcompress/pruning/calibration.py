@@ -15,6 +15,7 @@ import random
 import torch
 
 from ssmcompress import hub
+from ssmcompress.suite import corpus
 
 SOURCES = ("shakespeare", "c4", "wikitext2")
 CHARS_PER_TOKEN = 8  # a generous first guess of the characters a window needs (doubled until enough)
@@ -70,8 +71,6 @@ def document_windows(documents, tokenizer, samples: int, length: int, seed: int)
 
 @functools.lru_cache(maxsize=1)  # the pinned corpus never changes within a process (a sweep reads it once)
 def shakespeare_text() -> str:
-    from ssmcompress.suite import corpus
-
     train, _ = corpus.split_plays(corpus.load_plays())
     return "\n\n".join(train.values())
 

@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ssmcompress.suite import corpus
+
 TASK_DIR = Path(__file__).resolve().parents[1] / "assets" / "tasks" / "offline"
 DATA_FILE = "shakespeare_ppl.jsonl"
 COUNT, MIN_WORDS = 64, 200
@@ -39,8 +41,6 @@ def evenly_spaced(items: list, count: int) -> list:
 
 
 def documents(count: int = COUNT, min_words: int = MIN_WORDS) -> list[dict]:
-    from ssmcompress.suite import corpus
-
     _, heldout = corpus.split_plays(corpus.load_plays())
     return evenly_spaced(passages(heldout, min_words), count)
 

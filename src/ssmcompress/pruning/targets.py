@@ -22,13 +22,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ssmcompress import compat
+
 # forward order inside a mixer: with true-sequential pruning a target sees the already pruned earlier ones
 TARGETS = {1: ("in_proj", "x_proj", "dt_proj", "out_proj"), 2: ("in_proj", "out_proj")}
 FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")
 
 
 def _mamba_classes():
-    from ssmcompress import compat
 
     compat.install()  # mamba-ssm imports its CUDA extension unconditionally
     from mamba_ssm.modules.mamba2 import Mamba2

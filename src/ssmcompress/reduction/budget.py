@@ -1,7 +1,7 @@
 """The FLOPs budget: from `ratio` (fraction of the forward FLOPs removed) and the reduction layers to a keep rate.
 
 Conventions (README: Token reduction, The budget):
-- FLOPs are the analytic model of `ssmcompress.metrics.flops` (blocks + lm_head), the ruler the evaluator uses.
+- FLOPs are the analytic model of `ssmcompress.flops` (blocks + lm_head), the ruler the evaluator uses.
   The budget counts the model's own work, identical for every method, so at one `ratio` every method removes
   the same number of tokens per layer. The reduction's own work (similarity matrices) is `overhead_flops`,
   reported beside the achieved ratio (and to the evaluator through `Reducer.reduction_flops`), not traded
@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 
 from ssmcompress.config import ConfigError
-from ssmcompress.metrics import flops
+from ssmcompress import flops
 
 # The paper's reduction layers (0-based block indices, as the official code's enumerate over backbone.layers).
 PAPER_LAYERS = {64: (12, 17, 22, 27, 32, 37, 42), 48: (10, 15, 20, 25, 30, 35)}

@@ -11,7 +11,6 @@ switched off on reduction layers only, and restored by `remove()`, which leaves 
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ssmcompress.reduction import budget
+from ssmcompress.timing import Stopwatch, timed
 from ssmcompress.reduction.merge import Reduced, Tokens
 
 KEPT, PRUNED, MERGED = 0, 1, 2  # a slot's fate in a trace
@@ -115,14 +115,14 @@ class Reducer:
 
     def _capture(self, index: int, module, args):
         if self._state is not None:
-            with _timed(self.stopwatch, args[0]):
+            with timed(self.stopwatch, args[0]):
                 self._state.importance[index] = importance_of(args[0], self.setup.params.get("importance", "clip"))
 
     def _reduce(self, index: int, step: int, module, args, output):
         state = self._state
         if state is None:
             return None
-        with _timed(self.stopwatch, output[0]):
+        with timed(self.stopwatch, output[0]):
             return self._reduce_step(state, index, step, *output)
 
     def _reduce_step(self, state: ForwardState, index: int, step: int, hidden: Tensor, residual: Tensor):
@@ -189,7 +189,7 @@ class Reducer:
         """After a reduced forward: every check that needs the GPU's answer, in one synchronisation, and the
         bookkeeping. `same_counts`: every row must have kept as many tokens as every other (a prefill, whose cached
         states would otherwise include filler slots)."""
-        with _timed(self.stopwatch, state.n0):
+        with timed(self.stopwatch, state.n0):
             planned = zip(state.counts, state.planned or ())
             same = [(counts != counts[:1]).any() for counts in state.counts] if same_counts else []
             flags = torch.stack([state.valid.all()] + [bad.any() for _, bad in state.nonfinite]
@@ -407,46 +407,6 @@ def _check_planned(layers: list[int], flags: list) -> None:
                                f"for unpadded, unprotected rows (non-finite activations, or a method that removes "
                                f"other than min(asked, its min_keep_rate limit)); pass lengths= to take the widths "
                                f"from the data instead")
-
-
-class Stopwatch:
-    """Sums the time spent inside `_timed` blocks: CUDA events on a GPU (recorded in stream order, so no
-    synchronisation is added; the host waits the reduction itself does, e.g. for a data-dependent width, show up
-    as the stream idling between the events), `time.perf_counter` on a CPU. `seconds()` waits for the events."""
-
-    def __init__(self):
-        self.spans: list[tuple] = []
-
-    def seconds(self) -> float:
-        total = 0.0
-        for start, end in self.spans:
-            if isinstance(start, float):
-                total += end - start
-            else:
-                end.synchronize()
-                total += start.elapsed_time(end) / 1000.0
-        return total
-
-
-class _timed:
-    def __init__(self, stopwatch: Stopwatch | None, like: Tensor):
-        self.stopwatch, self.cuda = stopwatch, like.is_cuda
-
-    def _stamp(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def __enter__(self):
-        if self.stopwatch is not None:
-            self.start = self._stamp()
-
-    def __exit__(self, *exc):
-        if self.stopwatch is not None:
-            self.stopwatch.spans.append((self.start, self._stamp()))
-        return False
 
 
 def check_inputs(input_ids: Tensor, lengths: Tensor | None, protect: Tensor | None) -> tuple[Tensor, Tensor]:

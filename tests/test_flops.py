@@ -3,7 +3,7 @@ import pytest
 
 from conftest import tiny_model
 from ssmcompress import models
-from ssmcompress.metrics import flops
+from ssmcompress import flops
 
 
 @pytest.fixture(scope="module", params=[2, 1], ids=["mamba2", "mamba1"])
