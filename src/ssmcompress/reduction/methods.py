@@ -33,6 +33,8 @@ def stream_q(strategy: str, q: float | None) -> float:
 
 def links_to_prune(selected: Tensor, score: Tensor, importance: Tensor, q: float, order: str) -> Tensor:
     """Of each row's selected links, the round(q · count) that a hybrid stream prunes (the rest are merged)."""
+    if q in (0.0, 1.0):  # a pure merge or prune stream: all or none, without ranking the links (a sort per layer)
+        return selected if q == 1.0 else torch.zeros_like(selected)
     count = round_half_up(q * selected.sum(1).double())
     if order == "most_similar":  # near-duplicates: dropping them loses least, merging them would change little
         return highest(score, count, selected)
