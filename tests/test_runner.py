@@ -66,6 +66,8 @@ BAD_INPUTS = [  # (overrides, what the one-line error says)
     (["benchmark=efficiency", "benchmark.measure.shape.cpu.length=0"], "shape.cpu.length must be an integer >= 1"),
     (["benchmark=efficiency", "benchmark.measure.repeats=0"], "benchmark.measure.repeats must be an integer >= 1"),
     (["model=local"], "model.path must be set"),
+    (["benchmark=efficiency", "method=ours", "ratio=0.3", "method.strict=true", "benchmark.measure.shape.cpu.length=5"],
+     "strict=true: a sequence of 5 tokens is too short for ratio=0.3"),
 ]
 
 

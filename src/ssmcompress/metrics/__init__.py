@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import copy
 
+from ssmcompress import families, models, reduction
+from ssmcompress import flops as analytic
 from ssmcompress.config import integer, to_dict
 from ssmcompress.errors import ConfigError
 from ssmcompress.metrics import efficiency
-from ssmcompress import flops as analytic
 from ssmcompress.metrics import forwards as forwards_lib
 from ssmcompress.metrics import generation as generation_lib
 
@@ -51,6 +52,9 @@ def check_config(cfg, model_config: dict) -> None:
         integer(f"benchmark.measure.shape.{device}.length", shape.get("length"), minimum=1)
         if "new_tokens" in shape:
             integer(f"benchmark.measure.shape.{device}.new_tokens", shape["new_tokens"], minimum=1)
+    if cfg.method.name != "dense" and families.name_of(cfg.model) == "mamba":  # the measured shape, strict budget
+        device = "cuda" if models.resolve_device(cfg.model.device).type == "cuda" else "cpu"
+        reduction.check_lengths(cfg, model_config, [input_shape(settings, device)[1]])
 
 
 def measure_settings(benchmark: dict) -> dict:

@@ -38,7 +38,7 @@ from typing import Callable
 from ssmcompress import architecture
 from ssmcompress.config import ConfigError
 from ssmcompress.reduction import budget, methods
-from ssmcompress.reduction.patch import Reducer, Setup
+from ssmcompress.reduction.patch import Reducer, Schedule, Setup
 
 SCHEDULES = ("smooth", "chunk")
 STRATEGIES = ("prune", "merge", "hybrid")
@@ -234,6 +234,18 @@ def check_schedule(schedule, info: dict, params: dict) -> str:
 def check_config(cfg, model_config: dict) -> None:
     """Raise ConfigError for anything from_config would reject (called by runner.validate before loading)."""
     resolve(cfg, architecture.info_from_config(model_config))
+
+
+def check_lengths(cfg, model_config: dict, lengths) -> None:
+    """strict=true: a ConfigError, before any work, when a row length a run will use (the measured shape) cannot
+    reach the ratio with the integer schedule (the reducer would stop at its first forward)."""
+    info = architecture.info_from_config(model_config)
+    setup = resolve(cfg, info)
+    if setup.strict:
+        try:
+            Schedule(setup, info).check_lengths(lengths)
+        except ValueError as error:
+            raise ConfigError(f"strict=true: {error}") from None
 
 
 def from_config(model, cfg, info: dict) -> Reducer:

@@ -85,14 +85,71 @@ class Setup:
     ceiling: Setup | None = None  # the ceiling at this schedule (reduction.ceiling_of); None for the ceiling
 
 
+class Schedule:
+    """The integer token counts a setup gives a row of n real tokens, and what they remove: the reducer's schedule,
+    without a model (the config checks use it before any work)."""
+
+    def __init__(self, setup: Setup, info: dict):
+        self.setup = setup
+        self.info_items = tuple(sorted((k, v) for k, v in info.items() if isinstance(v, (int, float, str))))
+        self._min_length: int | None | bool = False  # computed on first use
+
+    def chunk_counts(self, n: int) -> tuple[int, ...] | None:
+        """schedule=chunk: the tokens a row of n real tokens keeps after each reduction layer (budget.chunk_counts),
+        None where it falls back to the smooth counts (and under schedule=smooth)."""
+        s = self.setup
+        if s.schedule != "chunk" or s.ratio is None:
+            return None
+        return budget.chunk_counts(self.info_items, tuple(s.layers), n, s.ratio, s.min_keep_rate)
+
+    def chunk_reachable(self, n: int) -> bool:
+        """Whether a row of n tokens has chunk counts (they reach the ratio), without searching for them."""
+        s = self.setup
+        return s.schedule == "chunk" and s.ratio is not None and budget.chunk_reachable(
+            self.info_items, tuple(s.layers), n, s.ratio, s.min_keep_rate)
+
+    def check_lengths(self, lengths) -> None:
+        """strict mode: a ValueError for a row length whose integer schedule falls short of the ratio."""
+        shortest = self.min_length()
+        for n in sorted(set(lengths)):
+            reached = self.predicted_ratio(n)
+            if self.setup.ratio is not None and reached < self.setup.ratio - budget.TOLERANCE:
+                hint = (f"sequences of at least {shortest} tokens reach it" if shortest else
+                        f"no sequence up to {self.setup.reference_length} tokens reaches it")
+                raise ValueError(f"a sequence of {n} tokens is too short for ratio={self.setup.ratio}: with layers "
+                                 f"{self.setup.layers} it reaches {reached:.4f}; {hint} (strict=false reduces it "
+                                 f"as far as it goes and reports the achieved ratio)")
+
+    def predicted_ratio(self, n: int) -> float:
+        """FLOPs ratio the integer schedule removes from an unprotected sequence of n real tokens."""
+        s = self.setup
+        counts = self.chunk_counts(n) or budget.predicted_counts(s.rule, s.keep_rate, n, len(s.layers),
+                                                                 s.min_keep_rate)
+        dense, reduced, _ = budget.row_flops(self.info_items, tuple(s.layers), n, tuple(counts), s.overhead)
+        return 1.0 - reduced / dense
+
+    def min_length(self) -> int | None:
+        """The length from which on (up to the reference length) every unprotected sequence reaches the target
+        ratio within the tolerance; None if the reference length itself does not (rounding makes the achieved
+        ratio of short sequences jump up and down, so "the first length that reaches it" would mislead)."""
+        if self._min_length is False:
+            self._min_length = None
+            if self.setup.ratio is not None and self.setup.layers:
+                for n in range(self.setup.reference_length, 0, -1):
+                    if not self.chunk_reachable(n) and self.predicted_ratio(n) < self.setup.ratio - budget.TOLERANCE:
+                        break
+                    self._min_length = n
+        return self._min_length
+
+
 class Reducer:
     """A token-reduced view of a mamba-ssm model; `ssmcompress.reduction` documents the contract."""
 
     def __init__(self, model, setup: Setup, info: dict):
         self.model, self.setup, self.info = model, setup, info
-        self._info_items = tuple(sorted((k, v) for k, v in info.items() if isinstance(v, (int, float, str))))
+        self.schedule = Schedule(setup, info)
+        self._info_items = self.schedule.info_items
         self._state: ForwardState | None = None
-        self._min_length: int | None | bool = False  # computed on first use
         self._handles, self._flags = [], []
         self.stopwatch: Stopwatch | None = None  # set by metrics to time the reduction's own work
         self._pending = []  # (n0, counts) of calls not yet added to the totals
@@ -177,7 +234,7 @@ class Reducer:
         valid, protect = check_inputs(input_ids, lengths, protect)
         n0 = valid.sum(1)
         if self.setup.strict:
-            self._check_lengths(n0)
+            self.schedule.check_lengths(n0.tolist())
         ones = torch.ones(valid.shape, device=valid.device)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         state = ForwardState(positions, valid, protect, ones, ones, n0, trace=[] if trace else None,
@@ -237,18 +294,13 @@ class Reducer:
                 handle.remove()
 
     def chunk_counts(self, n: int) -> tuple[int, ...] | None:
-        """schedule=chunk: the tokens a row of n real tokens keeps after each reduction layer (budget.chunk_counts),
-        None where it falls back to the smooth counts (and under schedule=smooth)."""
-        s = self.setup
-        if s.schedule != "chunk" or s.ratio is None:
-            return None
-        return budget.chunk_counts(self._info_items, tuple(s.layers), n, s.ratio, s.min_keep_rate)
+        return self.schedule.chunk_counts(n)
 
-    def _chunk_reachable(self, n: int) -> bool:
-        """Whether a row of n tokens has chunk counts (they reach the ratio), without searching for them."""
-        s = self.setup
-        return s.schedule == "chunk" and s.ratio is not None and budget.chunk_reachable(
-            self._info_items, tuple(s.layers), n, s.ratio, s.min_keep_rate)
+    def predicted_ratio(self, n: int) -> float:
+        return self.schedule.predicted_ratio(n)
+
+    def min_length(self) -> int | None:
+        return self.schedule.min_length()
 
     def _chunk_table(self, input_ids: Tensor, lengths) -> Tensor | None:
         """Per row its chunk counts, -1 for the smooth counts; from the lengths on the host (no GPU wait when they
@@ -297,25 +349,6 @@ class Reducer:
         return sum(budget.overhead_flops(self.setup.overhead, int(round(tokens_per_layer[layer])), self.info["d_model"])
                    for layer in self.setup.layers)
 
-    def _check_lengths(self, n0: Tensor) -> None:
-        shortest = self.min_length()
-        for n in sorted(set(n0.tolist())):
-            reached = self.predicted_ratio(n)
-            if self.setup.ratio is not None and reached < self.setup.ratio - budget.TOLERANCE:
-                hint = (f"sequences of at least {shortest} tokens reach it" if shortest else
-                        f"no sequence up to {self.setup.reference_length} tokens reaches it")
-                raise ValueError(f"a sequence of {n} tokens is too short for ratio={self.setup.ratio}: with layers "
-                                 f"{self.setup.layers} it reaches {reached:.4f}; {hint} (strict=false reduces it "
-                                 f"as far as it goes and reports the achieved ratio)")
-
-    def predicted_ratio(self, n: int) -> float:
-        """FLOPs ratio the integer schedule removes from an unprotected sequence of n real tokens."""
-        s = self.setup
-        counts = self.chunk_counts(n) or budget.predicted_counts(s.rule, s.keep_rate, n, len(s.layers),
-                                                                 s.min_keep_rate)
-        dense, reduced, _ = budget.row_flops(self._info_items, tuple(s.layers), n, tuple(counts), s.overhead)
-        return 1.0 - reduced / dense
-
     def planned_counts(self, n: int) -> list[int] | None:
         """Real tokens per row after each reduction layer for a batch of unpadded, unprotected rows of n tokens,
         known on the host so that no width has to be read from the GPU: the budget's counts, where no layer asks
@@ -329,19 +362,6 @@ class Reducer:
             asked = budget.predicted_counts(s.rule, s.keep_rate, n, len(s.layers), 0.0)  # a limit no ask reaches
             self._planned[n] = list(chunk) if chunk is not None else capped if capped == asked and s.layers else None
         return self._planned[n]
-
-    def min_length(self) -> int | None:
-        """The length from which on (up to the reference length) every unprotected sequence reaches the target
-        ratio within the tolerance; None if the reference length itself does not (rounding makes the achieved
-        ratio of short sequences jump up and down, so "the first length that reaches it" would mislead)."""
-        if self._min_length is False:
-            self._min_length = None
-            if self.setup.ratio is not None and self.setup.layers:
-                for n in range(self.setup.reference_length, 0, -1):
-                    if not self._chunk_reachable(n) and self.predicted_ratio(n) < self.setup.ratio - budget.TOLERANCE:
-                        break
-                    self._min_length = n
-        return self._min_length
 
     # ------------------------------------------------------------------------------------------ record
 
