@@ -80,6 +80,7 @@ def test_every_swept_value_composes_and_validates(name):
     assert expanded, f"{name} sweeps nothing"
     for cfg in compose_jobs(name, every_value_once(expanded), "model.random_init=true"):
         assert cfg.skip_existing is True and cfg.tag, f"{name}: sweeps must resume (skip_existing) and be tagged"
+        assert cfg.results_dir == "results", f"{name}: a sweep behind the tables writes the committed store"
         if cfg.model.name in BUNDLED and cfg.benchmark.name in ("offline", "efficiency"):
             runner.validate(cfg)
 

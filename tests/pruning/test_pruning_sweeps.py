@@ -1,8 +1,9 @@
 """The pruning sweeps (conf/experiment/pruning*.yaml): every swept value composes and validates on the bundled models,
 so a bad value fails here and not hours into a sweep; both tables know their sweeps."""
+import itertools
+
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -16,7 +17,10 @@ def jobs(name: str) -> list[list[str]]:
     """The override list of each job of `python run.py -m +experiment=<name>`, expanded as Hydra's sweeper does."""
     params = OmegaConf.to_container(OmegaConf.load(EXPERIMENTS / f"{name}.yaml").hydra.sweeper.params)
     overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    # the basic sweeper's grid: the product of every override's values (Override's public sweep iterator)
+    axes = [[f"{o.get_key_element()}={value}" for value in o.sweep_string_iterator()] if o.is_sweep_override()
+            else [f"{o.get_key_element()}={o.get_value_element_as_str()}"] for o in overrides]
+    return [list(job) for job in itertools.product(*axes)]
 
 
 def each_value_once(expanded: list[list[str]]) -> list[list[str]]:
@@ -39,6 +43,7 @@ def test_every_swept_value_composes_and_validates(name):
         for job in each_value_once(expanded):
             cfg = compose("config", overrides=[f"+experiment={name}", *job, "model.random_init=true"])
             assert cfg.skip_existing is True and cfg.tag == name and cfg.benchmark.name == "pruning"
+            assert cfg.results_dir == "results"  # a sweep behind the tables writes the committed store
             runner.validate(cfg)
 
 
