@@ -391,3 +391,28 @@ def test_merging_conserves_the_size_weighted_sum(name):
     after = (out.residual * (out.residual_sizes * kept)[..., None]).sum(1)
     assert torch.allclose(before, after, atol=1e-5)
     assert torch.allclose((sizes * merged_only).sum(1), (out.residual_sizes * kept).sum(1))
+
+
+def test_utr_early_decides_as_utr_among_the_earliest_movable_tokens():
+    torch.manual_seed(5)
+    hidden, importance = torch.randn(2, 20, 4), torch.rand(2, 20)
+    protect = torch.zeros(2, 20, dtype=torch.bool)
+    protect[1, 1] = True  # protected tokens are not candidates and do not take a window place
+    tokens = make_tokens(hidden, importance, protect=protect)
+    n_remove = torch.tensor([3, 4])
+    out = methods.utr_early(tokens, n_remove, window=2.0)
+    removed = out.plan.removed
+    assert removed.sum(1).tolist() == [3, 4]
+    for row, r in enumerate(n_remove.tolist()):
+        window = tokens.movable[row].nonzero().flatten()[: 2 * r]
+        assert set(removed[row].nonzero().flatten().tolist()) <= set(window.tolist())
+        assert (out.plan.target[row][removed[row]] <= window.max()).all()  # merged within the window too
+    # the same decision as UTR on a sequence that is the window alone
+    for row, r in enumerate(n_remove.tolist()):
+        window = tokens.movable[row].nonzero().flatten()[: 2 * r]
+        alone = make_tokens(hidden[row, window], importance[row, window])
+        expected = methods.utr(alone, torch.tensor([r])).plan.removed[0]
+        assert removed[row, window].tolist() == expected.tolist()
+    # a window over every movable token is UTR
+    wide = methods.utr_early(tokens, n_remove, window=100.0)
+    assert torch.equal(wide.hidden, methods.utr(tokens, n_remove).hidden)

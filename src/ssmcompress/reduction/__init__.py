@@ -82,6 +82,9 @@ METHODS = {
                     min_keep_rate=pumer_min_keep),
     "random": Method(methods.random_prune, dict(seed=0), min_keep_rate=lambda p: 0.0, overhead="none"),
     # positional baselines: where tokens go, not which (methods.py)
+    "utr_early": Method(methods.utr_early, dict(importance="clip", window=2.0, hidden="hybrid", residual="merge",
+                                                q=0.5, hidden_q=None, residual_q=None, prune_links="most_similar",
+                                                sizes="reset")),  # overhead FLOPs: UTR's (an upper bound)
     "early": Method(methods.early, {}, **POSITIONAL),
     "early_merge": Method(methods.early_merge, dict(sizes="reset"), **POSITIONAL),
     "strided": Method(methods.strided, {}, **POSITIONAL),
@@ -124,6 +127,10 @@ def fraction(name: str, key: str, value, low_open: bool = False, allow_none: boo
 def check_params(name: str, p: dict) -> None:
     if not isinstance(p["strict"], bool):
         raise ConfigError(f"method {name}: strict must be true or false, got {p['strict']!r}")
+    if "window" in p and not (isinstance(p["window"], (int, float)) and not isinstance(p["window"], bool)
+                              and p["window"] >= 2):
+        raise ConfigError(f"method {name}: window must be a number >= 2 (candidates: the first window x removed "
+                          f"tokens), got {p['window']!r}")
     if "importance" in p:
         one_of(name, "importance metric", p["importance"], ("clip", "raw") if name == "official" else IMPORTANCE)
     for stream in ("hidden", "residual"):

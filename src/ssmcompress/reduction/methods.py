@@ -54,10 +54,29 @@ def utr(tokens: Tokens, n_remove: Tensor, *, hidden: str = "hybrid", residual: s
     them, merge averages them into their B token, hybrid prunes round(q·r) links chosen by `prune_links` and
     merges the rest. `hidden_q` / `residual_q` override q per stream (paper Table 5). B tokens are never removed.
     """
-    movable = tokens.movable
-    half = movable.sum(1) // 2
-    less = lowest(tokens.importance, half, movable)
-    partner, score = best_match(tokens.hidden, less, movable & ~less)
+    return utr_among(tokens, n_remove, tokens.movable, hidden, residual, q, hidden_q, residual_q, prune_links, sizes)
+
+
+def utr_early(tokens: Tokens, n_remove: Tensor, *, window: float = 2.0, hidden: str = "hybrid",
+              residual: str = "merge", q: float = 0.5, hidden_q: float | None = None, residual_q: float | None = None,
+              prune_links: str = "most_similar", sizes: str = "reset", **_) -> Reduced:
+    """UTR within the earliest tokens: the same importance split, matching and hybrid prune/merge, among the first
+    round(window · n_remove) movable tokens of each row only (window >= 2, the least that lets the two halves
+    remove n_remove). Motivated by the positional baselines: at the same budget, where tokens are removed (the
+    start of the sequence, whose content the recurrent state of the earlier layers already carries) matters more
+    on the bundled models than which tokens importance and similarity pick (README: What drives the official
+    code's gain). window -> infinity is UTR."""
+    window_size = torch.ceil(n_remove.double() * window).long()
+    early_movable = lowest(tokens.slots, window_size, tokens.movable)
+    return utr_among(tokens, n_remove, early_movable, hidden, residual, q, hidden_q, residual_q, prune_links, sizes)
+
+
+def utr_among(tokens: Tokens, n_remove: Tensor, candidates: Tensor, hidden: str, residual: str, q: float,
+              hidden_q: float | None, residual_q: float | None, prune_links: str, sizes: str) -> Reduced:
+    """UTR's decision (see `utr`) among the `candidates` slots: A and B halves, links, hybrid prune/merge."""
+    half = candidates.sum(1) // 2
+    less = lowest(tokens.importance, half, candidates)
+    partner, score = best_match(tokens.hidden, less, candidates & ~less)
     removed = highest(score, torch.minimum(n_remove, half), less & (score > -INF))
     merged = {}
     for stream, strategy, override in (("hidden", hidden, hidden_q), ("residual", residual, residual_q)):
