@@ -15,15 +15,10 @@
 # CPU check at a tiny size (no wheels needed in the project's venv):
 #   PYTHON=.venv/bin/python OUT=/tmp/eff MODELS=mamba2-tiny BATCH=1 LENGTH=64 DEVICE=cpu bash experiments/gpu/efficiency.sh
 set -u
-PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$PWD/outputs/efficiency}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
-if ls .whl/*.whl > /dev/null 2>&1 && ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ['hydra', 'fvcore', 'mamba_ssm'])))"; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
+. "$(dirname "$0")/environment.sh"
 "$PYTHON" -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 
 # one Hydra multirun: jobs run one after another (basic launcher), so nothing else shares the GPU while measuring
@@ -52,3 +47,5 @@ for line in open(sys.argv[1]):
           f"{e.get('dense_peak_mib', 0):>11.0f}{e.get('reduced_peak_mib', 0):>12.0f}"
           f"{e.get('activation_memory_saving', 0):>12.3f}")
 EOF
+# the run-key claims (tracking.claim) are done with; the device tool brings back a few files only
+find "$OUT" -name .claims -type d -prune -exec rm -rf {} +

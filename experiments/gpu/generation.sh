@@ -7,15 +7,10 @@
 # Records: $OUT/gen/records.jsonl, $OUT/mem/records.jsonl (one per job, written as each finishes); logs beside them.
 # Wheels: as experiments/gpu/efficiency.sh (carry `.whl`).
 set -u
-PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$PWD/outputs/generation}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
-if ls .whl/*.whl > /dev/null 2>&1 && ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ['hydra', 'fvcore', 'mamba_ssm'])))"; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
+. "$(dirname "$0")/environment.sh"
 common=(model.random_init=true model.device="$DEVICE" model.dtype="${DTYPE:-bfloat16}" skip_existing=true logger=none)
 sweep() {  # name timeout overrides...
   local name=$1 limit=$2; shift 2
@@ -50,3 +45,5 @@ for name in ("gen", "mem"):
             print(f"mem {r['model']:<12}{r['method']:<6}{r['ratio'] or 0:>5} peak {e['dense_peak_mib']:.0f} -> "
                   f"{e.get('reduced_peak_mib', 0):.0f} MiB (saving {100 * e.get('peak_memory_saving', 0):.1f} %)")
 PY
+# the run-key claims (tracking.claim) are done with; the device tool brings back a few files only
+find "$OUT" -name .claims -type d -prune -exec rm -rf {} +

@@ -9,13 +9,9 @@
 set -u
 OUT=${OUT:-$PWD/outputs/reduction_speed}
 mkdir -p "$OUT"
-if ls .whl/*.whl > /dev/null 2>&1 && ! "${PYTHON:-python3}" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ['hydra', 'fvcore', 'mamba_ssm'])))"; then
-  "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
+. "$(dirname "$0")/environment.sh"
 if [ "${KERNELS:-1}" = 1 ]; then
-  timeout "${KERNEL_TIMEOUT:-150}" "${PYTHON:-python3}" experiments/gpu/check_reduction_kernels.py "$OUT/kernels" \
+  timeout "${KERNEL_TIMEOUT:-150}" "$PYTHON" experiments/gpu/check_reduction_kernels.py "$OUT/kernels" \
     "${KERNEL_MODEL:-mamba2-2.7b}" "${BATCH:-8}" "${LENGTH:-2048}" "${KERNEL_METHODS:-evit,ours,tome,pumer,official,random}" \
     > "$OUT/kernels.log" 2>&1
   echo "kernels: exit $?"; tail -n 5 "$OUT/kernels.log"

@@ -129,25 +129,9 @@ def load_model(source: str, device: str | torch.device = "auto", dtype: str | to
 
 
 def load_tokenizer(source: str):
-    """A tokenizer from a local directory (any format AutoTokenizer reads) or a hub name; pads with eos if it has
-    no pad token (as models.load_tokenizer)."""
-    from transformers import AutoTokenizer
-
+    """A tokenizer from a local directory (any format AutoTokenizer reads) or a hub name (models.auto_tokenizer)."""
     check_tokenizer(source)
-    path = Path(source).expanduser()
-    try:
-        if path.is_dir():
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        else:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-            except OSError:
-                tokenizer = AutoTokenizer.from_pretrained(source)  # check_tokenizer: the hub has answered
-    except (OSError, ValueError) as error:
-        raise ModelSourceError(f"cannot load tokenizer {source!r}: {str(error).splitlines()[0][:200]}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return models.auto_tokenizer(source)
 
 
 def save_model(model, directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None) -> None:

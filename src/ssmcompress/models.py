@@ -214,9 +214,15 @@ def load_state_dict(source: str) -> dict:
 
 def load_tokenizer(source: str):
     """A tokenizer from a local model directory (tokenizer.json) or a hub tokenizer name."""
+    check_tokenizer(source)
+    return auto_tokenizer(source)
+
+
+def auto_tokenizer(source: str):
+    """transformers' AutoTokenizer for a checked source (a directory, or a hub name in the cache or answered by the
+    hub), padding with eos where it has no pad token, as lm-eval's mamba_ssm backend and the paper do."""
     from transformers import AutoTokenizer
 
-    check_tokenizer(source)
     path = Path(source).expanduser()
     try:
         if path.is_dir():
@@ -225,10 +231,10 @@ def load_tokenizer(source: str):
             try:
                 tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             except OSError:
-                tokenizer = AutoTokenizer.from_pretrained(source)  # check_tokenizer: the hub has answered
+                tokenizer = AutoTokenizer.from_pretrained(source)  # the check: the hub has answered
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load tokenizer {source!r}: {str(error).splitlines()[0][:200]}") from None
-    if tokenizer.pad_token_id is None:  # as lm-eval's mamba_ssm backend and the paper: pad with eos
+    if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
