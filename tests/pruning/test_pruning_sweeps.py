@@ -2,21 +2,14 @@
 so a bad value fails here and not hours into a sweep; both tables know their sweeps."""
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 from ssmcompress import config as config_lib
 from ssmcompress import runner, tables
-from ssmcompress.config import CONF_DIR, EXPERIMENTS
+from ssmcompress.config import CONF_DIR
 from pruning_fixtures import one_thread  # noqa: F401
 
 
-def jobs(name: str) -> list[list[str]]:
-    """The override list of each job of `python run.py -m +experiment=<name>`, expanded as Hydra's sweeper does."""
-    params = OmegaConf.to_container(OmegaConf.load(EXPERIMENTS / f"{name}.yaml").hydra.sweeper.params)
-    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+jobs = tables.sweep_jobs  # the override list of each job of `python run.py -m +experiment=<name>`
 
 
 def each_value_once(expanded: list[list[str]]) -> list[list[str]]:
