@@ -6,8 +6,6 @@ import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from ssmcompress import config as config_lib
@@ -19,17 +17,13 @@ sweep = pytest.fixture(scope="session")(tiny_sweep)
 
 # the sweeps of this repository's tables (experiments/pruning*.yaml belong to the pruning work)
 SWEEPS = ["main", "ablation_importance", "ablation_location", "ablation_location_hub", "ablation_design",
-          "ablation_share", "efficiency", "schedule", "positional"]
+          "ablation_share", "efficiency", "generation", "memory", "schedule", "positional"]
 BEYOND_PAPER = {"schedule", "positional"}  # studies of our own, run on their own (not by experiments/paper.sh)
+GPU_ONLY = {"generation", "memory"}  # the paper's efficiency protocol on hub models (experiments/gpu/generation.sh)
 BUNDLED = {"mamba2-tiny", "mamba-tiny"}
 
 
-def jobs(name: str) -> list[list[str]]:
-    """The override list of each job of `python run.py -m +experiment=<name>`, expanded as Hydra's sweeper does."""
-    raw = OmegaConf.load(EXPERIMENTS / f"{name}.yaml")
-    params = OmegaConf.to_container(raw.hydra.sweeper.params)
-    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+jobs = tables.sweep_jobs  # the override list of each job of `python run.py -m +experiment=<name>`
 
 
 def every_value_once(expanded: list[list[str]]) -> list[list[str]]:
@@ -64,7 +58,8 @@ def test_every_table_has_its_sweep_file():
 def test_paper_script_runs_every_bundled_sweep_then_the_tables():
     script = (REPO / "experiments" / "paper.sh").read_text()
     loop = next(line for line in script.splitlines() if line.startswith("for experiment in"))
-    assert set(loop.split(" in ")[1].rstrip("; do").split()) == set(SWEEPS) - {"ablation_location_hub"} - BEYOND_PAPER
+    assert set(loop.split(" in ")[1].rstrip("; do").split()) == \
+        set(SWEEPS) - {"ablation_location_hub"} - BEYOND_PAPER - GPU_ONLY
     assert "-m ssmcompress.tables" in script.rstrip().splitlines()[-1]
 
 
@@ -95,6 +90,17 @@ def test_sweep_grid_is_what_the_tables_expect():
     main = tables.load_experiment("main")
     keys = tables.expected_keys([main], ("model", "ratio", "method"), {"benchmark": "offline"}, ["mamba2-tiny"])
     assert len(keys) == 1 + 6 * 3  # dense once, six methods at three budgets
+
+
+def test_sweep_jobs_expand_as_the_basic_sweeper():
+    """Every combination of the swept values once, the last parameter varying fastest (Hydra's basic sweeper),
+    values written back as the override grammar reads them."""
+    expanded = jobs("main")
+    assert len(expanded) == len({tuple(j) for j in expanded}) == 2 * 7 * 3
+    assert expanded[:2] == [["model=mamba2-tiny", "method=dense", "ratio=0.1"],
+                            ["model=mamba2-tiny", "method=dense", "ratio=0.2"]]
+    assert jobs("ablation_location")[-1] == ["model=mamba2-tiny", "layers=null"]
+    assert jobs("ablation_location")[0] == ["model=mamba2-tiny", "layers=[5,6,7,8,9,10,11]"]
 
 
 def test_slurm_launcher_configs():

@@ -1,15 +1,19 @@
-"""The analysis notebooks run headless (papermill, kernelspec python3) on the real tiny sweep's results store."""
+"""The analysis notebooks run headless (papermill, kernelspec python3) on the real tiny sweep's results store, and
+their figures show what they should: one series per method, in the method's colour in every panel and figure,
+error bars, labelled axes with units, legends (read from the JSON summary each notebook writes beside a figure)."""
+import json
+
 import nbformat
 import papermill
 import pytest
 
+from ssmcompress import plots, tables
 from ssmcompress.config import REPO
-from sweep_fixture import tiny_sweep
+from sweep_fixture import RATIOS, tiny_sweep
 
 sweep = pytest.fixture(scope="session")(tiny_sweep)
 NOTEBOOKS = sorted(p.stem for p in (REPO / "analysis").glob("*.ipynb"))
-FIGURES = {"accuracy_vs_flops": ["accuracy_vs_flops.png"],
-           "token_reduction": ["tokens_per_layer.png", "token_fates.png"]}
+FIGURES = {"accuracy_vs_flops": ["accuracy_vs_flops"], "token_reduction": ["tokens_per_layer", "token_fates"]}
 
 
 def test_notebooks_have_a_kernelspec_and_a_parameters_cell():
@@ -20,23 +24,64 @@ def test_notebooks_have_a_kernelspec_and_a_parameters_cell():
         assert notebook.metadata.kernelspec.name == "python3"
         parameters = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(parameters) == 1 and "results_dir = None" in parameters[0].source
+        assert "include_limited = False" in parameters[0].source
         assert not any(c.get("outputs") for c in notebook.cells if c.cell_type == "code"), f"{name}: clear outputs"
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_on_the_tiny_sweep(name, sweep, tmp_path):
-    parameters = dict(results_dir=str(sweep.results))
+def run_notebook(name, sweep, tmp_path) -> str:
+    parameters = dict(results_dir=str(sweep.results), include_limited=True)  # the tiny sweep's runs are limited
     if name != "tables":
         parameters["figures_dir"] = str(tmp_path / "figures")
     output = tmp_path / f"{name}.ipynb"
     papermill.execute_notebook(REPO / "analysis" / f"{name}.ipynb", output, parameters=parameters,
                                kernel_name="python3", cwd=str(REPO / "analysis"), progress_bar=False)
     executed = nbformat.read(output, as_version=4)
-    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
-                   for cell in executed.cells for o in cell.get("outputs", []))
     for figure in FIGURES.get(name, []):
-        assert (tmp_path / "figures" / figure).stat().st_size > 0
-    if name == "tables":
-        assert "Table 1 — Main accuracy" in text and "Missing: " in text
-    if name == "token_reduction" and len(sweep.methods) > 1:
-        assert "no token-reduction runs" not in text
+        assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 0
+    return "".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
+                   for cell in executed.cells for o in cell.get("outputs", []))
+
+
+def summary(tmp_path, figure) -> dict:
+    return json.loads((tmp_path / "figures" / f"{figure}.json").read_text())
+
+
+def test_tables_notebook(sweep, tmp_path):
+    text = run_notebook("tables", sweep, tmp_path)
+    assert "Table 1 — Main accuracy" in text and "Missing: " in text and "Records: " in text
+
+
+def test_accuracy_vs_flops_notebook(sweep, tmp_path):
+    run_notebook("accuracy_vs_flops", sweep, tmp_path)
+    figure = summary(tmp_path, "accuracy_vs_flops")
+    reduced = [plots.style(m)["label"] for m in sweep.methods[1:]]
+    panels = figure["panels"]
+    assert [p["title"] for p in panels] == [f"mamba2-tiny: {c}" for c in
+                                            ("Avg", "Lastword", "Continuation", "MQAR", "StoryQA")]
+    for panel in panels:
+        assert panel["xlabel"] == "FLOPs removed (%)" and panel["ylabel"].endswith("accuracy (%)")
+        series = {s["label"]: s for s in panel["series"]}
+        assert sorted(series) == sorted(reduced + ["dense"])  # one line per method, and the dense point
+        for method in sweep.methods:
+            style = plots.style(method)
+            assert (series[style["label"]]["color"], series[style["label"]]["marker"]) == (style["color"],
+                                                                                         style["marker"])
+            assert series[style["label"]]["errorbars"]  # from the records' standard errors
+        assert all(series[label]["points"] == 1 + len(RATIOS) for label in reduced)  # dense, then each budget
+    assert set(figure["legends"][0]) == set(reduced + ["dense"])
+    colours = {(s["label"], s["color"]) for p in panels for s in p["series"]}
+    assert len(colours) == len(sweep.methods)  # the same colour for a method in every panel
+
+
+def test_token_reduction_notebook(sweep, tmp_path):
+    text = run_notebook("token_reduction", sweep, tmp_path)
+    assert "no token-reduction runs" not in text
+    (panel,) = summary(tmp_path, "tokens_per_layer")["panels"]
+    assert panel["xlabel"] == "layer (index)" and panel["ylabel"] == "tokens entering the layer (count)"
+    assert sorted(panel["legend"]) == sorted(plots.style(m)["label"] for m in sweep.methods)
+    for entry in panel["series"]:  # the colours of the accuracy figure
+        method = next(m for m in sweep.methods if plots.style(m)["label"] == entry["label"])
+        assert entry["color"] == plots.style(method)["color"] and entry["points"] == 4  # the tiny sweep's layers
+    fates = summary(tmp_path, "token_fates")["panels"]
+    assert sorted(p["title"] for p in fates) == sorted(tables.METHODS[m] for m in sweep.methods[1:])
+    assert all(p["legend"] == list(plots.FATES) and p["xlabel"] and p["ylabel"] for p in fates)

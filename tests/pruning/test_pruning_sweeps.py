@@ -1,26 +1,15 @@
 """The pruning sweeps (conf/experiment/pruning*.yaml): every swept value composes and validates on the bundled models,
 so a bad value fails here and not hours into a sweep; both tables know their sweeps."""
-import itertools
-
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 from ssmcompress import config as config_lib
 from ssmcompress import runner, tables
-from ssmcompress.config import CONF_DIR, EXPERIMENTS
+from ssmcompress.config import CONF_DIR
 from pruning_fixtures import one_thread  # noqa: F401
 
 
-def jobs(name: str) -> list[list[str]]:
-    """The override list of each job of `python run.py -m +experiment=<name>`, expanded as Hydra's sweeper does."""
-    params = OmegaConf.to_container(OmegaConf.load(EXPERIMENTS / f"{name}.yaml").hydra.sweeper.params)
-    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    # the basic sweeper's grid: the product of every override's values (Override's public sweep iterator)
-    axes = [[f"{o.get_key_element()}={value}" for value in o.sweep_string_iterator()] if o.is_sweep_override()
-            else [f"{o.get_key_element()}={o.get_value_element_as_str()}"] for o in overrides]
-    return [list(job) for job in itertools.product(*axes)]
+jobs = tables.sweep_jobs  # the override list of each job of `python run.py -m +experiment=<name>`
 
 
 def each_value_once(expanded: list[list[str]]) -> list[list[str]]:

@@ -1,0 +1,3 @@
+from ssmcompress.tables import cli
+
+cli()
