@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 export HF_UPDATE_DOWNLOAD_COUNTS := 0
 export WANDB_MODE ?= offline
 
-.PHONY: install run test test-full suite tables clean help
+.PHONY: install run test test-full suite tables figures clean help
 
 help:
-	@echo "make run | test | test-full | suite | tables | clean"
+	@echo "make run | test | test-full | suite | tables | figures | clean"
 
 install: $(STAMP)
 
@@ -38,6 +38,14 @@ suite: install
 
 tables: install
 	$(PY) -m ssmcompress.tables
+
+# the committed accuracy-vs-FLOPs figures (results/figures), drawn by the analysis notebook from the committed store
+figures: install
+	mkdir -p outputs/notebooks
+	for table in main positional; do \
+	  $(PY) -m papermill --no-progress-bar --log-level WARNING -k python3 --cwd analysis -p table $$table analysis/accuracy_vs_flops.ipynb \
+	    outputs/notebooks/accuracy_vs_flops_$$table.ipynb || exit 1; \
+	done
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

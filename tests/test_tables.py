@@ -269,9 +269,10 @@ def test_schedule_and_positional_tables():
     main = rows(built["main_offline_full_mamba2"])  # a chunk run is not the main table's
     assert main[("mamba2-tiny", "20 %", "UTR (ours)")]["Avg"].startswith("50.0")
     assert "records with other settings" not in built["main_offline_full_mamba2"].footer()
+    assert ("mamba2-tiny", "20 %", "early") not in main  # a positional baseline is the positional table's
     positional = rows(built["positional_offline_full_mamba2"])
     assert positional[("mamba2-tiny", "20 %", "early")]["Avg"].startswith("30.0")
-    assert built["positional_offline_full_mamba2"].n_expected == 1 + 10 * 3
+    assert built["positional_offline_full_mamba2"].n_expected == 1 + 11 * 3  # dense, eleven methods
 
 
 def test_ablation_rows_and_hub_benchmarks():
@@ -299,6 +300,19 @@ def test_ablation_rows_and_hub_benchmarks():
     assert location[("mamba2-2.7b", "20 %", "default")]["Avg"].startswith("60.0")
     assert ("mamba2-2.7b", "20 %", "[20,25,30,35,40,45,50]") in location
     assert "importance_paper6" not in built  # no ablated run of that model: no table of missing rows
+
+
+def test_no_table_from_left_out_or_pruning_benchmark_records():
+    """A benchmark no sweep of the table runs gets a table only from admitted records, and the pruning sweeps'
+    benchmark none of the reduction tables, though its dense and reduction-only runs have their settings."""
+    found = [record("mamba2-tiny", "ours", 0.2, benchmark="offline", version=RESULTS_VERSION - 1, score=0.3),
+             record("mamba2-tiny", "dense", benchmark="pruning", score=0.6),
+             record("mamba2-tiny", "ours", 0.2, benchmark="pruning", score=0.4)]
+    built = by_name(found)
+    assert not {name for name in built if "_offline_" in name and "offline_full" not in name}
+    assert not {name for name in built if name.startswith(("main_pruning", "positional_pruning"))}
+    joint = rows(built["joint_pruning"])
+    assert joint[("mamba2-tiny", "none", "0 %", "20 %", "UTR (ours)")]["Avg"].startswith("40.0")
 
 
 def test_rerun_of_a_config_counts_once_and_the_latest_wins():
@@ -408,6 +422,7 @@ def test_memory_table_with_the_papers_figures():
                      big("ours", 0.2, batch_size=8)])  # another shape: not the memory table's
     (name,) = [n for n in built if n.startswith("memory")]
     assert name == "memory_x86_64_batch-96-x-2048"
+    assert not [n for n in built if n.startswith("efficiency") and "batch-96" in n]  # the memory table's shape
     cells = rows(built[name])
     assert cells[("mamba2-2.7b", "30 %", "UTR (ours)")]["peak change"] == "-16.9 %"
     assert cells[("mamba2-2.7b", "30 %", "UTR (ours)")]["paper peak change"] == "-30.6 %"
@@ -500,7 +515,8 @@ def test_number_formats():
     assert tables.fmt(0.4256, "acc") == "42.6" and tables.fmt(0.1, "pct") == "10.0 %"
     assert tables.fmt(0.542, "acc", 0.022) == "54.2 ± 2.2" and tables.fmt(0.6, "acc", 0.1, 3) == "60.0 ± 10.0 (n=3)"
     assert tables.fmt(12.345, "num") == "12.35" and tables.fmt(18003621.9, "num") == "1.80e+07"
-    assert tables.fmt(1390000.0, "ppl", 310000.0) == "1.39e+06 ± 3.1e+05" and tables.fmt(18.18, "ppl") == "18.18"
+    assert tables.fmt(1390000.0, "ppl", 310000.0) == "1.39e+06 ± 3.10e+05" and tables.fmt(18.18, "ppl") == "18.18"
+    assert tables.fmt(100174.0, "ppl") == "1.00e+05"  # the digits a reader compares, not 1e+05
     assert tables.fmt(None, "num") == tables.MISSING
 
 

@@ -28,15 +28,15 @@ def test_notebooks_have_a_kernelspec_and_a_parameters_cell():
         assert not any(c.get("outputs") for c in notebook.cells if c.cell_type == "code"), f"{name}: clear outputs"
 
 
-def run_notebook(name, sweep, tmp_path) -> str:
-    parameters = dict(results_dir=str(sweep.results), include_limited=True)  # the tiny sweep's runs are limited
+def run_notebook(name, sweep, tmp_path, figures=None, **more) -> str:
+    parameters = dict(results_dir=str(sweep.results), include_limited=True, **more)  # the tiny sweep is limited
     if name != "tables":
         parameters["figures_dir"] = str(tmp_path / "figures")
     output = tmp_path / f"{name}.ipynb"
     papermill.execute_notebook(REPO / "analysis" / f"{name}.ipynb", output, parameters=parameters,
                                kernel_name="python3", cwd=str(REPO / "analysis"), progress_bar=False)
     executed = nbformat.read(output, as_version=4)
-    for figure in FIGURES.get(name, []):
+    for figure in FIGURES.get(name, []) if figures is None else figures:
         assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 0
     return "".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
                    for cell in executed.cells for o in cell.get("outputs", []))
@@ -71,6 +71,16 @@ def test_accuracy_vs_flops_notebook(sweep, tmp_path):
     assert set(figure["legends"][0]) == set(reduced + ["dense"])
     colours = {(s["label"], s["color"]) for p in panels for s in p["series"]}
     assert len(colours) == len(sweep.methods)  # the same colour for a method in every panel
+
+
+def test_accuracy_vs_flops_of_another_table(sweep, tmp_path):
+    """`table` picks the table whose cells are plotted (the positional baselines' sweep shares dense, UTR and EViT
+    with the main one), and names the figure after it."""
+    run_notebook("accuracy_vs_flops", sweep, tmp_path, ["accuracy_vs_flops_positional"], table="positional")
+    figure = summary(tmp_path, "accuracy_vs_flops_positional")
+    assert not (tmp_path / "figures" / "accuracy_vs_flops.png").exists()
+    assert figure["panels"][0]["title"] == "mamba2-tiny: Avg"
+    assert {s["label"] for s in figure["panels"][0]["series"]} == {plots.style(m)["label"] for m in sweep.methods}
 
 
 def test_token_reduction_notebook(sweep, tmp_path):

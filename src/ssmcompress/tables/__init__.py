@@ -45,13 +45,32 @@ def build(df: pd.DataFrame, specs: list[Spec] | None = None, include_limited: bo
           results_version: int | str | None = None, directory: Path = EXPERIMENTS) -> list[Table]:
     """Every table with expected rows or matching records (see the module doc). `results_version`: the one the
     cells take (default: config.RESULTS_VERSION), or "any"; `directory`: where the sweep files are."""
+    pruning = set().union(*(sweep_benchmarks(s, directory) for s in SPECS + list(specs or []) if prunes(s, directory)))
     return [table for spec in (specs or SPECS)
-            for table in build_spec(df, spec, include_limited, results_version, directory)]
+            for table in build_spec(df, spec, include_limited, results_version, directory,
+                                    set() if prunes(spec, directory) else pruning - sweep_benchmarks(spec, directory))]
+
+
+def _experiments(spec: Spec, directory: Path) -> list[Experiment]:
+    return [load_experiment(n, directory) for n in spec.experiments if (directory / f"{n}.yaml").exists()]
+
+
+def sweep_benchmarks(spec: Spec, directory: Path = EXPERIMENTS) -> set:
+    """The benchmarks the spec's sweeps fix."""
+    return {e.fixed.get("benchmark") for e in _experiments(spec, directory)} - {None}
+
+
+def prunes(spec: Spec, directory: Path = EXPERIMENTS) -> bool:
+    """Whether the spec's sweeps prune weights (their benchmark is the pruning tables')."""
+    return any("pruner" in e.swept or e.fixed.get("pruner", "none") != "none" for e in _experiments(spec, directory))
 
 
 def build_spec(df: pd.DataFrame, spec: Spec, include_limited: bool = False, results_version=None,
-               directory: Path = EXPERIMENTS) -> list[Table]:
-    experiments = [load_experiment(n, directory) for n in spec.experiments if (directory / f"{n}.yaml").exists()]
+               directory: Path = EXPERIMENTS, foreign: set = frozenset()) -> list[Table]:
+    """The spec's tables. A table of a benchmark the spec's sweeps do not run is made only from admitted records,
+    and not for a `foreign` one (the pruning sweeps' benchmark, for a reduction table: it is the pruning tables',
+    although its dense and reduction-only runs also have Table 1's settings)."""
+    experiments = _experiments(spec, directory)
     if not experiments:
         return []
     grouped = set().union(*(e.grouped for e in experiments))
@@ -65,7 +84,9 @@ def build_spec(df: pd.DataFrame, spec: Spec, include_limited: bool = False, resu
     for row in df.to_dict("records"):
         if row["kind"] != spec.kind or not row[spec.section] or row["family"] != spec.family:
             continue
-        if (spec.shapes and row["shape"] not in spec.shapes) or not any(matches(row, e, axes) for e in experiments):
+        if (spec.shapes and row["shape"] not in spec.shapes) or row["shape"] in spec.other_shapes:
+            continue
+        if not any(matches(row, e, axes) for e in experiments):
             continue
         for experiment in experiments:
             row = experiment.label_groups(row)
@@ -74,6 +95,8 @@ def build_spec(df: pd.DataFrame, spec: Spec, include_limited: bool = False, resu
     # the tables (splits): those the records make, and the sweeps' own for their models
     splits: dict[tuple, dict] = {}
     for row in rows:
+        if row["reason"] is not None or row["benchmark"] in foreign:
+            continue
         if not interesting or set(row["variant"]) & interesting:  # an ablation's table needs an ablated run
             splits.setdefault(tuple(row[s] for s in spec.split), {}).setdefault(row["model"], [])
     observed = list(splits)

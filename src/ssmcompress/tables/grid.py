@@ -25,6 +25,8 @@ SCALARS = ("ratio", "layers", "schedule", "sparsity", "protocol", "seed")  # top
 MODEL_SPECIFIC = ("layers",)  # sweep values that fit only the sweep's own models (layer indices)
 FREE = ("protocol", "device", "shape")  # splits a sweep does not pin: its expected rows join every such table
 NOT_MATCHED = FREE + ("model", "benchmark", "seed")  # fixed settings a record need not share to belong to a table
+CLOSED = ("method", "pruner", "schedule")  # swept choices a record must take from the sweep's own values: another
+# sweep's method (a positional baseline) has its own table, while another model or ratio joins this one
 
 
 @dataclass
@@ -143,6 +145,8 @@ def matches(row: dict, experiment: Experiment, axes: tuple = ()) -> bool:
         return False
     cell = normalize({**fixed, "method": row["method"]})  # dense: no ratio, no method parameters
     if cell is None or any(value(row, a) != v for a, v in cell.items() if a in fixed and a != "method"):
+        return False
+    if any(a in experiment.swept and value(row, a) not in experiment.values(a) for a in CLOSED):
         return False
     return set(row["variant"]) <= set(experiment.swept) | set(experiment.fixed) | set(axes)
 

@@ -11,7 +11,7 @@ BEST, TIED = "best", "tied"  # the marks: best of its block beyond doubt / not s
 METHODS = {"ours": "UTR (ours)", "official": "UTR (official code)", "evit": "EViT", "pumer": "PuMer",
            "tome": "ToMe", "random": "random", "prune_only": "prune only", "merge_only": "merge only",
            "early": "early", "early_merge": "early, merged", "strided": "strided", "late": "late",
-           "ceiling": "ceiling (cut only)"}
+           "utr_early": "UTR, early window", "ceiling": "ceiling (cut only)"}
 HEADERS = {"ratio": "FLOPs↓", "design": "hidden / residual", "method.importance": "metric"}
 VALUES = {"method.importance": {"l1": "ℓ1-norm", "l2": "ℓ2-norm", "raw": "w/o Clip", "clip": "Clip (ours)"}}
 # characters pdflatex has no text glyph for, as math (pandas' escape="latex-math" keeps $...$ as it is)
@@ -23,7 +23,7 @@ LATEX_MARKS = {BEST: "textbf: --rwrap;", TIED: "underline: --rwrap;"}  # Styler'
 
 def fmt(found, kind: str, spread=None, count: int | None = None) -> str:
     """A number as shown: acc x100 with one decimal, pct x100 with " %", num with two decimals (from 1e6 in
-    scientific notation), ppl with two decimals below 1000, else three significant digits (a diverged perplexity
+    scientific notation), ppl with two decimals below 1000, else three significant digits as 1.39e+06 (a diverged perplexity
     stays readable); "± spread" and "(n=count)" when given."""
     if found is None:
         return MISSING
@@ -32,7 +32,7 @@ def fmt(found, kind: str, spread=None, count: int | None = None) -> str:
         if kind in ("acc", "pct"):
             return f"{100 * x:.1f}"
         if kind == "ppl" and abs(x) >= 1e3:
-            return f"{x:.3g}"
+            return f"{x:.2e}"
         return f"{x:.2f}" if abs(x) < 1e6 else f"{x:.2e}"
 
     text = one(found) + (f" ± {one(spread)}" if spread is not None else "") + (" %" if kind == "pct" else "")

@@ -186,6 +186,7 @@ class Spec:
     family: str = "mamba"              # the model family of its records (mamba-ssm or hf: transformers)
     columns: list[Column] | None = None  # None: the benchmark's accuracy columns
     shapes: tuple = ()                 # only records measured at these shapes (row "shape"; empty: any)
+    other_shapes: tuple = ()           # shapes whose records are another table's (the memory protocol's batch 96)
     optional_axes: tuple = ()          # row axes shown only where the table's rows differ in them
     notes: tuple = ()                  # lines the table's footer always has
 
@@ -206,7 +207,7 @@ SPECS = [
     Spec("share", "Prune vs merge share", ("ablation_share",)),
     Spec("efficiency", "Efficiency", ("efficiency",), kind="efficiency", split=("device", "shape"),
          axes=("model", "ratio", "method", "schedule"), optional_axes=("schedule",), columns=EFFICIENCY_COLUMNS,
-         notes=EFFICIENCY),
+         other_shapes=("batch 96 x 2048",), notes=EFFICIENCY),
     Spec("generation", "Generation speed", ("generation",), kind="generation", split=("device", "shape"),
          axes=("model", "ratio", "method", "schedule"), optional_axes=("schedule",), columns=GENERATION_COLUMNS,
          notes=EFFICIENCY + ("paper speed-up: the paper's generation throughput speed-up for UTR (Rethinking Token "
@@ -215,7 +216,7 @@ SPECS = [
                              "reduction can give.",)),
     Spec("memory", "Peak memory", ("memory",), kind="efficiency", split=("device", "shape"),
          axes=("model", "ratio", "method", "schedule"), optional_axes=("schedule",), columns=MEMORY_COLUMNS,
-         shapes=("batch 96 x 2048",),
+         shapes=("batch 96 x 2048",),  # the efficiency table's other_shapes
          notes=("Peak memory of one forward (torch.cuda.max_memory_allocated), reduced against dense in the same "
                 "process; change = reduced / dense - 1. paper peak change: the paper's for UTR (Rethinking Token "
                 "Reduction for SSMs, EMNLP 2024, Sec. 5.4: batch 96, 2048 tokens). Best per block in bold, no test.",)),
@@ -225,5 +226,7 @@ SPECS = [
     Spec("pruning_hf", "Weight pruning (transformer)", ("pruning_hf",), axes=("model", "sparsity", "pruner"),
          family="hf"),
     Spec("joint", "Weight pruning and token reduction", ("pruning_joint",),
-         axes=("model", "pruner", "sparsity", "ratio", "method"), block=4),
+         axes=("model", "pruner", "sparsity", "ratio", "method"), block=4,
+         notes=("Held-out perplexity scores every token of a passage, so the exact protocol protects every position "
+                "and token reduction leaves it as the pruned model's.",)),
 ]
