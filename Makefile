@@ -31,7 +31,7 @@ test: install
 	$(PY) -m pytest -q
 
 test-full: install
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q -m "not gpu"
 
 suite: install
 	$(PY) -m ssmcompress.suite.build

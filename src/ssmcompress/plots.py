@@ -16,7 +16,9 @@ from ssmcompress.tables import METHODS, Table
 
 # every method the tables name, in one order: a method's colour does not depend on which runs a figure shows
 ORDER = ("dense", *METHODS)
-PALETTE = [to_hex(c) for c in matplotlib.colormaps["tab10"].colors if to_hex(c) != "#7f7f7f"]  # grey: kept tokens
+# tab10 (grey left out: it marks kept tokens), then six hues none of its colours is near: one colour per method
+PALETTE = [to_hex(c) for c in matplotlib.colormaps["tab10"].colors if to_hex(c) != "#7f7f7f"] + [
+    "#000080", "#ffd700", "#800000", "#00e000", "#ff00ff", "#008080"]
 MARKERS = "osD^v<>pP*Xhd"
 DENSE = dict(color="#000000", marker="o")
 # token fates in the reducer's trace (reduction.patch: KEPT, PRUNED, MERGED), and tokens gone at an earlier layer

@@ -1,4 +1,4 @@
-"""The backend with a real reduction method (issue #4's UTR, `method=ours`), not only the test reducer."""
+"""The backend with a real reduction method (UTR, `method=ours`), not only the test reducer."""
 import pytest
 
 from conftest import compose_config, tiny_model

@@ -68,7 +68,7 @@ def test_measure_reports_medians_and_ratios():
         assert "dense_peak_mib" in out and "peak_memory_saving" in out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_measurement_resets_the_peak_per_call():
     x = torch.zeros(1, 1, device="cuda")
     big = efficiency.peak_memory(lambda t: torch.ones(2 ** 26, device="cuda").sum(), x)

@@ -1,4 +1,4 @@
-"""FLOPs of a real reduction method (issue #4's UTR): fvcore, the analytic ruler and the reducer's own books agree."""
+"""FLOPs of a real reduction method (UTR): fvcore, the analytic ruler and the reducer's own books agree."""
 import pytest
 
 from conftest import compose_config, tiny_model

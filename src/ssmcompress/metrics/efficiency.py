@@ -7,7 +7,7 @@ Protocol, for every forward measured (dense, reduced and the ceiling, same proce
 - throughput: input tokens per second, batch x length / median latency.
 - reduction overhead (reduced forward only): `repeats` extra calls with the reducer's stopwatch on, which sums the
   time inside its hooks (CUDA events in stream order, or perf_counter); reported in ms and as a share of the
-  dense latency, the issue's "overhead <= 2 %" ruler.
+  dense latency (the target: at most 2 %).
 - peak memory, one extra call each: on a GPU torch.cuda's allocator statistics, reset before the call
   (`reset_peak_memory_stats`), as the peak (`max_memory_allocated`) and the peak minus what was allocated just
   before the call (the weights and the input: the forward's activation memory); on a CPU the

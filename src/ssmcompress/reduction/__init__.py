@@ -1,4 +1,4 @@
-"""Post-training token reduction for mamba-ssm models (issue #4).
+"""Post-training token reduction for mamba-ssm models.
 
 Contract used by the runner and the lm-eval backend:
 

@@ -23,19 +23,21 @@ LATEX_MARKS = {BEST: "textbf: --rwrap;", TIED: "underline: --rwrap;"}  # Styler'
 
 def fmt(found, kind: str, spread=None, count: int | None = None) -> str:
     """A number as shown: acc x100 with one decimal, pct x100 with " %", num with two decimals (from 1e6 in
-    scientific notation), ppl with two decimals below 1000, else three significant digits as 1.39e+06 (a diverged perplexity
-    stays readable); "± spread" and "(n=count)" when given."""
+    scientific notation), ppl (and bits per byte) with three decimals below 10, two below 1e5, else three
+    significant digits (1.39e+06: a diverged perplexity stays readable); "± spread" in its number's notation and
+    "(n=count)" when given."""
     if found is None:
         return MISSING
 
-    def one(x):
+    def one(x, like):  # a spread in the notation of its number
         if kind in ("acc", "pct"):
             return f"{100 * x:.1f}"
-        if kind == "ppl" and abs(x) >= 1e3:
-            return f"{x:.2e}"
-        return f"{x:.2f}" if abs(x) < 1e6 else f"{x:.2e}"
+        if kind == "ppl":  # a diverged perplexity in three digits; bits per byte (below 10) in three decimals
+            return f"{x:.2e}" if abs(like) >= 1e5 else f"{x:.3f}" if abs(like) < 10 else f"{x:.2f}"
+        return f"{x:.2f}" if abs(like) < 1e6 else f"{x:.2e}"
 
-    text = one(found) + (f" ± {one(spread)}" if spread is not None else "") + (" %" if kind == "pct" else "")
+    text = one(found, found) + (f" ± {one(spread, found)}" if spread is not None else "")
+    text += " %" if kind == "pct" else ""
     return text + (f" (n={count})" if count is not None else "")
 
 
