@@ -281,6 +281,7 @@ def test_ablation_rows_and_hub_benchmarks():
                     "method.hidden_q=0.8", "method.residual_q=0.2", score=0.3),
              record("mamba2-tiny", "ours", 0.3, "method.q=0.9", score=0.4),  # in no design row: added as is
              record("mamba2-tiny", "ours", 0.2, "layers=[1,2,3,4,5,6,7]", score=0.45),
+             record("mamba2-tiny", "ours", 0.1, score=0.5),  # Table 1's default run at a budget no ablation sweeps
              record("mamba2-2.7b", "dense", None, benchmark="paper6", score=0.65),
              record("mamba2-2.7b", "ours", 0.2, benchmark="paper6", score=0.6)]
     built = by_name(found)
@@ -289,6 +290,7 @@ def test_ablation_rows_and_hub_benchmarks():
     assert design[("mamba2-tiny", "30 %", "q = 0.8 / q = 0.2")]["Avg"].startswith("30.0")
     assert design[("mamba2-tiny", "30 %", "P-only / P-only")]["Avg"] == tables.MISSING
     assert rows(built["share_offline_full"])[("mamba2-tiny", "30 %", "0.9")]["Avg"].startswith("40.0")
+    assert not [key for key in rows(built["share_offline_full"]) if key[1] == "10 %"]
     assert rows(built["location_offline_full"])[("mamba2-tiny", "20 %", "[1,2,3,4,5,6,7]")]["Avg"].startswith("45.0")
 
     hub = built["main_paper6_mamba2"]  # a hub model's runs make their own table, the benchmark's columns

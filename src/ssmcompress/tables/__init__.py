@@ -88,6 +88,9 @@ def build_spec(df: pd.DataFrame, spec: Spec, include_limited: bool = False, resu
             continue
         if not any(matches(row, e, axes) for e in experiments):
             continue
+        if interesting and not set(row["variant"]) & interesting and not any(
+                value(row, "ratio") in (None, 0, *e.values("ratio")) for e in experiments):
+            continue  # an ablation's default run at a budget the ablation does not sweep (Table 1's 10 % UTR)
         for experiment in experiments:
             row = experiment.label_groups(row)
         rows.append(dict(row, reason=admission(row, experiments, include_limited, results_version)))
