@@ -41,4 +41,4 @@ def test_the_tables_read_these_sweeps():
     assert {spec.family for spec in tables.SPECS if "pruning_hf" in spec.experiments} == {"hf"}
     assert tables.load_experiment("pruning_hf").values("sparsity") == [0.5, 0.6, 0.7, "2:4", "4:8"]
     joint = tables.load_experiment("pruning_joint")
-    assert joint.values("sparsity") == [0.5, "2:4"] and joint.values("method") == ["dense", "ours"]
+    assert joint.values("sparsity") == [0.5, "2:4", "4:8"] and joint.values("method") == ["dense", "ours"]
