@@ -36,10 +36,12 @@ test-full: install
 suite: install
 	$(PY) -m ssmcompress.suite.build
 
+# the committed tables (results/tables), then the committed figures drawn from the same store
 tables: install
 	$(PY) -m ssmcompress.tables
+	$(MAKE) --no-print-directory figures
 
-# the committed accuracy-vs-FLOPs figures (results/figures), drawn by the analysis notebook from the committed store
+# the accuracy-vs-FLOPs figures of the main and positional tables (results/figures), by the analysis notebook
 figures: install
 	mkdir -p outputs/notebooks
 	for table in main positional; do \
