@@ -45,32 +45,33 @@ def build(df: pd.DataFrame, specs: list[Spec] | None = None, include_limited: bo
           results_version: int | str | None = None, directory: Path = EXPERIMENTS) -> list[Table]:
     """Every table with expected rows or matching records (see the module doc). `results_version`: the one the
     cells take (default: config.RESULTS_VERSION), or "any"; `directory`: where the sweep files are."""
-    pruning = set().union(*(sweep_benchmarks(s, directory) for s in SPECS + list(specs or []) if prunes(s, directory)))
-    return [table for spec in (specs or SPECS)
-            for table in build_spec(df, spec, include_limited, results_version, directory,
-                                    set() if prunes(spec, directory) else pruning - sweep_benchmarks(spec, directory))]
+    specs = specs or SPECS
+    sweeps = {spec.name: _experiments(spec, directory) for spec in SPECS + specs}  # each spec's sweeps, read once
+    pruning = set().union(*(sweep_benchmarks(e) for e in sweeps.values() if prunes(e)))
+    foreign = {name: set() if prunes(e) else pruning - sweep_benchmarks(e) for name, e in sweeps.items()}
+    return [table for spec in specs
+            for table in build_spec(df, spec, sweeps[spec.name], include_limited, results_version, foreign[spec.name])]
 
 
 def _experiments(spec: Spec, directory: Path) -> list[Experiment]:
     return [load_experiment(n, directory) for n in spec.experiments if (directory / f"{n}.yaml").exists()]
 
 
-def sweep_benchmarks(spec: Spec, directory: Path = EXPERIMENTS) -> set:
-    """The benchmarks the spec's sweeps fix."""
-    return {e.fixed.get("benchmark") for e in _experiments(spec, directory)} - {None}
+def sweep_benchmarks(experiments: list[Experiment]) -> set:
+    """The benchmarks the sweeps fix."""
+    return {e.fixed.get("benchmark") for e in experiments} - {None}
 
 
-def prunes(spec: Spec, directory: Path = EXPERIMENTS) -> bool:
-    """Whether the spec's sweeps prune weights (their benchmark is the pruning tables')."""
-    return any("pruner" in e.swept or e.fixed.get("pruner", "none") != "none" for e in _experiments(spec, directory))
+def prunes(experiments: list[Experiment]) -> bool:
+    """Whether the sweeps prune weights (their benchmark is the pruning tables')."""
+    return any("pruner" in e.swept or e.fixed.get("pruner", "none") != "none" for e in experiments)
 
 
-def build_spec(df: pd.DataFrame, spec: Spec, include_limited: bool = False, results_version=None,
-               directory: Path = EXPERIMENTS, foreign: set = frozenset()) -> list[Table]:
-    """The spec's tables. A table of a benchmark the spec's sweeps do not run is made only from admitted records,
-    and not for a `foreign` one (the pruning sweeps' benchmark, for a reduction table: it is the pruning tables',
-    although its dense and reduction-only runs also have Table 1's settings)."""
-    experiments = _experiments(spec, directory)
+def build_spec(df: pd.DataFrame, spec: Spec, experiments: list[Experiment], include_limited: bool = False,
+               results_version=None, foreign: set = frozenset()) -> list[Table]:
+    """The spec's tables from its sweeps (`experiments`). A table of a benchmark the sweeps do not run is made only
+    from admitted records, and not for a `foreign` one (the pruning sweeps' benchmark, for a reduction table: it is
+    the pruning tables', although its dense and reduction-only runs also have Table 1's settings)."""
     if not experiments:
         return []
     grouped = set().union(*(e.grouped for e in experiments))
