@@ -96,3 +96,57 @@ def test_the_generation_benchmark_measures_dense_reduced_and_the_ceiling(tmp_pat
     assert gen["bound"] == pytest.approx(gen["dense_generation_ms"] / (gen["ceiling_prefill_ms"] + decode))
     assert gen["of_bound"] == pytest.approx(gen["speedup"] / gen["bound"])
     assert record["flops"]["achieved_ratio"] > 0.2 and record["efficiency"] is None
+
+
+class _FakeAllocator:
+    """Bytes in use and the peak since the last reset, as torch.cuda's allocator statistics count them."""
+
+    def __init__(self):
+        self.in_use = self.peak = 0
+
+    def hold(self, nbytes: int) -> None:
+        self.in_use += nbytes
+        self.peak = max(self.peak, self.in_use)
+
+    def reset(self) -> None:
+        self.peak = self.in_use
+
+
+def test_stage_peaks_attribute_each_peak_to_the_stage_that_reached_it():
+    allocator = _FakeAllocator()
+
+    class Block(torch.nn.Module):
+        def __init__(self, transient: int):
+            super().__init__()
+            self.transient = transient
+
+        def forward(self, x):
+            allocator.hold(self.transient)
+            allocator.hold(-self.transient)
+            return x
+
+    class Head(torch.nn.Module):
+        def forward(self, x):
+            allocator.hold(250)  # logits, returned
+            return x
+
+    layers = torch.nn.ModuleList([Block(100), Block(700), Block(300), Head()])
+    # a reducer's hook at block 2's start, registered before the measurement's: its work belongs to stage 2
+    layers[1].register_forward_pre_hook(lambda module, args: (allocator.hold(500), allocator.hold(-500)) and None)
+
+    def forward(x):
+        allocator.hold(10)  # embedding output, kept
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    peaks = efficiency._stage_peaks(layers, forward, torch.zeros(1, 4), lambda: allocator.peak, allocator.reset)
+    assert peaks == [10, 110, 710, 310, 260]  # embedding, blocks 0..2 (block 1 with the hook's 500), head
+    assert [h for layer in layers for h in layer._forward_pre_hooks.values()].__len__() == 1  # ours removed
+
+
+def test_stage_peaks_refuse_a_forward_that_skips_blocks():
+    layers = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+    with pytest.raises(RuntimeError, match="started 1 stages for 2 boundary"):
+        efficiency._stage_peaks(layers, lambda x: layers[0](x), torch.zeros(1), lambda: 0, lambda: None)
+    assert efficiency.stage_peaks(layers, lambda x: x, torch.zeros(1)) is None  # a CPU tensor: no allocator stats

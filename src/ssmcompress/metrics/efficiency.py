@@ -119,6 +119,45 @@ def peak_memory(forward, input_ids: torch.Tensor) -> dict | None:
         return dict(peak=peak, before=before)
 
 
+def stage_peaks(boundaries, forward, input_ids: torch.Tensor) -> list[float] | None:
+    """Peak bytes allocated in each stage of one forward on a GPU (None elsewhere). `boundaries` are the modules
+    whose start begins a new stage: with a model's blocks and its lm_head, stage 0 is the embedding, stage i + 1
+    block i (with whatever a reducer does at its start) and the last the head (logits). Where a forward's peak
+    arises says what a reduction can save: a peak in the blocks before the first reduction layer is the same for
+    every budget. torch.cuda's allocator statistics, read and reset at each boundary by a pre-hook that runs
+    before any other (a reducer's included)."""
+    if not input_ids.is_cuda:
+        return None
+    device = input_ids.device
+    return _stage_peaks(boundaries, forward, input_ids, lambda: torch.cuda.max_memory_allocated(device),
+                        lambda: torch.cuda.reset_peak_memory_stats(device))
+
+
+def _stage_peaks(boundaries, forward, input_ids, read_peak, reset_peak) -> list[float]:
+    peaks = []
+
+    def boundary(module, args):
+        peaks.append(read_peak())
+        reset_peak()
+
+    hooks = [module.register_forward_pre_hook(boundary, prepend=True) for module in boundaries]
+    try:
+        with torch.no_grad():
+            if input_ids.is_cuda:
+                torch.cuda.synchronize(input_ids.device)
+            reset_peak()
+            output = forward(input_ids)
+            del output
+            peaks.append(read_peak())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(peaks) != len(boundaries) + 1:
+        raise RuntimeError(f"the forward started {len(peaks) - 1} stages for {len(boundaries)} boundary modules; "
+                           "stage peaks need one pass through each")
+    return peaks
+
+
 def memory_measure(device: torch.device) -> str:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated, reset per call; activation = peak - allocated before the call"
@@ -173,9 +212,11 @@ def reduction_seconds(reducer, forward, input_ids: torch.Tensor, repeats: int) -
 
 
 def measure(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int, weights: int,
-            progress: bool = True) -> dict:
+            progress: bool = True, stages=None) -> dict:
     """Flat numbers for the record: per forward `<name>_latency_ms`, `<name>_tokens_per_s`, `<name>_peak_mib`,
-    `<name>_activation_mib`, and, with both `dense` and `reduced`, `speedup` and `peak_memory_saving`; with a
+    `<name>_activation_mib`, on a GPU with `stages` (stage_peaks' boundaries) also `<name>_stage_peak_mib` (one
+    more call) and `<name>_peak_stage` (the stage where the peak arises: with the blocks and the lm_head as
+    boundaries, 0 embedding, i + 1 block i, the last the head), and, with both `dense` and `reduced`, `speedup` and `peak_memory_saving`; with a
     `ceiling` forward too, `ceiling_speedup` (dense / ceiling) and `of_ceiling` (speedup / ceiling_speedup: the
     share of what the kernels allow at that schedule that the method keeps)."""
     batch_size, length = input_ids.shape
@@ -192,6 +233,10 @@ def measure(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int, 
         if memory is not None:
             out[f"{name}_peak_mib"] = memory["peak"] / MIB
             out[f"{name}_activation_mib"] = (memory["peak"] - memory["before"]) / MIB
+        peaks = stage_peaks(stages, forward, input_ids) if stages is not None else None
+        if peaks is not None:
+            out[f"{name}_stage_peak_mib"] = [peak / MIB for peak in peaks]
+            out[f"{name}_peak_stage"] = max(range(len(peaks)), key=peaks.__getitem__)
     if "dense" in forwards and "reduced" in forwards:
         out["speedup"] = out["dense_latency_ms"] / out["reduced_latency_ms"]
         if "dense_peak_mib" in out:
