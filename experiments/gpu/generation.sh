@@ -20,7 +20,7 @@ sweep() {  # name timeout overrides...
 }
 for model in ${GEN_MODELS:-mamba2-2.7b mamba2-1.3b}; do
   [ "$model" = none ] || sweep gen "${GEN_TIMEOUT:-200}" benchmark=generation model="$model" \
-    method="${GEN_METHODS:-ours,evit}" ratio="${GEN_RATIOS:-0.1,0.2,0.3}" \
+    method="${GEN_METHODS:-random,tome,pumer,evit,official,ours}" ratio="${GEN_RATIOS:-0.1,0.2,0.3}" \
     benchmark.measure.shape."$DEVICE".batch_size="${GEN_BATCH:-16}" benchmark.measure.shape."$DEVICE".length="${LENGTH:-2048}"
 done
 for model in ${MEM_MODELS:-mamba2-2.7b mamba2-1.3b}; do
