@@ -1,12 +1,13 @@
 """The run key: the same run has the same key in every checkout and on every machine (resume and de-duplication
-depend on it); user files count by content, bundled files by their place in the package."""
+depend on it); user files count by content, bundled files by their place in the package and their content."""
 import json
 import shutil
 import subprocess
 import sys
 
 from conftest import compose_config, save_tiny
-from ssmcompress.config import PACKAGE, portable_path, run_key, to_dict
+from ssmcompress import config as config_lib
+from ssmcompress.config import PACKAGE, content_digest, portable_path, run_key, to_dict
 
 KEY_OF_DEFAULT = "from conftest import compose_config; from ssmcompress.config import run_key; import ssmcompress; " \
                  "print(ssmcompress.__file__); print(run_key(compose_config(['method=ours', 'ratio=0.3'])))"
@@ -31,7 +32,26 @@ def test_a_record_written_elsewhere_keys_as_a_run_here():
     cfg = compose_config(["method=ours", "ratio=0.3"])
     elsewhere = json.loads(json.dumps(to_dict(cfg)).replace(str(PACKAGE), "/home/someone/ssmcompress/src/ssmcompress"))
     assert elsewhere["model"]["path"].startswith("/home/someone") and run_key(elsewhere) == run_key(cfg)
-    assert portable_path(str(PACKAGE / "assets" / "models" / "mamba2-tiny")) == "asset:models/mamba2-tiny"
+    assert portable_path(str(PACKAGE / "assets" / "models" / "mamba2-tiny")) == \
+        f"asset:models/mamba2-tiny@{content_digest(PACKAGE / 'assets' / 'models' / 'mamba2-tiny')}"
+
+
+def test_a_retrained_bundled_model_is_a_new_run(tmp_path, monkeypatch):
+    assets = tmp_path / "assets"
+    shutil.copytree(PACKAGE / "assets" / "models" / "mamba2-tiny", assets / "models" / "mamba2-tiny")
+    monkeypatch.setattr(config_lib, "ASSETS", assets)
+    config_lib.asset_digest.cache_clear()
+    cfg = compose_config(["method=ours", "ratio=0.3"])
+    try:
+        before = run_key(cfg)
+        weights = assets / "models" / "mamba2-tiny" / "pytorch_model.bin"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1  # one bit of the last parameter
+        weights.write_bytes(bytes(data))
+        config_lib.asset_digest.cache_clear()
+        assert run_key(cfg) != before
+    finally:
+        config_lib.asset_digest.cache_clear()
 
 
 def test_user_checkpoints_are_keyed_by_content_not_by_place(tmp_path):

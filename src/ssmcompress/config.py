@@ -4,6 +4,7 @@ Every other config section is checked by the module that uses it (`runner.valida
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -79,16 +80,25 @@ def run_key(cfg: DictConfig | dict, results_version: int = RESULTS_VERSION) -> s
 
 
 def portable_path(value: str) -> str:
-    """A path setting as the run key sees it: `asset:<name>` for a bundled file (in any checkout or install, also in
-    records written elsewhere), `content:<digest>` for an existing user file or directory, else the text itself (a
-    hub name)."""
+    """A path setting as the run key sees it: `asset:<name>@<digest>` for a bundled file (its place in the package,
+    so the same run has the same key in every checkout, install and machine, and the content of this package's file
+    of that name, so a retrained bundled model or a rebuilt task is a new run), `content:<digest>` for an existing
+    user file or directory, else the text itself (a hub name)."""
     match = BUNDLED.search(value.replace("\\", "/"))
     if match:
-        return f"asset:{match.group(1)}"
+        return f"asset:{match.group(1)}@{asset_digest(match.group(1))}"
     path = Path(value).expanduser()
     if path.exists():
         return f"content:{content_digest(path)}"
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def asset_digest(name: str) -> str:
+    """content_digest of this package's bundled file or directory `name` ("missing" where it has none): the package's
+    files do not change while it runs, so each is read once per process."""
+    path = ASSETS / name
+    return content_digest(path) if path.exists() else "missing"
 
 
 def content_digest(path: Path) -> str:

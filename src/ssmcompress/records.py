@@ -6,6 +6,9 @@ record of an older schema (and refuses, with one line, one that is not a record)
 
 Schema history: 1 (no `schema` field): the records before versioning. 2: adds `schema`, `results_version`, `sweep`,
 `model_init`, and per task `stderr` (lm-eval's standard errors) and `samples` (per-document values, for paired tests).
+3: the run key names a bundled model or task with its content digest (config.portable_path). A schema-2 record
+keeps its key: where it names a bundled file that key is no longer its config's (the tables leave it out, a sweep
+reruns it), since which content it ran on is not recorded.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 from ssmcompress.config import RESULTS_VERSION, run_key
 from ssmcompress.errors import ConfigError
 
-SCHEMA = 2
+SCHEMA = 3
 
 
 class RecordError(ConfigError):
@@ -100,15 +103,16 @@ def validate(record: dict) -> None:
 
 
 def migrate(record: dict) -> dict:
-    """A record of any known schema as a schema-2 record (a copy); RecordError for anything else."""
+    """A record of any known schema as a current-schema record (a copy); RecordError for anything else."""
     if not isinstance(record, dict):
         raise RecordError(f"a record is a JSON object, got {type(record).__name__}")
     schema = record.get("schema", 1)
-    if schema == SCHEMA:
-        validate(record)
-        return dict(record)
+    if schema in (2, SCHEMA):
+        upgraded = dict(record, schema=SCHEMA)
+        validate(upgraded)
+        return upgraded
     if schema != 1 or not isinstance(record.get("config"), dict):
-        raise RecordError(f"record {record.get('run_id', '?')}: unknown schema {schema!r} (this code reads 1 and "
+        raise RecordError(f"record {record.get('run_id', '?')}: unknown schema {schema!r} (this code reads 1 to "
                           f"{SCHEMA})")
     config = record["config"]
     model = config.get("model") or {}

@@ -154,8 +154,9 @@ def matches(row: dict, experiment: Experiment, axes: tuple = ()) -> bool:
 def admission(row: dict, experiments: list[Experiment], include_limited: bool = False,
               results_version: int | str | None = None) -> str | None:
     """Why a record that belongs to the table stays out of its cells (None: it enters): run on a subset of the
-    documents (benchmark.limit), with a seed none of the sweeps runs, or by another results version than
-    `results_version` (an int, or "any"; default: the current config.RESULTS_VERSION)."""
+    documents (benchmark.limit), with a seed none of the sweeps runs, by another results version than
+    `results_version` (an int, or "any"; default: the current config.RESULTS_VERSION), or on another bundled
+    model or task than this package's (its stored run key is not its config's now)."""
     wanted = RESULTS_VERSION if results_version is None else results_version
     limit = value(row, "limit")  # pandas holds a column of limits and None as floats and NaN
     if limit is not None and not include_limited:
@@ -165,6 +166,8 @@ def admission(row: dict, experiments: list[Experiment], include_limited: bool = 
         return f"seed {row['seed']}, not the sweep's ({', '.join(map(str, sorted(seeds)))})"
     if wanted != "any" and row["results_version"] != int(wanted):
         return f"results version {row['results_version']}, not {wanted} (--results-version)"
+    if row.get("stale_key"):
+        return "run on other contents of a bundled model or task than this package's (its run key differs)"
     return None
 
 

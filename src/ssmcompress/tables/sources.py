@@ -161,6 +161,8 @@ def to_row(stored: dict) -> dict:
                commit=commit_label(record.git), limit=benchmark.get("limit"),  # efficiency benchmarks have none
                device=measured.get("device_name") or record.env.get("gpu") or record.env.get("cpu"),
                generation=record.model_info.get("generation"), family=model.get("family", "mamba"))
+    # a key other than its config's under this package: it ran on other contents of a bundled model or task
+    row["stale_key"] = record.key != run_key(config, results_version=record.results_version)
     row["shape"] = f"batch {measured['batch_size']} x {measured['length']}" if measured else None
     if record.generation:
         row["shape"] += f" + {measured['new_tokens']} tokens"
