@@ -53,17 +53,18 @@ def test_cpu_peak_memory_sees_what_a_forward_allocates():
     assert idle["peak"] - idle["before"] < 32 * 2 ** 20  # the earlier peak was reset, not carried over
 
 
-def test_measure_reports_medians_and_ratios():
-    import time
-
-    forwards = {"dense": lambda x: time.sleep(0.02), "reduced": lambda x: time.sleep(0.01)}
+def test_measure_reports_medians_and_ratios(monkeypatch):
+    # the clock is faked (no test compares wall-clock timings): each call of a forward takes the next listed time
+    seconds = {"dense": iter([0.030, 0.020, 0.025]), "reduced": iter([0.010, 0.012, 0.011])}
+    forwards = {"dense": lambda x: "dense", "reduced": lambda x: "reduced"}
+    monkeypatch.setattr(efficiency, "time_call", lambda forward, x: next(seconds[forward(x)]))
     out = efficiency.measure(forwards, torch.zeros(2, 8, dtype=torch.long), warmup=0, repeats=3, weights=2 ** 20,
                              progress=False)
     assert out["batch_size"] == 2 and out["length"] == 8 and out["weights_mib"] == 1
-    assert out["dense_latency_ms"] == pytest.approx(sorted(out["latencies_ms"]["dense"])[1])
-    assert out["dense_tokens_per_s"] == pytest.approx(16 / (out["dense_latency_ms"] / 1000))
-    assert out["speedup"] == pytest.approx(out["dense_latency_ms"] / out["reduced_latency_ms"])
-    assert 1.3 < out["speedup"] < 3
+    assert out["latencies_ms"]["dense"] == pytest.approx([30.0, 20.0, 25.0])
+    assert out["dense_latency_ms"] == pytest.approx(25.0) and out["reduced_latency_ms"] == pytest.approx(11.0)
+    assert out["dense_tokens_per_s"] == pytest.approx(16 / 0.025)
+    assert out["speedup"] == pytest.approx(25.0 / 11.0)
     if HAS_CLEAR_REFS:
         assert "dense_peak_mib" in out and "peak_memory_saving" in out
 
