@@ -423,7 +423,8 @@ def test_generation_table_with_the_papers_speedups():
     assert cells[("mamba2-1.3b", "10 %", "UTR (ours)")]["paper speed-up"] == "1.10"
     assert bold(table, ("mamba2-2.7b", "30 %", "EViT"), "speed-up")
     assert not bold(table, ("mamba2-1.3b", "10 %", "UTR (ours)"), "speed-up")  # alone, and below 1x
-    assert (table.n_expected, table.n_missing) == (36, 33) and "EMNLP 2024" in table.footer()  # 2 models x 6 methods x 3
+    # the sweep's grid: 2 models x 6 methods x 3 budgets
+    assert (table.n_expected, table.n_missing) == (36, 33) and "EMNLP 2024" in table.footer()
 
 
 def test_memory_table_with_the_papers_figures():

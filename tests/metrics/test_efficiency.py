@@ -77,6 +77,10 @@ def test_cuda_measurement_resets_the_peak_per_call():
     assert big["peak"] - big["before"] >= 2 ** 28
     assert small["peak"] - small["before"] < 2 ** 20
     assert efficiency.time_call(lambda t: torch.ones(2 ** 20, device="cuda").sum(), x) > 0
+    stages = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+    staged = efficiency.peak_memory(lambda t: stages[1](torch.ones(2 ** 26, device="cuda") + stages[0](t)).sum(), x,
+                                    stages)
+    assert len(staged["stages"]) == 3 and staged["peak"] == max(staged["stages"]) >= big["peak"]
 
 
 def test_the_generation_benchmark_measures_dense_reduced_and_the_ceiling(tmp_path):

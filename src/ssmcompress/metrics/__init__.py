@@ -91,9 +91,9 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
         ceiling = reducer.ceiling() if settings["ceiling"] and hasattr(reducer, "ceiling") else None
         try:
             timed = forwards if ceiling is None else {**forwards, "ceiling": forwards_lib.reduced_forward(ceiling)}
+            stages = [*model.backbone.layers, model.lm_head] if mamba else None  # where each forward peaks
             sections["efficiency"] = efficiency.measure(timed, input_ids, settings["warmup"], settings["repeats"],
-                                                        efficiency.weight_bytes(model),
-                                                        stages=[*model.backbone.layers, model.lm_head] if mamba else None)
+                                                        efficiency.weight_bytes(model), stages=stages)
             if ceiling is not None:  # the same counts as the method's, unless it removed fewer
                 sections["efficiency"]["ceiling_achieved_ratio"] = ceiling.describe()["observed"]["achieved_ratio"]
         finally:

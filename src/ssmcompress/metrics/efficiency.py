@@ -95,14 +95,18 @@ def time_forwards(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats:
 # --------------------------------------------------------------------------------------------------- memory
 
 
-def peak_memory(forward, input_ids: torch.Tensor) -> dict | None:
-    """Peak bytes during one forward and the bytes held just before it (None where it cannot be measured)."""
+def peak_memory(forward, input_ids: torch.Tensor, boundaries=()) -> dict | None:
+    """Peak bytes during one forward and the bytes held just before it (None where it cannot be measured); on a GPU
+    with `boundaries` (stage_peaks) also each stage's peak, `stages`, from the same call (the peak is their maximum)."""
     with torch.no_grad():
         if input_ids.is_cuda:
             device = input_ids.device
             torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
+            if boundaries:
+                stages = stage_peaks(boundaries, forward, input_ids)
+                return dict(peak=max(stages), before=before, stages=stages)
+            torch.cuda.reset_peak_memory_stats(device)
             output = forward(input_ids)
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device)
@@ -147,6 +151,8 @@ def _stage_peaks(boundaries, forward, input_ids, read_peak, reset_peak) -> list[
                 torch.cuda.synchronize(input_ids.device)
             reset_peak()
             output = forward(input_ids)
+            if input_ids.is_cuda:
+                torch.cuda.synchronize(input_ids.device)
             del output
             peaks.append(read_peak())
     finally:
@@ -214,11 +220,11 @@ def reduction_seconds(reducer, forward, input_ids: torch.Tensor, repeats: int) -
 def measure(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int, weights: int,
             progress: bool = True, stages=None) -> dict:
     """Flat numbers for the record: per forward `<name>_latency_ms`, `<name>_tokens_per_s`, `<name>_peak_mib`,
-    `<name>_activation_mib`, on a GPU with `stages` (stage_peaks' boundaries) also `<name>_stage_peak_mib` (one
-    more call) and `<name>_peak_stage` (the stage where the peak arises: with the blocks and the lm_head as
-    boundaries, 0 embedding, i + 1 block i, the last the head), and, with both `dense` and `reduced`, `speedup` and `peak_memory_saving`; with a
-    `ceiling` forward too, `ceiling_speedup` (dense / ceiling) and `of_ceiling` (speedup / ceiling_speedup: the
-    share of what the kernels allow at that schedule that the method keeps)."""
+    `<name>_activation_mib`, on a GPU with `stages` (stage_peaks' boundaries) also `<name>_stage_peak_mib` (from
+    the same call) and `<name>_peak_stage` (the stage where the peak arises: with the blocks and the lm_head as
+    boundaries, 0 embedding, i + 1 block i, the last the head), and, with both `dense` and `reduced`, `speedup`
+    and `peak_memory_saving`; with a `ceiling` forward too, `ceiling_speedup` (dense / ceiling) and `of_ceiling`
+    (speedup / ceiling_speedup: the share of what the kernels allow at that schedule that the method keeps)."""
     batch_size, length = input_ids.shape
     times = time_forwards(forwards, input_ids, warmup, repeats, progress)
     out = dict(device=str(input_ids.device), batch_size=batch_size, length=length, warmup=warmup, repeats=repeats,
@@ -229,12 +235,12 @@ def measure(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int, 
         latency = statistics.median(times[name])
         out[f"{name}_latency_ms"] = latency * 1000
         out[f"{name}_tokens_per_s"] = batch_size * length / latency
-        memory = peak_memory(forward, input_ids)
+        memory = peak_memory(forward, input_ids, stages or ())
         if memory is not None:
             out[f"{name}_peak_mib"] = memory["peak"] / MIB
             out[f"{name}_activation_mib"] = (memory["peak"] - memory["before"]) / MIB
-        peaks = stage_peaks(stages, forward, input_ids) if stages is not None else None
-        if peaks is not None:
+        if memory is not None and "stages" in memory:
+            peaks = memory["stages"]
             out[f"{name}_stage_peak_mib"] = [peak / MIB for peak in peaks]
             out[f"{name}_peak_stage"] = max(range(len(peaks)), key=peaks.__getitem__)
     if "dense" in forwards and "reduced" in forwards:
