@@ -5,8 +5,9 @@ one dense and one reduced forward of a random-weight model, per method, after wa
     python experiments/gpu/profile_reduction.py profile.txt mamba2-2.7b ours,random 8 2048     # on the lent GPU
 
 Prints, per forward: the latency, the reduction's own time (the reducer's stopwatch), the number of host-device
-synchronisations inside the reduction hooks, and the operators ranked by device time (self), so that the time
-the reduction adds can be split into its kernels and the host waits between them.
+synchronisations inside the reduction hooks, the operators ranked by device time (self), so that the time
+the reduction adds can be split into its kernels and the host waits between them, and the operators (by input
+shape) ranked by the memory they allocate.
 """
 import statistics
 import sys
@@ -60,11 +61,15 @@ def main() -> None:
             lines.append(f"reduction's own time {1000 * reducer.stopwatch.seconds():.2f} ms over "
                          f"{len(reducer.stopwatch.spans)} spans; host-device synchronisations in the forward: {syncs}")
             reducer.stopwatch = None
-        with torch.no_grad(), profile(activities=activities) as prof:
+        with torch.no_grad(), profile(activities=activities, profile_memory=True) as prof:
             forward(ids)
             if device == "cuda":
                 torch.cuda.synchronize()
         lines.append(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
+        # what each operator allocates (the peak-memory question: which step of a reduction layer holds the most)
+        memory = "self_cuda_memory_usage" if device == "cuda" else "self_cpu_memory_usage"
+        lines.append(prof.key_averages(group_by_input_shape=True).table(sort_by=memory, row_limit=15,
+                                                                       max_name_column_width=60))
         if reducer is not None:
             reducer.remove()
         print("\n".join(lines[-3:]), flush=True)

@@ -7,6 +7,7 @@ import torch
 from conftest import compose_config, tiny_model
 from evaluation.fake_reducer import DropTokens
 from ssmcompress import flops, metrics, models
+from ssmcompress.errors import ConfigError
 
 
 def efficiency_config(*extra):
@@ -153,3 +154,24 @@ def test_the_ceiling_is_not_timed_where_it_is_off_or_alone(single_thread):
         finally:
             reducer.remove()
         assert "ceiling_latency_ms" not in eff and "of_ceiling" not in eff and "speedup" in eff
+
+
+def test_mixer_rows_adds_the_peak_memory_of_sliced_mixers(monkeypatch):
+    model = tiny_model(2)
+    info = models.model_info(model)
+    rows_seen = []
+    mixer_class = type(model.backbone.layers[0].mixer)
+    forward = mixer_class.forward
+    monkeypatch.setattr(mixer_class, "forward",
+                        lambda self, u, *a, **k: rows_seen.append(u.shape[0]) or forward(self, u, *a, **k))
+    cfg = efficiency_config("benchmark.measure.fvcore=false", "benchmark.measure.mixer_rows=1")
+    eff = metrics.from_config(model, DropTokens(model, layer=1, count=16), cfg, info)["efficiency"]
+    assert eff["mixer_rows"] == 1
+    assert 1 in rows_seen and 2 in rows_seen  # the whole-batch forwards, then the sliced ones
+    assert {"sliced_dense_peak_mib", "sliced_reduced_peak_mib", "sliced_peak_memory_saving"} <= set(eff)
+    assert not any("forward" in vars(block.mixer) for block in model.backbone.layers)
+
+
+def test_mixer_rows_below_one_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match="mixer_rows must be an integer >= 1"):
+        metrics.check_config(efficiency_config("benchmark.measure.mixer_rows=0"), {})

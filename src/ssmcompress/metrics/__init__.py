@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from ssmcompress import families, models, reduction
+from ssmcompress import families, mixer_slices, models, reduction
 from ssmcompress import flops as analytic
 from ssmcompress.config import integer, to_dict
 from ssmcompress.errors import ConfigError
@@ -27,6 +27,7 @@ DEFAULT_MEASURE = dict(
     warmup=1,
     repeats=3,
     new_tokens=100,  # benchmark=generation: tokens generated after each prompt
+    mixer_rows=None,  # also the peak memory with every mixer run on this many rows at a time (mixer_slices)
     shape=dict(cpu=dict(batch_size=1, length=128), cuda=dict(batch_size=8, length=2048)),
 )
 CONVENTION = ("one forward of one sequence; 1 multiply-add = 1 FLOP; norms 5/element; scan = the kernel's "
@@ -45,6 +46,8 @@ def check_config(cfg, model_config: dict) -> None:
     integer("benchmark.measure.warmup", settings["warmup"], minimum=0)
     integer("benchmark.measure.repeats", settings["repeats"], minimum=1)
     integer("benchmark.measure.new_tokens", settings["new_tokens"], minimum=1)
+    if settings["mixer_rows"] is not None:
+        integer("benchmark.measure.mixer_rows", settings["mixer_rows"], minimum=1)
     for device, shape in settings["shape"].items():
         if not isinstance(shape, dict):
             raise ConfigError(f"benchmark.measure.shape.{device} must be {{batch_size: N, length: N}}, got {shape!r}")
@@ -94,6 +97,9 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
             stages = [*model.backbone.layers, model.lm_head] if mamba else None  # where each forward peaks
             sections["efficiency"] = efficiency.measure(timed, input_ids, settings["warmup"], settings["repeats"],
                                                         efficiency.weight_bytes(model), stages=stages)
+            if mamba and settings["mixer_rows"]:
+                sections["efficiency"].update(sliced_memory(model, forwards, input_ids, settings["mixer_rows"],
+                                                            stages))
             if ceiling is not None:  # the same counts as the method's, unless it removed fewer
                 sections["efficiency"]["ceiling_achieved_ratio"] = ceiling.describe()["observed"]["achieved_ratio"]
         finally:
@@ -107,6 +113,14 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
                                                                       settings["repeats"])
             eff["reduction_overhead"] = eff["reduction_ms"] / eff["dense_latency_ms"]
     return sections
+
+
+def sliced_memory(model, forwards: dict, input_ids, rows: int, stages) -> dict:
+    """The peak memory of the same forwards with every mixer run on `rows` rows at a time, as `sliced_<key>` beside
+    the whole-batch keys, and `mixer_rows`: what the peak is once a block's working memory no longer is."""
+    with mixer_slices.batch_slices(model, rows):
+        report = efficiency.memory_report(forwards, input_ids, stages)
+    return {"mixer_rows": int(rows), **{f"sliced_{key}": value for key, value in report.items()}}
 
 
 def generation_report(model, reducer, input_ids, settings: dict) -> dict:

@@ -235,22 +235,33 @@ def measure(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int, 
         latency = statistics.median(times[name])
         out[f"{name}_latency_ms"] = latency * 1000
         out[f"{name}_tokens_per_s"] = batch_size * length / latency
-        memory = peak_memory(forward, input_ids, stages or ())
-        if memory is not None:
-            out[f"{name}_peak_mib"] = memory["peak"] / MIB
-            out[f"{name}_activation_mib"] = (memory["peak"] - memory["before"]) / MIB
-        if memory is not None and "stages" in memory:
-            peaks = memory["stages"]
-            out[f"{name}_stage_peak_mib"] = [peak / MIB for peak in peaks]
-            out[f"{name}_peak_stage"] = max(range(len(peaks)), key=peaks.__getitem__)
+    out.update(memory_report(forwards, input_ids, stages))
     if "dense" in forwards and "reduced" in forwards:
         out["speedup"] = out["dense_latency_ms"] / out["reduced_latency_ms"]
-        if "dense_peak_mib" in out:
-            out["peak_memory_saving"] = 1 - out["reduced_peak_mib"] / out["dense_peak_mib"]
-            if out["dense_activation_mib"] > 0:
-                out["activation_memory_saving"] = 1 - out["reduced_activation_mib"] / out["dense_activation_mib"]
         if "ceiling" in forwards:
             out["ceiling_speedup"] = out["dense_latency_ms"] / out["ceiling_latency_ms"]
             out["of_ceiling"] = out["speedup"] / out["ceiling_speedup"]
     out["latencies_ms"] = {name: [t * 1000 for t in values] for name, values in times.items()}
+    return out
+
+
+def memory_report(forwards: dict, input_ids: torch.Tensor, stages=None) -> dict:
+    """Per forward `<name>_peak_mib` and `<name>_activation_mib` (one call each), on a GPU with `stages` also
+    `<name>_stage_peak_mib` and `<name>_peak_stage` (see `measure`); with `dense` and `reduced`,
+    `peak_memory_saving` and `activation_memory_saving`. Empty where memory cannot be measured."""
+    out = {}
+    for name, forward in forwards.items():
+        memory = peak_memory(forward, input_ids, stages or ())
+        if memory is None:
+            continue
+        out[f"{name}_peak_mib"] = memory["peak"] / MIB
+        out[f"{name}_activation_mib"] = (memory["peak"] - memory["before"]) / MIB
+        if "stages" in memory:
+            peaks = memory["stages"]
+            out[f"{name}_stage_peak_mib"] = [peak / MIB for peak in peaks]
+            out[f"{name}_peak_stage"] = max(range(len(peaks)), key=peaks.__getitem__)
+    if "dense_peak_mib" in out and "reduced_peak_mib" in out:
+        out["peak_memory_saving"] = 1 - out["reduced_peak_mib"] / out["dense_peak_mib"]
+        if out["dense_activation_mib"] > 0:
+            out["activation_memory_saving"] = 1 - out["reduced_activation_mib"] / out["dense_activation_mib"]
     return out

@@ -57,7 +57,7 @@ class ForwardState:
     hidden_sizes: Tensor
     residual_sizes: Tensor
     n0: Tensor
-    importance: dict = field(default_factory=dict)
+    importance: dict = field(default_factory=dict)  # layer -> its importance, one tensor per mixer call (slices)
     counts: list = field(default_factory=list)  # real tokens per row after each reduction layer
     nonfinite: list = field(default_factory=list)  # (layer, (b, n) real tokens whose importance is NaN/inf)
     trace: list | None = None
@@ -173,7 +173,9 @@ class Reducer:
     def _capture(self, index: int, module, args):
         if self._state is not None:
             with timed(self.stopwatch, args[0]):
-                self._state.importance[index] = importance_of(args[0], self.setup.params.get("importance", "clip"))
+                # a mixer run in batch slices (ssmcompress.mixer_slices) calls out_proj once per slice, in row order
+                self._state.importance.setdefault(index, []).append(
+                    importance_of(args[0], self.setup.params.get("importance", "clip")))
 
     def _reduce(self, index: int, step: int, module, args, output):
         state = self._state
@@ -183,7 +185,8 @@ class Reducer:
             return self._reduce_step(state, index, step, *output)
 
     def _reduce_step(self, state: ForwardState, index: int, step: int, hidden: Tensor, residual: Tensor):
-        importance = state.importance.pop(index, None)
+        slices = state.importance.pop(index, None)
+        importance = None if slices is None else slices[0] if len(slices) == 1 else torch.cat(slices)
         if importance is None and self.setup.uses_importance:
             raise RuntimeError(f"layer {index}: the mixer's out_proj did not run as a module, so the token importance "
                                f"could not be captured (a fused kernel path is active)")
