@@ -6,7 +6,7 @@ import torch
 
 from conftest import compose_config, tiny_model
 from evaluation.fake_reducer import DropTokens
-from ssmcompress import flops, metrics, models
+from ssmcompress import flops, metrics, models, reduction
 from ssmcompress.errors import ConfigError
 
 
@@ -175,3 +175,26 @@ def test_mixer_rows_adds_the_peak_memory_of_sliced_mixers(monkeypatch):
 def test_mixer_rows_below_one_is_refused_before_any_work():
     with pytest.raises(ConfigError, match="mixer_rows must be an integer >= 1"):
         metrics.check_config(efficiency_config("benchmark.measure.mixer_rows=0"), {})
+
+
+def test_reduction_rows_slice_the_reduction_in_the_sliced_measurement_only(single_thread):
+    model = tiny_model(2, n_layer=12)
+    info = models.model_info(model)
+    cfg = efficiency_config("method=ours", "ratio=0.3", "benchmark.measure.fvcore=false",
+                            "benchmark.measure.ceiling=false", "benchmark.measure.mixer_rows=1",
+                            "benchmark.measure.reduction_rows=1")
+    reducer = reduction.from_config(model, cfg, info)
+    seen = []
+    function = reducer.setup.function
+    reducer.setup.function = lambda tokens, n, **params: seen.append(tokens.valid.shape[0]) or function(
+        tokens, n, **params)
+    eff = metrics.from_config(model, reducer, cfg, info)["efficiency"]
+    reducer.remove()
+    assert eff["reduction_rows"] == 1 and reducer.row_slices is None
+    assert 1 in seen and 2 in seen  # the sliced measurement's layers saw one row at a time, the others both
+    assert "sliced_peak_memory_saving" in eff
+
+
+def test_reduction_rows_without_mixer_rows_is_refused():
+    with pytest.raises(ConfigError, match="set both"):
+        metrics.check_config(efficiency_config("benchmark.measure.reduction_rows=4"), {})

@@ -2,7 +2,7 @@
 import torch
 
 from ssmcompress.reduction import merge
-from reduction_fixtures import one_thread  # noqa: F401
+from reduction_fixtures import make_tokens, one_thread  # noqa: F401
 
 
 def test_ranks_are_stable_and_per_row_counts_select_exactly():
@@ -68,3 +68,21 @@ def test_gather_slots_matches_gather():
     index = torch.tensor([[0, 6, 2], [1, 1, 5], [3, 4, 0]])
     assert torch.equal(merge.gather_slots(x, index), x.gather(1, index[..., None].expand(3, 3, 4)))
     assert torch.equal(merge.gather_slots(x[..., 0], index), x[..., 0].gather(1, index))
+
+
+def test_rows_of_and_concat_split_and_join_a_reduction_by_rows():
+    torch.manual_seed(0)
+    tokens = make_tokens(torch.randn(5, 12, 4), importance=torch.rand(5, 12))
+    tokens.host_counts = (12, 8)
+    plan = merge.Plan(torch.zeros(5, 12, dtype=torch.bool), tokens.slots, torch.zeros(5, 12, dtype=torch.bool),
+                      torch.zeros(5, 12, dtype=torch.bool), None)
+    plan.removed[:, :4] = True
+    whole = merge.apply(tokens, plan)
+    parts = [merge.apply(merge.rows_of(tokens, i, i + 2), merge.Plan(
+        plan.removed[i:i + 2], plan.target[i:i + 2], plan.merge_hidden[i:i + 2], plan.merge_residual[i:i + 2],
+        None)) for i in range(0, 5, 2)]
+    assert merge.rows_of(tokens, 4, 6).hidden.shape == (1, 12, 4) and merge.rows_of(tokens, 0, 2).layer == tokens.layer
+    joined = merge.concat(parts)
+    for name in ("hidden", "residual", "hidden_sizes", "residual_sizes", "source", "counts"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+    assert torch.equal(joined.plan.removed, plan.removed) and joined.plan.weights is None

@@ -198,3 +198,36 @@ def test_bad_calls_are_clear_errors(mamba2):
         reducer(ids.float())
     assert reducer(ids).trace is None
     reducer.remove()
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_a_reduction_run_a_few_rows_at_a_time_is_the_whole_batch_reduction(mamba2, method):
+    model, info = mamba2
+    ids, _, _ = batch_of([40] * 5, 40, seed=4)
+    reducer = reduction.from_config(model, compose(method, 0.3), info)
+    whole = reducer(ids, trace=True)
+    calls = []
+    function = reducer.setup.function
+    reducer.setup.function = lambda tokens, n_remove, **params: calls.append(tokens.valid.shape[0]) or function(
+        tokens, n_remove, **params)
+    reducer.row_slices = 2
+    sliced = reducer(ids, trace=True)
+    reducer.setup.function = function
+    reducer.remove()
+    assert calls == [2, 2, 1] * len(reducer.setup.layers)
+    assert torch.equal(sliced.positions, whole.positions) and torch.equal(sliced.counts, whole.counts)
+    torch.testing.assert_close(sliced.logits, whole.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(sliced.trace, whole.trace):
+        assert all(torch.equal(a[key], b[key]) for key in ("position", "hidden", "residual", "into"))
+
+
+def test_rows_at_a_time_leave_a_padded_batch_whole(mamba2):
+    model, info = mamba2
+    ids, lengths, protect = batch_of([40, 31, 25], 40)
+    reducer = reduction.from_config(model, compose("ours", 0.3), info)
+    whole = reducer(ids, lengths, protect)
+    reducer.row_slices = 1  # the widths come from the GPU here: one call over the whole batch
+    sliced = reducer(ids, lengths, protect)
+    reducer.remove()
+    assert torch.equal(sliced.positions, whole.positions)
+    assert torch.equal(sliced.logits.nan_to_num(), whole.logits.nan_to_num())

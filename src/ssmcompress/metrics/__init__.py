@@ -28,6 +28,7 @@ DEFAULT_MEASURE = dict(
     repeats=3,
     new_tokens=100,  # benchmark=generation: tokens generated after each prompt
     mixer_rows=None,  # also the peak memory with every mixer run on this many rows at a time (mixer_slices)
+    reduction_rows=None,  # ... and, in that measurement, each reduction layer's method too (Reducer.row_slices)
     shape=dict(cpu=dict(batch_size=1, length=128), cuda=dict(batch_size=8, length=2048)),
 )
 CONVENTION = ("one forward of one sequence; 1 multiply-add = 1 FLOP; norms 5/element; scan = the kernel's "
@@ -46,8 +47,12 @@ def check_config(cfg, model_config: dict) -> None:
     integer("benchmark.measure.warmup", settings["warmup"], minimum=0)
     integer("benchmark.measure.repeats", settings["repeats"], minimum=1)
     integer("benchmark.measure.new_tokens", settings["new_tokens"], minimum=1)
-    if settings["mixer_rows"] is not None:
-        integer("benchmark.measure.mixer_rows", settings["mixer_rows"], minimum=1)
+    for name in ("mixer_rows", "reduction_rows"):
+        if settings[name] is not None:
+            integer(f"benchmark.measure.{name}", settings[name], minimum=1)
+    if settings["reduction_rows"] is not None and settings["mixer_rows"] is None:
+        raise ConfigError("benchmark.measure.reduction_rows is read by the sliced memory measurement, which "
+                          "benchmark.measure.mixer_rows turns on: set both")
     for device, shape in settings["shape"].items():
         if not isinstance(shape, dict):
             raise ConfigError(f"benchmark.measure.shape.{device} must be {{batch_size: N, length: N}}, got {shape!r}")
@@ -98,8 +103,8 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
             sections["efficiency"] = efficiency.measure(timed, input_ids, settings["warmup"], settings["repeats"],
                                                         efficiency.weight_bytes(model), stages=stages)
             if mamba and settings["mixer_rows"]:
-                sections["efficiency"].update(sliced_memory(model, forwards, input_ids, settings["mixer_rows"],
-                                                            stages))
+                sections["efficiency"].update(sliced_memory(model, reducer, forwards, input_ids, stages,
+                                                            settings["mixer_rows"], settings["reduction_rows"]))
             if ceiling is not None:  # the same counts as the method's, unless it removed fewer
                 sections["efficiency"]["ceiling_achieved_ratio"] = ceiling.describe()["observed"]["achieved_ratio"]
         finally:
@@ -115,12 +120,22 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
     return sections
 
 
-def sliced_memory(model, forwards: dict, input_ids, rows: int, stages) -> dict:
-    """The peak memory of the same forwards with every mixer run on `rows` rows at a time, as `sliced_<key>` beside
-    the whole-batch keys, and `mixer_rows`: what the peak is once a block's working memory no longer is."""
-    with mixer_slices.batch_slices(model, rows):
-        report = efficiency.memory_report(forwards, input_ids, stages)
-    return {"mixer_rows": int(rows), **{f"sliced_{key}": value for key, value in report.items()}}
+def sliced_memory(model, reducer, forwards: dict, input_ids, stages, mixer_rows: int,
+                  reduction_rows: int | None) -> dict:
+    """The peak memory of the same forwards with every mixer run on `mixer_rows` rows at a time and, with
+    `reduction_rows`, each reduction layer's method too, as `sliced_<key>` beside the whole-batch keys: what the
+    peak is once a block's (and a reduction layer's) working memory at the whole batch no longer is."""
+    slices_reduction = reduction_rows is not None and hasattr(reducer, "row_slices")
+    if slices_reduction:
+        reducer.row_slices = int(reduction_rows)
+    try:
+        with mixer_slices.batch_slices(model, mixer_rows):
+            report = efficiency.memory_report(forwards, input_ids, stages)
+    finally:
+        if slices_reduction:
+            reducer.row_slices = None
+    return {"mixer_rows": int(mixer_rows), "reduction_rows": int(reduction_rows) if slices_reduction else None,
+            **{f"sliced_{key}": value for key, value in report.items()}}
 
 
 def generation_report(model, reducer, input_ids, settings: dict) -> dict:

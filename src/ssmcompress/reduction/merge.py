@@ -16,7 +16,7 @@ known on the host from the budget (`Tokens.host_counts`), so the output width ne
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,26 @@ class Reduced:
     source: Tensor  # (b, k) input slot of each output slot (real tokens first, in order; then fillers)
     counts: Tensor  # (b,) real tokens kept per row
     plan: Plan
+
+
+def rows_of(tokens: Tokens, start: int, stop: int) -> Tokens:
+    """Rows start:stop of a reduction layer's input (a method's result for a row depends on that row alone)."""
+    return replace(tokens, **{f.name: getattr(tokens, f.name)[start:stop] for f in fields(Tokens)
+                              if isinstance(getattr(tokens, f.name), Tensor)})
+
+
+def concat(parts: list[Reduced]) -> Reduced:
+    """The results of consecutive row slices as one, rows in order; every part has the same width (the host's
+    counts: see `Tokens.host_counts`)."""
+    def cat(values):
+        return None if values[0] is None else torch.cat(values)
+
+    plans = [part.plan for part in parts]
+    plan = Plan(*(cat([getattr(p, name) for p in plans]) for name in ("removed", "target", "merge_hidden",
+                                                                        "merge_residual", "weights")),
+                prune_only=all(p.prune_only for p in plans))
+    return Reduced(*(cat([getattr(part, f.name) for part in parts]) for f in fields(Reduced) if f.name != "plan"),
+                   plan=plan)
 
 
 # ---------------------------------------------------------------------------------------------- ranking

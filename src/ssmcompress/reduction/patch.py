@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ssmcompress.reduction import budget
 from ssmcompress.timing import Stopwatch, timed
-from ssmcompress.reduction.merge import Reduced, Tokens
+from ssmcompress.reduction.merge import Reduced, Tokens, concat, rows_of
 
 KEPT, PRUNED, MERGED = 0, 1, 2  # a slot's fate in a trace
 FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")
@@ -152,6 +152,9 @@ class Reducer:
         self._state: ForwardState | None = None
         self._handles, self._flags = [], []
         self.stopwatch: Stopwatch | None = None  # set by metrics to time the reduction's own work
+        # set by metrics to measure memory: each reduction layer's method runs on this many rows at a time (batches
+        # whose widths come from the host only; the same result, the working memory of that many rows)
+        self.row_slices: int | None = None
         self._pending = []  # (n0, counts) of calls not yet added to the totals
         self._planned: dict[int, list[int] | None] = {}  # planned_counts per input length
         self._totals = dict(calls=0, rows=0, tokens=0, final_tokens=0, dense_flops=0.0, reduced_flops=0.0,
@@ -200,11 +203,19 @@ class Reducer:
             host_counts = (state.planned[step - 2] if step > 1 else int(state.valid.shape[1]), state.planned[step - 1])
         tokens = Tokens(hidden, residual, importance, state.hidden_sizes, state.residual_sizes, state.valid,
                         state.protect, state.positions, index, host_counts)
-        reduced = self.setup.function(tokens, n_remove, **self.setup.params)
+        reduced = self._decide(tokens, n_remove)
         if state.trace is not None:
             state.trace.append(trace_entry(index, tokens, reduced))
         self._advance(state, reduced)
         return reduced.hidden, reduced.residual
+
+    def _decide(self, tokens: Tokens, n_remove: Tensor) -> Reduced:
+        """The method's result, on `row_slices` rows at a time where set and every row's width is the host's."""
+        rows, batch = self.row_slices, tokens.valid.shape[0]
+        if not rows or batch <= rows or tokens.host_counts is None:
+            return self.setup.function(tokens, n_remove, **self.setup.params)
+        return concat([self.setup.function(rows_of(tokens, start, start + rows), n_remove[start:start + rows],
+                                           **self.setup.params) for start in range(0, batch, rows)])
 
     @staticmethod
     def _advance(state: ForwardState, reduced: Reduced) -> None:

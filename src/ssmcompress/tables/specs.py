@@ -232,8 +232,9 @@ SPECS = [
          notes=("Peak memory of one forward (torch.cuda.max_memory_allocated), reduced against dense in the same "
                 "process; change = reduced / dense - 1. paper peak change: the paper's for UTR (Rethinking Token "
                 "Reduction for SSMs, EMNLP 2024, Sec. 5.4: batch 96, 2048 tokens). sliced: the same forwards with "
-                "every block's mixer run on benchmark.measure.mixer_rows rows at a time (16: conf/experiment/memory.yaml; "
-                "ssmcompress.mixer_slices), "
+                "every block's mixer run on benchmark.measure.mixer_rows rows at a time (ssmcompress.mixer_slices) and, "
+                "where the record's efficiency.reduction_rows is set, each reduction layer's method too "
+                "(Reducer.row_slices; 16 and 16 in conf/experiment/memory.yaml), "
                 "so that the full-length blocks before the first reduction layer no longer set the peak. Best per "
                 "block in bold, no test.",)),
     Spec("schedule", "Smooth vs chunk-multiple token counts", ("schedule",)),
