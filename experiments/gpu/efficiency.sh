@@ -5,7 +5,7 @@
 #   bash experiments/gpu/efficiency.sh                                  # mamba2-2.7b, ours, ratios 0.1 0.2 0.3
 #   MODELS=mamba2-1.3b,mamba2-2.7b METHODS=ours,evit,pumer RATIOS=0.3 BATCH=8 LENGTH=2048 bash experiments/gpu/efficiency.sh
 # DTYPE (bfloat16), FVCORE (false: FLOPs by the analytic ruler only, which the tests hold to fvcore within 2 %),
-# SCHEDULE (smooth | chunk: counts in whole SSD chunks), WARMUP (2), REPEATS (5),
+# SCHEDULE (smooth | chunk: counts in whole SSD chunks, multiples of 16 on Mamba-1), WARMUP (2), REPEATS (5),
 # TIMEOUT (540 s for the whole sweep; every finished job's record is already written).
 # Results: $OUT/results/records.jsonl (one record per job) and $OUT/efficiency.log; a table is printed at the end.
 # The GPU machine reaches no package index: carry `.whl` holding these wheels (built once where PyPI is reachable)

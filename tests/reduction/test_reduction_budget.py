@@ -100,7 +100,7 @@ def valid_schedule(counts, n0, chunk, min_keep_rate):
 
 def brute_force(info, layers, n0, ratio, min_keep_rate):
     """The smallest achieved ratio >= `ratio` over every valid chunk schedule."""
-    chunk = info["chunk_size"]
+    chunk = budget.count_multiple(info)
     values = sorted({n0, *range(chunk, n0 + 1, chunk)}, reverse=True)
     best = None
     for combo in itertools.combinations_with_replacement(values, len(layers)):
@@ -122,6 +122,18 @@ def test_chunk_counts_are_the_closest_chunk_multiple_schedule_that_reaches_the_r
     assert counts is not None and expected is not None
     assert valid_schedule(counts, n0, 16, min_keep_rate)  # chunk multiples, non-increasing, within the limit
     assert achieved(TINY16, layers, n0, counts) == expected >= ratio
+
+
+MAMBA1_TINY = dict(generation=1, d_model=64, n_layer=12, vocab_size=4096, d_inner=128, d_state=8, d_conv=4, dt_rank=4)
+
+
+@pytest.mark.parametrize("layers,n0,ratio", [((2, 3, 4, 5, 6, 7, 8), 100, 0.2), ((1, 5, 9), 87, 0.1),
+                                             ((2, 3, 4, 5, 6, 7, 8), 37, 0.3)])
+def test_mamba1_chunk_counts_are_multiples_of_16(layers, n0, ratio):
+    assert budget.count_multiple(MAMBA1_TINY) == 16 and budget.count_multiple(TINY16) == 16
+    counts = budget.chunk_counts(tuple(sorted(MAMBA1_TINY.items())), layers, n0, ratio, 0.5)
+    assert counts is not None and valid_schedule(counts, n0, 16, 0.5)
+    assert achieved(MAMBA1_TINY, layers, n0, counts) == brute_force(MAMBA1_TINY, layers, n0, ratio, 0.5) >= ratio
 
 
 def test_chunk_counts_at_the_reference_length_of_mamba2_2_7b():

@@ -84,7 +84,6 @@ def test_paper_anchor_layers_for_a_hub_sized_config():
 
 @pytest.mark.parametrize("method,overrides,message", [
     ("ours", ["schedule=steps"], "unknown schedule 'steps': use smooth .* or chunk"),
-    ("ours", ["model=mamba-tiny", "schedule=chunk"], "Mamba-1's selective scan has no chunk size: use schedule=smooth"),
     ("official", ["schedule=chunk", "method.reduce_ratio=0.905"], "reduce_ratio fixes its per-layer ceil counts"),
     ("ceiling", [], "method=ceiling is a measuring device for efficiency .* use benchmark=efficiency, or "
                     "method.allow_accuracy=true"),

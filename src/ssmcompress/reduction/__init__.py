@@ -24,8 +24,9 @@ Layout: `merge` (shared matching, merging, compaction), `methods` (one function 
 function, parameters and defaults (the keys of conf/method/<name>.yaml), budget rule and limits.
 
 `schedule` (top-level key): `smooth`, the budget's integer counts, or `chunk`, counts in whole Mamba-2 SSD chunks
-(budget.chunk_counts), for every method. With `official` the chunk counts replace its ceil counts (rows too short
-for a chunk schedule keep them); its `reduce_ratio`, which fixes those ceil counts, cannot be combined with it.
+or, on Mamba-1, multiples of 16 tokens (budget.chunk_counts, budget.count_multiple), for every method. With
+`official` the chunk counts replace its ceil counts (rows too short for a chunk schedule keep them); its
+`reduce_ratio`, which fixes those ceil counts, cannot be combined with it.
 `ceiling` is no method for accuracy but a measuring device for efficiency: the cheapest cut at a schedule (both
 streams cut to the budget's counts, keeping each row's first tokens: no importance, no decision, no merge).
 """
@@ -228,10 +229,7 @@ def ceiling_of(setup: Setup) -> Setup:
 def check_schedule(schedule, info: dict, params: dict) -> str:
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {schedule!r}: use smooth (the budget's integer counts) or chunk "
-                          f"(counts in whole Mamba-2 SSD chunks)")
-    if schedule == "chunk" and info["generation"] != 2:
-        raise ConfigError("schedule=chunk counts tokens in Mamba-2 SSD chunks; Mamba-1's selective scan has no "
-                          "chunk size: use schedule=smooth")
+                          f"(counts in whole Mamba-2 SSD chunks, multiples of 16 tokens on Mamba-1)")
     if schedule == "chunk" and params.get("reduce_ratio") is not None:
         raise ConfigError("method official: reduce_ratio fixes its per-layer ceil counts, schedule=chunk replaces "
                           "them: set ratio= instead (reduce_ratio=null), or use schedule=smooth")

@@ -131,10 +131,21 @@ def chunk_floor(n0: int, n_steps: int, chunk: int, min_keep_rate: float) -> list
     return counts
 
 
+# Mamba-1 keeps its activations as (batch, channels, length): a length that is a multiple of 16 keeps every row
+# of them 16-element aligned, which Triton and cuBLAS need for vector loads (Triton specialises a stride on its
+# divisibility by 16). Mamba-2's are (batch, length, channels), and its SSD scan works in whole chunks.
+MAMBA1_COUNT_MULTIPLE = 16
+
+
+def count_multiple(info: dict) -> int:
+    """What schedule=chunk counts tokens in: Mamba-2's SSD chunk size, or MAMBA1_COUNT_MULTIPLE on Mamba-1."""
+    return int(info.get("chunk_size") or MAMBA1_COUNT_MULTIPLE)
+
+
 def chunk_reachable(info_items: tuple, layers: tuple[int, ...], n0: int, ratio: float,
                     min_keep_rate: float) -> bool:
     """Whether a row of n0 tokens has a chunk schedule (`chunk_counts` is not None), without searching for it."""
-    chunk = dict(info_items)["chunk_size"]
+    chunk = count_multiple(dict(info_items))
     if not layers or n0 < chunk:
         return False
     dense, reduced, _ = row_flops(info_items, layers, n0, tuple(chunk_floor(n0, len(layers), chunk, min_keep_rate)),
@@ -146,7 +157,7 @@ def chunk_reachable(info_items: tuple, layers: tuple[int, ...], n0: int, ratio: 
 def chunk_counts(info_items: tuple, layers: tuple[int, ...], n0: int, ratio: float,
                  min_keep_rate: float) -> tuple[int, ...] | None:
     """The `chunk` schedule of an unprotected row of n0 tokens: the tokens kept after each reduction layer, each a
-    multiple of the model's SSD chunk size (or n0 while nothing is removed), non-increasing, each layer keeping at
+    multiple of `count_multiple` (the SSD chunk size; 16 on Mamba-1) (or n0 while nothing is removed), non-increasing, each layer keeping at
     least max(ceil(min_keep_rate · its input), 1) tokens (the method's limit, as `predicted_counts`), removing at
     least `ratio` of the forward FLOPs and, of all such schedules, the least FLOPs beyond it; ties (equal FLOPs)
     go to the larger counts, from the last layer back. None when there is none (n0 under one chunk, or too short
@@ -160,7 +171,7 @@ def chunk_counts(info_items: tuple, layers: tuple[int, ...], n0: int, ratio: flo
     if not chunk_reachable(info_items, layers, n0, ratio, min_keep_rate):
         return None
     info = dict(info_items)
-    chunk = info["chunk_size"]
+    chunk = count_multiple(info)
     values = sorted({n0, *range(chunk, n0 + 1, chunk)}, reverse=True)  # the counts a layer may keep
     least = [max(math.ceil(v * min_keep_rate), 1) for v in values]  # fewest tokens a layer may keep of v
     spans = [b - a for a, b in zip(layers, [*layers[1:], info["n_layer"] - 1])]  # blocks after each layer
