@@ -21,12 +21,19 @@ import torch
 
 
 def sliced_forward(forward, rows: int):
-    """`forward` (a mixer's) run on at most `rows` rows at a time, the outputs concatenated in row order."""
+    """`forward` (a mixer's) run on at most `rows` rows at a time, the outputs written in row order into one tensor
+    (no list of slices held beside it, as torch.cat would)."""
     def run(hidden_states: torch.Tensor, *args, **kwargs):
         plain = not args and all(value is None for value in kwargs.values())
         if not plain or hidden_states.shape[0] <= rows:
             return forward(hidden_states, *args, **kwargs)
-        return torch.cat([forward(part, **kwargs) for part in hidden_states.split(rows)])
+        out = None
+        for start in range(0, hidden_states.shape[0], rows):
+            part = forward(hidden_states[start:start + rows], **kwargs)
+            if out is None:
+                out = part.new_empty((hidden_states.shape[0], *part.shape[1:]))
+            out[start:start + rows] = part
+        return out
     return run
 
 
