@@ -198,3 +198,8 @@ def test_reduction_rows_slice_the_reduction_in_the_sliced_measurement_only(singl
 def test_reduction_rows_without_mixer_rows_is_refused():
     with pytest.raises(ConfigError, match="set both"):
         metrics.check_config(efficiency_config("benchmark.measure.reduction_rows=4"), {})
+
+
+def test_mixer_rows_on_a_transformers_model_is_refused():
+    with pytest.raises(ConfigError, match="no meaning for a transformers model"):
+        metrics.check_config(efficiency_config("model=tiny-opt", "benchmark.measure.mixer_rows=4"), {})

@@ -50,6 +50,9 @@ def check_config(cfg, model_config: dict) -> None:
     for name in ("mixer_rows", "reduction_rows"):
         if settings[name] is not None:
             integer(f"benchmark.measure.{name}", settings[name], minimum=1)
+    if settings["mixer_rows"] is not None and families.name_of(cfg.model) != "mamba":
+        raise ConfigError("benchmark.measure.mixer_rows slices mamba-ssm's block mixers: it has no meaning for a "
+                          "transformers model (leave it null)")
     if settings["reduction_rows"] is not None and settings["mixer_rows"] is None:
         raise ConfigError("benchmark.measure.reduction_rows is read by the sliced memory measurement, which "
                           "benchmark.measure.mixer_rows turns on: set both")
