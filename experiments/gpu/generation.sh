@@ -27,8 +27,8 @@ done
 for model in ${MEM_MODELS:-mamba2-2.7b mamba2-1.3b}; do
   [ "$model" = none ] || sweep mem "${MEM_TIMEOUT:-120}" benchmark=efficiency model="$model" \
     method="${MEM_METHODS:-random,tome,pumer,evit,official,ours}" ratio="${MEM_RATIOS:-0.1,0.2,0.3}" benchmark.measure.fvcore=false \
-    benchmark.measure.ceiling=false benchmark.measure.warmup=1 benchmark.measure.repeats=1 benchmark.measure.mixer_rows="${MIXER_ROWS:-16}" \
-    benchmark.measure.reduction_rows="${REDUCTION_ROWS:-16}" \
+    benchmark.measure.ceiling=false benchmark.measure.warmup=1 benchmark.measure.repeats=1 \
+    benchmark.measure.mixer_rows="${MIXER_ROWS:-16}" benchmark.measure.reduction_rows="${REDUCTION_ROWS:-16}" \
     benchmark.measure.shape."$DEVICE".batch_size="${MEM_BATCH:-96}" benchmark.measure.shape."$DEVICE".length="${LENGTH:-2048}"
 done
 "$PYTHON" - "$OUT" <<'PY'
@@ -45,9 +45,10 @@ for name in ("gen", "mem"):
                   f"decode/token {g['dense_decode_ms_per_token']:.2f}/{g.get('reduced_decode_ms_per_token', 0):.2f} ms")
         if e:
             print(f"mem {r['model']:<12}{r['method']:<6}{r['ratio'] or 0:>5} peak {e['dense_peak_mib']:.0f} -> "
-                  f"{e.get('reduced_peak_mib', 0):.0f} MiB (saving {100 * e.get('peak_memory_saving', 0):.1f} %); mixers / reduction "
-                  f"{e.get('mixer_rows')} / {e.get('reduction_rows')} rows: {e.get('sliced_dense_peak_mib', 0):.0f} -> {e.get('sliced_reduced_peak_mib', 0):.0f} "
-                  f"MiB (saving {100 * e.get('sliced_peak_memory_saving', 0):.1f} %)")
+                  f"{e.get('reduced_peak_mib', 0):.0f} MiB (saving {100 * e.get('peak_memory_saving', 0):.1f} %); "
+                  f"mixers / reduction {e.get('mixer_rows')} / {e.get('reduction_rows')} rows: "
+                  f"{e.get('sliced_dense_peak_mib', 0):.0f} -> {e.get('sliced_reduced_peak_mib', 0):.0f} MiB "
+                  f"(saving {100 * e.get('sliced_peak_memory_saving', 0):.1f} %)")
 PY
 # the run-key claims (tracking.claim) are done with; the device tool brings back a few files only
 find "$OUT" -name .claims -type d -prune -exec rm -rf {} +

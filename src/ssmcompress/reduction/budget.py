@@ -157,8 +157,8 @@ def chunk_reachable(info_items: tuple, layers: tuple[int, ...], n0: int, ratio: 
 def chunk_counts(info_items: tuple, layers: tuple[int, ...], n0: int, ratio: float,
                  min_keep_rate: float) -> tuple[int, ...] | None:
     """The `chunk` schedule of an unprotected row of n0 tokens: the tokens kept after each reduction layer, each a
-    multiple of `count_multiple` (the SSD chunk size; 16 on Mamba-1) (or n0 while nothing is removed), non-increasing, each layer keeping at
-    least max(ceil(min_keep_rate · its input), 1) tokens (the method's limit, as `predicted_counts`), removing at
+    multiple of `count_multiple` (the SSD chunk size; 16 on Mamba-1) (or n0 while nothing is removed),
+    non-increasing, each layer keeping at least max(ceil(min_keep_rate · its input), 1) tokens (the method's limit, as `predicted_counts`), removing at
     least `ratio` of the forward FLOPs and, of all such schedules, the least FLOPs beyond it; ties (equal FLOPs)
     go to the larger counts, from the last layer back. None when there is none (n0 under one chunk, or too short
     to reach `ratio` in whole chunks). Cached: lm-eval repeats lengths.

@@ -116,6 +116,15 @@ def _paper(figure: str):
                         if row["method"] in PAPER_METHODS else None)
 
 
+def _peak_change(prefix: str = ""):
+    return lambda row: (None if number(row["efficiency"].get(f"{prefix}peak_memory_saving")) is None
+                        else -row["efficiency"][f"{prefix}peak_memory_saving"])
+
+
+def _saves(prefix: str = ""):
+    return lambda row: (number(row["efficiency"].get(f"{prefix}peak_memory_saving")) or 0.0) > 0
+
+
 def _achieved(row):
     return number(row["flops"].get("achieved_ratio"))
 
@@ -138,7 +147,7 @@ EFFICIENCY_COLUMNS = [
            can_be_best=_faster("efficiency")),
     Column("overhead", "pct", "lower", _dense_default("efficiency", "reduction_overhead", 0.0)),  # own time / dense
     Column("peak memory saving", "pct", "higher", _dense_default("efficiency", "peak_memory_saving", 0.0),
-           can_be_best=lambda row: (number(row["efficiency"].get("peak_memory_saving")) or 0.0) > 0),
+           can_be_best=_saves()),
 ]
 
 # ssmcompress.metrics.generation.measure's fields
@@ -160,15 +169,6 @@ GENERATION_COLUMNS = [
            can_be_best=_faster("generation_speed")),
     Column("peak MiB", "num", "lower", _measured("generation_speed", "peak_mib")),
 ]
-
-def _peak_change(prefix: str = ""):
-    return lambda row: (None if number(row["efficiency"].get(f"{prefix}peak_memory_saving")) is None
-                        else -row["efficiency"][f"{prefix}peak_memory_saving"])
-
-
-def _saves(prefix: str = ""):
-    return lambda row: (number(row["efficiency"].get(f"{prefix}peak_memory_saving")) or 0.0) > 0
-
 
 # "sliced": the same forwards with every mixer run on `mixer_rows` rows at a time (ssmcompress.mixer_slices)
 MEMORY_COLUMNS = [
