@@ -20,7 +20,14 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # a whole model's parameter gradients carry the scan's rounding (exp2 with a log2(e)-scaled A, as the CUDA kernel
 # does; the softplus series) through the later layers: ~7e-6 here, where mambapy's pure-torch scan gets ~1e-6
 MODEL_TOLERANCE = 2e-5
-SMALL_TILES = dict(block_d=4, chunk=4, backward_chunk=4, segment=8)
+SMALL_TILES = dict(block_d=4, chunk=4, backward_chunk=4, segment=8, length_multiple=1)  # unpadded: the masks
+# the scan on inputs padded to a multiple of 16 steps against the same scan unpadded: identical, bit for bit
+PADDED = {
+    "softplus and bias, strided views": dict(batch=2, dim=6, dstate=4, length=19, B="shared", C="shared", views=True),
+    "no softplus, no bias, grouped": dict(batch=2, dim=8, dstate=4, length=13, B="grouped", C="grouped",
+                                          softplus=False, bias=False),
+    "bf16, constant B": dict(batch=2, dim=4, dstate=4, length=10, B="constant", C="shared", dtype=torch.bfloat16),
+}
 CASES = {
     # (b, n, l) B and C shared by all channels; u, delta and z are strided views as in mamba-ssm's Mamba.forward
     "shared, all options, strided views": dict(batch=2, dim=6, dstate=4, length=19, B="shared", C="shared",
@@ -102,6 +109,18 @@ def compare(case: dict) -> dict:
     return report
 
 
+def compare_padding(case: dict) -> dict:
+    """Per quantity, max |padded - unpadded| (both Triton, small tiles; the padded run to a multiple of 16)."""
+    from ssmcompress.selective_scan import Tiles, selective_scan_fn
+
+    leaves, arguments, options, tiles = make_case(**case)
+    runs = [run(lambda *a, **k: selective_scan_fn(*a, **k, tiles=Tiles(**dict(tiles, length_multiple=m))), leaves,
+                arguments, options) for m in (16, 1)]
+    pairs = {"out": (runs[0][0], runs[1][0]), "last state": (runs[0][1], runs[1][1]),
+             **{k: (runs[0][2][k], runs[1][2][k]) for k in runs[1][2]}}
+    return {name: (a.double() - b.double()).abs().max().item() for name, (a, b) in pairs.items()}
+
+
 def compare_model() -> dict:
     """A tiny Mamba-1 LM whose scans compat routes to Triton, against the same model on the reference: logits and
     all parameter gradients of a forward, and the logits of a decoding step after a prefill (which hands the
@@ -153,6 +172,22 @@ def test_outputs_and_all_gradients_match_mamba_ssm_reference(interpreted, name):
     assert expected <= set(report)
 
 
+@pytest.mark.parametrize("name", list(PADDED))
+def test_padding_the_length_to_a_multiple_of_16_changes_no_bit(interpreted, name):
+    report = interpreted["padded"][name]
+    assert {"out", "last state", "dxz", "ddelta", "dB", "dC", "dA"} <= set(report)
+    assert {k: v for k, v in report.items() if v != 0} == {}, report
+
+
+def test_padding_is_skipped_where_the_padded_steps_would_decay_the_state():
+    from ssmcompress.selective_scan import Tiles, _padding
+
+    assert _padding(1043, Tiles(), delta_softplus=True, delta_bias=torch.zeros(3)) == 13
+    assert _padding(1043, Tiles(), delta_softplus=False, delta_bias=None) == 13
+    assert _padding(1040, Tiles(), delta_softplus=True, delta_bias=None) == 0
+    assert _padding(1043, Tiles(), delta_softplus=False, delta_bias=torch.zeros(3)) == 0  # bias + 0 would be a step
+
+
 def test_tiny_mamba1_lm_on_the_triton_route_matches_the_reference(interpreted):
     report = interpreted["model"]
     assert {"logits", "decoding step", "backbone.layers.0.mixer.A_log", "backbone.embedding.weight"} <= set(report)
@@ -179,4 +214,5 @@ if __name__ == "__main__":  # the interpreted checks (TRITON_INTERPRET=1 set by 
 
     compat.install()  # mamba-ssm imports its compiled extension unconditionally
     torch.set_num_threads(1)
-    print(json.dumps({**{name: compare(case) for name, case in CASES.items()}, "model": compare_model()}))
+    print(json.dumps({**{name: compare(case) for name, case in CASES.items()}, "model": compare_model(),
+                      "padded": {name: compare_padding(case) for name, case in PADDED.items()}}))
