@@ -6,8 +6,9 @@ the compiled causal-conv1d / selective-scan extensions), and with the input padd
     python experiments/gpu/mamba1_lengths.py OUT.jsonl [d_model] [batch] [lengths]
     python experiments/gpu/mamba1_lengths.py m1.jsonl 2560 8 2048,1860,1856,1043,1040    # mamba-2.8b's mixer
 
-One JSON line per (length, step): milliseconds (median of CUDA-event timings; wall clock on a CPU) and
-microseconds per token; a table is printed.
+Without the compiled CUDA extension the scan is ssmcompress.selective_scan (Triton). One JSON line per (length,
+step): milliseconds (median of CUDA-event timings; wall clock on a CPU) and microseconds per token; a table is
+printed. Its H200 records, before and after the scan padded its inputs: results/gpu/mamba1_lengths.jsonl.
 """
 import json
 import statistics
@@ -59,9 +60,10 @@ def steps(m: Mamba, h: torch.Tensor) -> dict:
     Bl = rearrange(B, "(b l) n -> b n l", l=l).contiguous()
     Cl = rearrange(C, "(b l) n -> b n l", l=l).contiguous()
     A = -torch.exp(m.A_log.float())
-    scan = lambda u, dl, zz: mamba_simple.selective_scan_fn(  # routed by compat
-        u, dl, A, Bl, Cl, m.D.float(), z=zz,  # noqa: E731
-                                               delta_bias=m.dt_proj.bias.float(), delta_softplus=True)
+    def scan(u, dl, zz):  # mamba_simple's selective_scan_fn, as ssmcompress.compat routes it
+        return mamba_simple.selective_scan_fn(u, dl, A, Bl, Cl, m.D.float(), z=zz, delta_bias=m.dt_proj.bias.float(),
+                                              delta_softplus=True)
+
     y = scan(xc, delta, z)
     return {
         "in_proj": lambda: m.in_proj.weight @ rearrange(h, "b l d -> d (b l)"),
