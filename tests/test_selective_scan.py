@@ -23,8 +23,8 @@ MODEL_TOLERANCE = 2e-5
 SMALL_TILES = dict(block_d=4, chunk=4, backward_chunk=4, segment=8, length_multiple=1)  # unpadded: the masks
 # the scan on inputs padded to a multiple of 16 steps against the same scan unpadded: identical, bit for bit
 PADDED = {
-    "softplus and bias, strided views": dict(batch=2, dim=6, dstate=4, length=19, B="shared", C="shared", views=True),
-    "no softplus, no bias, grouped": dict(batch=2, dim=8, dstate=4, length=13, B="grouped", C="grouped",
+    "softplus and bias, strided views": dict(batch=2, dim=4, dstate=4, length=13, B="shared", C="shared", views=True),
+    "no softplus, no bias, grouped": dict(batch=1, dim=4, dstate=4, length=11, B="grouped", C="grouped",
                                           softplus=False, bias=False),
     "bf16, constant B": dict(batch=2, dim=4, dstate=4, length=10, B="constant", C="shared", dtype=torch.bfloat16),
 }
