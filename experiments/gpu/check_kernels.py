@@ -1,4 +1,4 @@
-"""GPU check (issue 7): the bundled models' logits with mamba-ssm's Triton kernels vs the pure-torch reference path
+"""GPU check: the bundled models' logits with mamba-ssm's Triton kernels vs the pure-torch reference path
 on the same GPU, dense and token-reduced (method=ours ratio=0.3), fp32 and bf16. Mamba-2: Triton SSD scan, gated
 RMSNorm and fused add+norm; Mamba-1: our Triton selective scan (ssmcompress.selective_scan, where mamba-ssm's
 compiled CUDA scan is not installed) and the Triton fused add+norm.

@@ -1,4 +1,4 @@
-"""GPU vs CPU accuracy of the same runs (issue 7): for every (model, method, ratio) present in both results stores,
+"""GPU vs CPU accuracy of the same runs: for every (model, method, ratio) present in both results stores,
 each task's main metric on either device and the largest difference, as a markdown table.
 
     python experiments/gpu/compare_devices.py results/gpu/records.jsonl results/records.jsonl [--tag main]

@@ -1,4 +1,4 @@
-"""Where a reduced forward's time goes (issue 7's "explain a missed target with its profile"): torch.profiler over
+"""Where a reduced forward's time goes, to explain a missed speed target: torch.profiler over
 one dense and one reduced forward of a random-weight model, per method, after warm-up.
 
     python experiments/gpu/profile_reduction.py OUT.txt [model] [methods] [batch] [length]
