@@ -60,6 +60,7 @@ def steps(m: Mamba, h: torch.Tensor) -> dict:
     Bl = rearrange(B, "(b l) n -> b n l", l=l).contiguous()
     Cl = rearrange(C, "(b l) n -> b n l", l=l).contiguous()
     A = -torch.exp(m.A_log.float())
+
     def scan(u, dl, zz):  # mamba_simple's selective_scan_fn, as ssmcompress.compat routes it
         return mamba_simple.selective_scan_fn(u, dl, A, Bl, Cl, m.D.float(), z=zz, delta_bias=m.dt_proj.bias.float(),
                                               delta_softplus=True)
@@ -96,7 +97,8 @@ def main() -> None:
             h = torch.randn(batch, length, d_model, device=device, dtype=dtype)
             padded = -(-length // 16) * 16
             hp = F.pad(h, (0, 0, 0, padded - length))
-            assert torch.equal(m(hp)[:, :length], m(h)) or device == "cuda"  # causal (the GPU may pick other tiles)
+            if device == "cpu":  # causal: the padded input's first outputs are the same (a GPU may pick other tiles)
+                assert torch.equal(m(hp)[:, :length], m(h))
             row = {"mixer": timed(lambda: m(h)), "mixer_padded16": timed(lambda: m(hp)[:, :length])}
             row.update({name: timed(fn) for name, fn in steps(m, h).items()})
             for step, ms in row.items():

@@ -505,13 +505,12 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, dout,
 
 
 class SelectiveScanFn(torch.autograd.Function):
-    """mamba-ssm's `SelectiveScanFn` on the Triton kernels. As there, the last state gets no gradient."""
+    """mamba-ssm's `SelectiveScanFn` on the Triton kernels. As there, the last state gets no gradient. Called
+    through `selective_scan_fn`, which checks the arguments (`_check`) before it pads them."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                return_last_state=False, tiles=None):
-        _check(u, delta, A, B, C, D, z, delta_bias)
-        tiles = tiles or Tiles()
+                return_last_state=False, tiles=Tiles()):
         u, delta, B, C, z = (_contiguous_l(t) for t in (u, delta, B, C, z))
         D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
         needs_grad = any(ctx.needs_input_grad[:8])
@@ -544,9 +543,10 @@ def _padding(length: int, tiles: Tiles, delta_softplus: bool, delta_bias) -> int
     """Steps to append so that the length is a multiple of tiles.length_multiple. Why: Triton specialises integer
     arguments on divisibility by 16; at a length (and so row strides) not known to be a multiple of 16, the masks
     along the sequence and the row starts are not provably aligned and every load of u, delta, z, B, C is split
-    into single elements. Measured on an H200 (mamba-2.8b's mixer, batch 8, bf16), the scan took 11x as long per
-    token at lengths 1860 and 1043 as at 1856 and 1040, the padded copy costs ~2 % of the mixer. Without the
-    softplus a delta bias would make the padded steps decay the state, so that case runs unpadded."""
+    into single elements. Measured on an H200 (mamba-2.8b's mixer, batch 8, bf16; experiments/gpu/mamba1_lengths.py),
+    the unpadded scan took 11x as long per token at lengths 1860 and 1043 as at 1856 and 1040; the padded copies of
+    u, delta, z, B and C cost ~15 % of the mixer at those lengths (a mixer whose input is padded instead, ~2 %).
+    Without the softplus a delta bias would make the padded steps decay the state, so that case runs unpadded."""
     if delta_bias is not None and not delta_softplus:
         return 0
     return -length % tiles.length_multiple

@@ -158,10 +158,10 @@ def chunk_counts(info_items: tuple, layers: tuple[int, ...], n0: int, ratio: flo
                  min_keep_rate: float) -> tuple[int, ...] | None:
     """The `chunk` schedule of an unprotected row of n0 tokens: the tokens kept after each reduction layer, each a
     multiple of `count_multiple` (the SSD chunk size; 16 on Mamba-1) (or n0 while nothing is removed),
-    non-increasing, each layer keeping at least max(ceil(min_keep_rate · its input), 1) tokens (the method's limit, as `predicted_counts`), removing at
-    least `ratio` of the forward FLOPs and, of all such schedules, the least FLOPs beyond it; ties (equal FLOPs)
-    go to the larger counts, from the last layer back. None when there is none (n0 under one chunk, or too short
-    to reach `ratio` in whole chunks). Cached: lm-eval repeats lengths.
+    non-increasing, each layer keeping at least max(ceil(min_keep_rate · its input), 1) tokens (the method's limit,
+    as `predicted_counts`), removing at least `ratio` of the forward FLOPs and, of all such schedules, the least
+    FLOPs beyond it; ties (equal FLOPs) go to the larger counts, from the last layer back. None when there is none
+    (n0 under one chunk, or too short to reach `ratio` in whole chunks). Cached: lm-eval repeats lengths.
 
     Exact search, no heuristic: at n >= chunk size a block's FLOPs are its token count times a constant integer
     (flops.py), so a schedule's FLOPs are an integer-weighted sum of its counts. A dynamic programme over the
