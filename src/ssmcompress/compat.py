@@ -43,6 +43,10 @@ MAMBA1_SCAN = os.environ.get("SSMCOMPRESS_MAMBA1_SCAN", "auto")
 
 
 def _triton_runs_on(device: torch.device) -> bool:
+    # strict: a tensor passed here (whose `.type` is a method, never equal to "cuda") would route every GPU call
+    # to the references without a word
+    if not isinstance(device, torch.device):
+        raise TypeError(f"_triton_runs_on takes a torch.device, got {type(device).__name__}")
     return device.type == "cuda"
 
 

@@ -56,12 +56,17 @@ def second_best_margin(metric, src, dst):
 def test_the_route_follows_compat_unless_forced(monkeypatch):
     x = torch.zeros(2, 3)
     assert not kernels.fused(x)  # a CPU tensor: the reference
-    monkeypatch.setattr(compat, "_triton_runs_on", lambda t: True)
-    assert kernels.fused(x)
+    assert compat._triton_runs_on(torch.device("cuda")) and not compat._triton_runs_on(torch.device("cpu"))
+    asked = []
+    monkeypatch.setattr(compat, "_triton_runs_on", lambda device: asked.append(device) or device.type == "cpu")
+    assert kernels.fused(x) and asked == [x.device]  # the route is asked about the tensor's device
     with compat.reference_kernels():  # fvcore's tracing and the GPU check take every reference
         assert not kernels.fused(x)
     monkeypatch.setattr(kernels, "ROUTE", "reference")
     assert not kernels.fused(x)
+    monkeypatch.undo()
+    with pytest.raises(TypeError, match="takes a torch.device"):  # a tensor itself is refused, never read as "not cuda"
+        compat._triton_runs_on(x)
     monkeypatch.setattr(kernels, "ROUTE", "fast")
     with pytest.raises(ValueError, match="ROUTE must be one of"):
         kernels.fused(x)

@@ -49,7 +49,7 @@ def fused(x: Tensor) -> bool:
     if ROUTE not in ROUTES:
         raise ValueError(f"kernels.ROUTE must be one of {', '.join(ROUTES)}, got {ROUTE!r}")
     if ROUTE == "auto":
-        return compat._triton_runs_on(x)  # read at call time: compat.reference_kernels() rebinds it
+        return compat._triton_runs_on(x.device)  # read at call time: compat.reference_kernels() rebinds it
     return ROUTE == "fused"
 
 
