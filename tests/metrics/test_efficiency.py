@@ -6,6 +6,7 @@ import torch
 
 from ssmcompress import compat
 from ssmcompress.metrics import efficiency
+from ssmcompress.reduction import kernels
 
 HAS_CLEAR_REFS = Path("/proc/self/clear_refs").exists()
 
@@ -30,6 +31,14 @@ def test_scan_kernel_names_the_scan_that_runs(monkeypatch):
     monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", True)
     monkeypatch.setattr(compat, "MAMBA1_SCAN", "auto")
     assert efficiency.scan_kernel(1, cuda) == "mamba-ssm CUDA selective scan"
+
+
+def test_reduction_kernels_names_the_path_matching_takes(monkeypatch):
+    cuda = torch.device("cuda")  # routing only: nothing runs on the GPU
+    assert efficiency.reduction_kernels(cuda) == "fused Triton kernels"
+    assert efficiency.reduction_kernels(torch.device("cpu")) == "pure-torch reference (CPU)"
+    monkeypatch.setattr(kernels, "ROUTE", "reference")
+    assert "not representative" in efficiency.reduction_kernels(cuda)
 
 
 def test_forwards_are_warmed_up_then_interleaved():

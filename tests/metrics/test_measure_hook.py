@@ -113,6 +113,7 @@ def test_the_reduction_overhead_is_timed_without_changing_the_outputs():
     assert 0 < own <= wall
     eff = metrics.from_config(model, reducer, cfg, info)["efficiency"]
     assert eff["reduction_ms"] > 0 and reducer.stopwatch is None
+    assert eff["reduction_kernels"] == "pure-torch reference (CPU)"  # recorded beside the overhead it explains
     assert eff["reduction_overhead"] == pytest.approx(eff["reduction_ms"] / eff["dense_latency_ms"])
     assert "reduction overhead" in "\n".join(metrics.summary_lines({"efficiency": eff}))
 

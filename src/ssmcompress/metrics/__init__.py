@@ -117,6 +117,7 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
             sections["efficiency"]["scan_kernel"] = efficiency.scan_kernel(info["generation"], device)
         if reducer is not None and hasattr(reducer, "stopwatch"):
             eff = sections["efficiency"]
+            eff["reduction_kernels"] = efficiency.reduction_kernels(device)
             eff["reduction_ms"] = 1000 * efficiency.reduction_seconds(reducer, forwards["reduced"], input_ids,
                                                                       settings["repeats"])
             eff["reduction_overhead"] = eff["reduction_ms"] / eff["dense_latency_ms"]
@@ -262,8 +263,9 @@ def summary_lines(record: dict) -> list[str]:
         if "reduction_ms" in eff:
             lines.append(f"{'  reduction overhead':<28}{eff['reduction_ms']:.4g} ms = "
                          f"{100 * eff['reduction_overhead']:.2f}% of dense latency (importance, matching, merging)")
-        if "not representative" in eff.get("scan_kernel", ""):
-            lines.append(f"{'  scan':<28}{eff['scan_kernel']}")
+        for name in ("scan_kernel", "reduction_kernels"):
+            if "not representative" in eff.get(name, ""):
+                lines.append(f"{'  ' + name.replace('_', ' '):<28}{eff[name]}")
         lines.append(f"{'tokens/s':<28}" + "  ".join(f"{n} {eff[f'{n}_tokens_per_s']:.4g}" for n in names))
         if all(f"{n}_peak_mib" in eff for n in names):
             lines.append(f"{'peak memory MiB':<28}" + "  ".join(

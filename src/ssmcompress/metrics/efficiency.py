@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ssmcompress import compat
+from ssmcompress.reduction import kernels
 from ssmcompress.timing import Stopwatch
 
 MIB = 2 ** 20
@@ -49,6 +50,14 @@ def scan_kernel(generation: int, device: torch.device) -> str:
             "triton": "ssmcompress Triton selective scan",
             "parallel": "mambapy parallel scan (pure torch): not representative",
             "ref": "pure-torch reference selective scan: not representative"}[compat.mamba1_scan(device)]
+
+
+def reduction_kernels(device: torch.device) -> str:
+    """Which path the reducer's matching and merging ran (kernels.ROUTE): a reduction overhead measured on a GPU
+    through the pure-torch references is several times the fused kernels' (float32 copies, a similarity matrix)."""
+    if kernels.fused_on(device):
+        return "fused Triton kernels"
+    return "pure-torch reference" + (": not representative" if device.type == "cuda" else " (CPU)")
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -44,13 +44,18 @@ NORM_EPS = 1e-12  # torch.nn.functional.normalize's default, as the reference
 ROUTES = ("auto", "fused", "reference")
 
 
-def fused(x: Tensor) -> bool:
-    """Whether `x` goes through the fused kernels (see ROUTE)."""
+def fused_on(device: torch.device) -> bool:
+    """Whether tensors on `device` go through the fused kernels (see ROUTE)."""
     if ROUTE not in ROUTES:
         raise ValueError(f"kernels.ROUTE must be one of {', '.join(ROUTES)}, got {ROUTE!r}")
     if ROUTE == "auto":
-        return compat._triton_runs_on(x.device)  # read at call time: compat.reference_kernels() rebinds it
+        return compat._triton_runs_on(device)  # read at call time: compat.reference_kernels() rebinds it
     return ROUTE == "fused"
+
+
+def fused(x: Tensor) -> bool:
+    """Whether `x` goes through the fused kernels (see ROUTE)."""
+    return fused_on(x.device)
 
 
 # ---------------------------------------------------------------------------------------------- best match
