@@ -27,11 +27,14 @@ $(STAMP): requirements.txt pyproject.toml
 run: install
 	$(PY) run.py
 
+# two test processes (pytest-xdist; a file's tests share one, so its module fixtures are built once), one thread
+# each: tiny tensors gain nothing from a second thread; on two cores this takes ~40 % off the serial run
+TEST_PROCESSES ?= 2
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 test-full: install
-	$(PY) -m pytest -q -m "not gpu"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile -m "not gpu"
 
 suite: install
 	$(PY) -m ssmcompress.suite.build

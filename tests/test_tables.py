@@ -395,6 +395,17 @@ def test_efficiency_table():
     assert cells[("mamba2-tiny", "20 %", "UTR (ours)", "smooth")]["of ceiling"] == "78.1 %"
 
 
+def test_efficiency_table_flags_cells_timed_on_a_pure_torch_path():
+    slow = "pure-torch reference: not representative"
+    table = by_name([efficiency("dense"), efficiency("ours", 0.2, latency=8.0, reduction_kernels=slow),
+                     efficiency("evit", 0.2, latency=7.5, reduction_kernels="fused Triton kernels")]
+                    )["efficiency_x86_64_batch-1-x-64"]
+    (line,) = [note for note in table.notes if note.startswith("Not representative")]
+    assert line.endswith(": mamba2-tiny | 20 % | UTR (ours).") and "1 cell(s)" in line
+    clean = by_name([efficiency("dense"), efficiency("evit", 0.2)])["efficiency_x86_64_batch-1-x-64"]
+    assert not any(note.startswith("Not representative") for note in clean.notes)
+
+
 def generation_record(model, method, ratio, speedup, prefill_speedup=1.2, **extra):
     fields = dict(device="cuda:0", device_name="NVIDIA H200", batch_size=16, length=2048, new_tokens=100,
                   dense_prefill_ms=580.0, dense_generation_ms=1200.0, dense_decode_ms_per_token=6.2,

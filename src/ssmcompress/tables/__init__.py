@@ -253,7 +253,7 @@ def assemble(spec: Spec, experiments: list[Experiment], axes: tuple, split: dict
     record_list["limit"] = record_list["limit"].astype("Int64")
     name = table_name(spec, split)
     legend = table_legend(spec, columns, by_seed, untested)
-    notes = provenance(name, record_list, context) + notes
+    notes = provenance(name, record_list, context) + unrepresentative(chosen, label) + notes
     return Table(name=name, title=table_title(spec, experiments, axes, split),
                  frame=pd.concat([labels, shown], axis=1),
                  marks=pd.concat([pd.DataFrame("", index=labels.index, columns=labels.columns), marks], axis=1),
@@ -301,6 +301,19 @@ def table_legend(spec: Spec, columns: list[Column], by_seed: bool, untested: int
                          "results version 1's): nothing marked there.")
     lines += list(dict.fromkeys(c.meaning for c in columns if c.meaning))
     return lines + list(spec.notes)
+
+
+def unrepresentative(chosen: dict, label) -> list[str]:
+    """The footer's line on cells whose record says its forwards took a path nobody would time on that device (a
+    pure-torch scan or reduction on a GPU: efficiency.scan_kernel / reduction_kernels): their latencies are not the
+    kernels'."""
+    cells = [label(key) for key, used in chosen.items()
+             if any("not representative" in str((r.get("efficiency") or {}).get(name, ""))
+                    for r in used for name in ("scan_kernel", "reduction_kernels"))]
+    if not cells:
+        return []
+    return [f"Not representative: {len(cells)} cell(s) ran a pure-torch scan or reduction on the GPU "
+            f"(efficiency.scan_kernel, reduction_kernels): " + "; ".join(cells) + "."]
 
 
 def provenance(name: str, listed: pd.DataFrame, context: dict) -> list[str]:
