@@ -21,6 +21,15 @@ from ssmcompress.config import RESULTS_VERSION, run_key
 from ssmcompress.errors import ConfigError
 
 SCHEMA = 3
+# efficiency keys naming the path a measurement's forwards took (metrics.efficiency.scan_kernel, reduction_kernels);
+# a value carrying the marker is a pure-torch path on a GPU, whose latencies are not the kernels'
+PATH_KEYS = ("scan_kernel", "reduction_kernels")
+NOT_REPRESENTATIVE = "not representative"
+
+
+def unrepresentative_paths(efficiency: dict) -> dict:
+    """The path keys of an efficiency section whose path is not representative, with their values."""
+    return {k: efficiency[k] for k in PATH_KEYS if NOT_REPRESENTATIVE in str(efficiency.get(k, ""))}
 
 
 class RecordError(ConfigError):

@@ -6,7 +6,7 @@ import torch
 
 from conftest import compose_config, tiny_model
 from evaluation.fake_reducer import DropTokens
-from ssmcompress import flops, metrics, models, reduction
+from ssmcompress import flops, metrics, models, records, reduction
 from ssmcompress.errors import ConfigError
 
 
@@ -116,6 +116,10 @@ def test_the_reduction_overhead_is_timed_without_changing_the_outputs():
     assert eff["reduction_kernels"] == "pure-torch reference (CPU)"  # recorded beside the overhead it explains
     assert eff["reduction_overhead"] == pytest.approx(eff["reduction_ms"] / eff["dense_latency_ms"])
     assert "reduction overhead" in "\n".join(metrics.summary_lines({"efficiency": eff}))
+    assert "reduction kernels" not in "\n".join(metrics.summary_lines({"efficiency": eff}))  # a CPU run: as it should
+    on_gpu = dict(eff, reduction_kernels=f"pure-torch reference: {records.NOT_REPRESENTATIVE}")
+    (line,) = [line for line in metrics.summary_lines({"efficiency": on_gpu}) if "reduction kernels" in line]
+    assert line.split() == ["reduction", "kernels", "pure-torch", "reference:", "not", "representative"]
 
 
 @pytest.mark.parametrize("schedule", ["smooth", "chunk"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from ssmcompress import families, mixer_slices, models, reduction
+from ssmcompress import families, mixer_slices, models, records, reduction
 from ssmcompress import flops as analytic
 from ssmcompress.config import integer, to_dict
 from ssmcompress.errors import ConfigError
@@ -263,9 +263,8 @@ def summary_lines(record: dict) -> list[str]:
         if "reduction_ms" in eff:
             lines.append(f"{'  reduction overhead':<28}{eff['reduction_ms']:.4g} ms = "
                          f"{100 * eff['reduction_overhead']:.2f}% of dense latency (importance, matching, merging)")
-        for name in ("scan_kernel", "reduction_kernels"):
-            if "not representative" in eff.get(name, ""):
-                lines.append(f"{'  ' + name.replace('_', ' '):<28}{eff[name]}")
+        for name, path in records.unrepresentative_paths(eff).items():
+            lines.append(f"{'  ' + name.replace('_', ' '):<28}{path}")
         lines.append(f"{'tokens/s':<28}" + "  ".join(f"{n} {eff[f'{n}_tokens_per_s']:.4g}" for n in names))
         if all(f"{n}_peak_mib" in eff for n in names):
             lines.append(f"{'peak memory MiB':<28}" + "  ".join(

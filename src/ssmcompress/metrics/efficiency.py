@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ssmcompress import compat
+from ssmcompress.records import NOT_REPRESENTATIVE
 from ssmcompress.reduction import kernels
 from ssmcompress.timing import Stopwatch
 
@@ -48,8 +49,8 @@ def scan_kernel(generation: int, device: torch.device) -> str:
         return "mamba-ssm Triton SSD"
     return {"cuda": "mamba-ssm CUDA selective scan",
             "triton": "ssmcompress Triton selective scan",
-            "parallel": "mambapy parallel scan (pure torch): not representative",
-            "ref": "pure-torch reference selective scan: not representative"}[compat.mamba1_scan(device)]
+            "parallel": f"mambapy parallel scan (pure torch): {NOT_REPRESENTATIVE}",
+            "ref": f"pure-torch reference selective scan: {NOT_REPRESENTATIVE}"}[compat.mamba1_scan(device)]
 
 
 def reduction_kernels(device: torch.device) -> str:
@@ -57,7 +58,7 @@ def reduction_kernels(device: torch.device) -> str:
     through the pure-torch references is several times the fused kernels' (float32 copies, a similarity matrix)."""
     if kernels.fused_on(device):
         return "fused Triton kernels"
-    return "pure-torch reference" + (": not representative" if device.type == "cuda" else " (CPU)")
+    return "pure-torch reference" + (f": {NOT_REPRESENTATIVE}" if device.type == "cuda" else " (CPU)")
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ssmcompress import records
 from ssmcompress.config import EXPERIMENTS, RESULTS_VERSION
 from ssmcompress.tables import stats
 from ssmcompress.tables.grid import (FREE, Experiment, admission, base_split, expected_keys, load_experiment,
@@ -164,7 +165,7 @@ def columns_of(spec: Spec, split: dict, rows: list[dict]) -> list[Column]:
 
 def assemble(spec: Spec, experiments: list[Experiment], axes: tuple, split: dict, models: dict,
              context: dict) -> Table:
-    rows = [row for records in models.values() for row in records]
+    rows = [row for model_rows in models.values() for row in model_rows]
     admitted = [row for row in rows if row["reason"] is None]
     model_order = [m for e in experiments for m in e.values("model")]
     models = sorted(models, key=lambda m: (_rank(m, model_order)[:2], model_size(m), m))
@@ -308,8 +309,7 @@ def unrepresentative(chosen: dict, label) -> list[str]:
     pure-torch scan or reduction on a GPU: efficiency.scan_kernel / reduction_kernels): their latencies are not the
     kernels'."""
     cells = [label(key) for key, used in chosen.items()
-             if any("not representative" in str((r.get("efficiency") or {}).get(name, ""))
-                    for r in used for name in ("scan_kernel", "reduction_kernels"))]
+             if any(records.unrepresentative_paths(r.get("efficiency") or {}) for r in used)]
     if not cells:
         return []
     return [f"Not representative: {len(cells)} cell(s) ran a pure-torch scan or reduction on the GPU "
