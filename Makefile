@@ -30,11 +30,12 @@ run: install
 # two test processes (pytest-xdist; a file's tests share one, so its module fixtures are built once), one thread
 # each: tiny tensors gain nothing from a second thread; on two cores this takes ~40 % off the serial run
 TEST_PROCESSES ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
+	$(PYTEST)
 
 test-full: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile -m "not gpu"
+	$(PYTEST) -m "not gpu"
 
 suite: install
 	$(PY) -m ssmcompress.suite.build
