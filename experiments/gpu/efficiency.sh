@@ -33,6 +33,7 @@ echo "exit $?"
 grep -E "Error|Traceback|Killed" "$OUT/efficiency.log" | tail -n 20
 "$PYTHON" - "$OUT/results/records.jsonl" <<'EOF'
 import json, sys
+from ssmcompress.records import unrepresentative_paths
 print(f"{'model':<14}{'method':<10}{'batch':>6}{'ratio':>6}{'FLOPs ratio':>12}{'dense ms':>10}{'reduced ms':>11}"
       f"{'speedup':>8}{'ideal':>7}{'ceiling':>8}{'of ceil':>8}{'overhead':>9}{'dense MiB':>11}{'reduced MiB':>12}"
       f"{'act. saving':>12}")
@@ -46,9 +47,8 @@ for line in open(sys.argv[1]):
           f"{100 * e.get('reduction_overhead', 0):>8.2f}%"
           f"{e.get('dense_peak_mib', 0):>11.0f}{e.get('reduced_peak_mib', 0):>12.0f}"
           f"{e.get('activation_memory_saving', 0):>12.3f}")
-    for name in ("scan_kernel", "reduction_kernels"):  # a pure-torch path on the GPU: its latency is not the kernels'
-        if "not representative" in e.get(name, ""):
-            print(f"  {name}: {e[name]}")
+    for name, path in unrepresentative_paths(e).items():  # a pure-torch path on the GPU: not the kernels' latency
+        print(f"  {name}: {path}")
 EOF
 # the run-key claims (tracking.claim) are done with; the device tool brings back a few files only
 find "$OUT" -name .claims -type d -prune -exec rm -rf {} +
