@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from ssmcompress import compat, models  # noqa: E402
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.config import ASSETS, CONF_DIR, register_resolvers  # noqa: E402
 
 compat.install()  # tests import mamba-ssm directly (the package itself imports it when it first builds a model)
@@ -37,12 +38,12 @@ def single_thread():
 
 def tiny_model(generation: int = 2, seed: int = 0, **overrides):
     config = {**TINY[generation], **overrides}
-    return models.build_model(config, "cpu", "float32", seed=seed)
+    return mamba_ssm.build_model(config, "cpu", "float32", seed=seed)
 
 
 def save_tiny(directory, generation: int = 2, seed: int = 0, **overrides):
     model = tiny_model(generation, seed, **overrides)
-    models.save_model(model, directory, tokenizer=models.load_tokenizer(str(TOKENIZER_DIR)))
+    mamba_ssm.save_model(model, directory, tokenizer=models.load_tokenizer(str(TOKENIZER_DIR)))
     return directory
 
 

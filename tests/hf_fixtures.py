@@ -1,6 +1,6 @@
 """Tiny random transformers models (OPT, LLaMA, GPT-2) in the hub format, for the `hf` family's tests."""
 from conftest import TOKENIZER_DIR
-from ssmcompress import hf_models
+from ssmcompress.hosts import transformers as hf
 
 TINY_HF = {
     "opt": dict(model_type="opt", vocab_size=4096, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
@@ -15,11 +15,11 @@ TINY_HF = {
 
 
 def tiny_hf_model(kind: str = "opt", seed: int = 0, **overrides):
-    return hf_models.build_model({**TINY_HF[kind], **overrides}, "cpu", "float32", seed=seed)
+    return hf.build_model({**TINY_HF[kind], **overrides}, "cpu", "float32", seed=seed)
 
 
 def save_tiny_hf(directory, kind: str = "opt", seed: int = 0, **overrides):
     """A random model saved as save_pretrained writes it, with the bundled tokenizer."""
-    hf_models.save_model(tiny_hf_model(kind, seed, **overrides), directory,
-                         tokenizer=hf_models.load_tokenizer(str(TOKENIZER_DIR)))
+    hf.save_model(tiny_hf_model(kind, seed, **overrides), directory,
+                         tokenizer=hf.load_tokenizer(str(TOKENIZER_DIR)))
     return directory

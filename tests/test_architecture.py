@@ -1,22 +1,30 @@
-"""Architecture facts from a config dict equal those read off the built model (both generations, every model config)."""
-import pytest
-import torch
-from omegaconf import OmegaConf
-
-from conftest import TINY
-from ssmcompress import architecture, models
-from ssmcompress.config import CONF_DIR
-
-CONFIGS = {p.stem: OmegaConf.to_container(OmegaConf.load(p))["config"] for p in sorted((CONF_DIR / "model").glob("*.yaml"))
-           if OmegaConf.load(p).get("config")}
-CONFIGS.update({f"tiny-{generation}": config for generation, config in TINY.items()})
-CONFIGS["mamba2-groups"] = dict(d_model=96, n_layer=2, vocab_size=1000, pad_vocab_size_multiple=7,
-                                ssm_cfg=dict(layer="Mamba2", d_state=32, headdim=24, ngroups=2, expand=3))
-CONFIGS["mamba1-rank"] = dict(d_model=96, n_layer=2, vocab_size=1001, ssm_cfg=dict(d_state=4, dt_rank=5, d_conv=3))
+"""Layer kinds of an architecture description: what the budget, the FLOPs model and the config checks ask of it."""
+from ssmcompress import architecture
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_info_from_config_equals_the_built_models(name):
-    built = models.model_info(models.build_model(CONFIGS[name], torch.device("meta"), seed=None))
-    built.pop("params")
-    assert architecture.info_from_config(CONFIGS[name]) == built
+def test_a_description_without_layer_kinds_is_a_pure_ssm():
+    # records written before hybrids were supported describe pure Mamba models and have no `layers`
+    info = dict(n_layer=4)
+    assert architecture.kinds(info) == "MMMM" and architecture.ffn(info) == "----"
+    assert architecture.ssm_layers(info) == [0, 1, 2, 3] and architecture.attention_layers(info) == []
+    assert architecture.uniform(info) and not architecture.is_hybrid(info)
+
+
+def test_hybrid_layers_are_read_by_kind():
+    info = dict(n_layer=6, layers="MM*P-E", ffn="GGGG--")
+    assert architecture.ssm_layers(info) == [0, 1, 3]
+    assert architecture.attention_layers(info) == [2, 3]
+    assert architecture.is_hybrid(info) and not architecture.uniform(info)
+    assert architecture.describe(info) == ("6 layers: 2 SSM, 1 attention, 1 SSM + attention, 1 MLP, "
+                                           "1 mixture of experts")
+
+
+def test_a_pure_ssm_with_mixed_feed_forward_blocks_is_not_uniform():
+    assert not architecture.uniform(dict(n_layer=3, layers="MMM", ffn="GEG"))
+    assert architecture.uniform(dict(n_layer=3, layers="MMM", ffn="GGG"))
+
+
+def test_layer_names_read_as_english():
+    assert architecture.layer_name("*") == "an attention layer"
+    assert architecture.layer_name("E") == "a mixture of experts layer"
+    assert architecture.layer_name("M") == "an SSM layer"

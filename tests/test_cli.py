@@ -53,3 +53,5 @@ def test_the_default_job_leaves_the_checkout_clean():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "record" in result.stdout and "outputs/results/records.jsonl" in result.stdout
     assert status() == before
+    # lm-eval's routine messages go to the run's log file only: the console shows the result table
+    assert "warning:" not in result.stdout and "Overwriting default num_fewshot" not in result.stdout

@@ -96,3 +96,16 @@ def test_mamba1_keeps_fused_path_off_without_the_compiled_kernels(monkeypatch):
     assert compat.adapt_config({"ssm_cfg": {"layer": "Mamba1"}})["ssm_cfg"]["use_fast_path"] is False
     monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", True)
     assert "use_fast_path" not in compat.adapt_config({"ssm_cfg": {}})["ssm_cfg"]
+
+
+def test_attention_from_a_cache_sees_every_cached_key():
+    # torch aligns is_causal to the first key; decoding (fewer queries than keys) needs it aligned to the last
+    q, k, v = (torch.randn(1, 2, n, 8) for n in (3, 7, 7))
+    out = compat.decoding_attention(q, k, v, is_causal=True)
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()[4:]
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    single = compat.decoding_attention(q[:, :, -1:], k, v, is_causal=True)
+    torch.testing.assert_close(single, torch.nn.functional.scaled_dot_product_attention(q[:, :, -1:], k, v))
+    square = torch.randn(1, 2, 7, 8)
+    assert torch.equal(compat.decoding_attention(square, k, v, is_causal=True),
+                       torch.nn.functional.scaled_dot_product_attention(square, k, v, is_causal=True))

@@ -2,13 +2,13 @@
 import pytest
 
 from conftest import tiny_model
-from ssmcompress import models
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress import flops
 
 
 @pytest.fixture(scope="module", params=[2, 1], ids=["mamba2", "mamba1"])
 def info(request):
-    return models.model_info(tiny_model(request.param))
+    return mamba_ssm.model_info(tiny_model(request.param))
 
 
 def test_forward_total_is_the_sum_of_its_parts(info):
@@ -17,7 +17,7 @@ def test_forward_total_is_the_sum_of_its_parts(info):
     assert out["total"] == pytest.approx(sum(out["per_layer"]) + out["final_norm"] + out["lm_head"] + 123.0)
     assert out["lm_head"] == info["d_model"] * info["vocab_size"] * 5
     assert out["final_norm"] == flops.NORM_FLOPS_PER_ELEMENT * info["d_model"] * 20  # tokens leaving the last block
-    assert out["per_layer"] == [flops.layer_flops(info, t) for t in tokens]
+    assert out["per_layer"] == [flops.layer_flops(info, i, t) for i, t in enumerate(tokens)]
 
 
 def test_removing_tokens_at_a_layer_lowers_exactly_the_later_layers(info):
@@ -31,15 +31,15 @@ def test_removing_tokens_at_a_layer_lowers_exactly_the_later_layers(info):
 def test_cost_per_token_is_constant_beyond_one_scan_chunk(info):
     # Mamba-2's SSD costs grow with the chunk only up to chunk_size; Mamba-1 is linear from the first token
     chunk = info.get("chunk_size", 1)
-    per_token = [flops.layer_flops(info, n) / n for n in (chunk, 2 * chunk, 8 * chunk)]
+    per_token = [flops.layer_flops(info, 0, n) / n for n in (chunk, 2 * chunk, 8 * chunk)]
     assert per_token[0] == pytest.approx(per_token[1]) == pytest.approx(per_token[2])
     if info["generation"] == 2:
-        assert flops.layer_flops(info, chunk // 2) / (chunk // 2) < per_token[0]
+        assert flops.layer_flops(info, 0, chunk // 2) / (chunk // 2) < per_token[0]
 
 
 def test_mamba2_components_follow_mamba_ssm_shapes():
     model = tiny_model(2)
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     mixer = model.backbone.layers[0].mixer
     parts = flops.mixer_flops_per_token(info, 64)
     assert parts["in_proj"] == mixer.in_proj.weight.numel()

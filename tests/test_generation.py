@@ -5,14 +5,15 @@ import torch
 from mamba_ssm.utils.generation import InferenceParams
 
 from conftest import compose_config, tiny_model
-from ssmcompress import generation, models, reduction
+from ssmcompress import generation, reduction
+from ssmcompress.hosts import mamba_ssm
 
 GENERATIONS = (2, 1)
 
 
 def reducer_for(model, *overrides):
     cfg = compose_config(["model.random_init=true", *overrides])
-    return reduction.from_config(model, cfg, models.model_info(model))
+    return reduction.from_config(model, cfg, mamba_ssm.model_info(model))
 
 
 def greedy_by_full_forwards(model, ids, steps):

@@ -1,4 +1,4 @@
-"""The transformers family (hf_models, families): hub-format local directories, random init, the family dispatch,
+"""The transformers host (hosts.transformers, hosts): hub-format local directories, random init, the family dispatch,
 and clear errors for unusable sources or settings."""
 import json
 
@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM
 from conftest import compose_config
 from hf_fixtures import TINY_HF, save_tiny_hf, tiny_hf_model
 from ssmcompress import config as config_lib
-from ssmcompress import families, hf_models, models, runner
+from ssmcompress import hosts, models, runner
+from ssmcompress.hosts import mamba_ssm
+from ssmcompress.hosts import transformers as hf
 from ssmcompress.config import ConfigError
 
 
@@ -19,20 +21,20 @@ def test_save_and_load_a_local_hub_format_directory(tmp_path, kind, single_threa
     model = tiny_hf_model(kind, seed=3)
     save_tiny_hf(tmp_path, kind, seed=3)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in tmp_path.iterdir()}
-    assert hf_models.load_config(str(tmp_path))["model_type"] == kind
-    loaded = hf_models.load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert hf.load_config(str(tmp_path))["model_type"] == kind
+    loaded = hf.load_model(str(tmp_path), device="cpu", dtype="float32")
     ids = torch.randint(1, 4096, (2, 20))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
-    info = hf_models.model_info(loaded)
+    info = hf.model_info(loaded)
     assert info["family"] == "hf" and info["model_type"] == kind and info["n_layer"] == 2 and info["d_model"] == 32
-    assert hf_models.load_tokenizer(str(tmp_path)).pad_token_id == 0
+    assert hf.load_tokenizer(str(tmp_path)).pad_token_id == 0
 
 
 def test_fp16_save_keeps_tied_weights_once(tmp_path):
     model = tiny_hf_model("opt")
-    hf_models.save_model(model, tmp_path, dtype=torch.float16)
-    loaded = hf_models.load_model(str(tmp_path), "cpu", "float32")
+    hf.save_model(model, tmp_path, dtype=torch.float16)
+    loaded = hf.load_model(str(tmp_path), "cpu", "float32")
     assert loaded.lm_head.weight.data_ptr() == loaded.model.decoder.embed_tokens.weight.data_ptr()
     assert all(torch.equal(a.half().float(), b) for a, b in zip(model.state_dict().values(),
                                                                  loaded.state_dict().values()))
@@ -43,44 +45,48 @@ def test_fp16_save_keeps_tied_weights_once(tmp_path):
 
 def test_clear_errors_for_unusable_sources(tmp_path):
     with pytest.raises(models.ModelSourceError, match="no config.json"):
-        hf_models.load_config(str(tmp_path))
+        hf.load_config(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"d_model": 64}))
     with pytest.raises(models.ModelSourceError, match="no model_type.*family: mamba"):
-        hf_models.load_config(str(tmp_path))
+        hf.load_config(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(TINY_HF["opt"]))
     with pytest.raises(models.ModelSourceError, match="no weights"):
-        hf_models.load_model(str(tmp_path), "cpu", "float32")
+        hf.load_model(str(tmp_path), "cpu", "float32")
     with pytest.raises(models.ModelSourceError, match="no tokenizer files"):
-        hf_models.load_tokenizer(str(tmp_path))
+        hf.load_tokenizer(str(tmp_path))
 
 
 def test_random_init_builds_from_the_config_alone():
-    model = hf_models.load_model("facebook/not-downloaded", "cpu", "float32", random_init=True, config=TINY_HF["llama"])
-    assert hf_models.model_info(model)["model_type"] == "llama"
+    model = hf.load_model("facebook/not-downloaded", "cpu", "float32", random_init=True, config=TINY_HF["llama"])
+    assert hf.model_info(model)["model_type"] == "llama"
 
 
 def test_every_model_config_names_a_family_and_the_hub_configs_build():
     for name in config_lib.available("model"):
+        if name == "local":  # its checkpoint's config.json names the family
+            continue
         cfg = compose_config([f"model={name}", "model.random_init=true", "logger=none"])
-        family = families.of(cfg.model)
-        assert family is (hf_models if name.startswith(("opt-", "llama", "tiny-opt")) else models), name
-        if family is hf_models:  # the architecture is transformers' own: one layer on the meta device
-            config = {**config_lib.to_dict(cfg.model)["config"], "num_hidden_layers": 1}
+        family = hosts.of(cfg.model)
+        assert family is {"hf": hf, "mamba": mamba_ssm}[cfg.model.family], name
+        if family is hf:  # the architecture is transformers' own, built on the meta device (no memory)
+            config = config_lib.to_dict(cfg.model)["config"]
             with torch.device("meta"):
-                AutoModelForCausalLM.from_config(hf_models.transformers_config(config))
+                AutoModelForCausalLM.from_config(hf.transformers_config(config))
+            assert hf.info_from_config(config)["model_type"] == config["model_type"], name
 
 
 def test_family_dispatch_and_unknown_family():
-    assert families.of({"family": "hf"}) is hf_models and families.of({}) is models
-    assert families.of_model(tiny_hf_model("gpt2")) is hf_models
+    assert hosts.of({"family": "hf"}) is hf and hosts.of({"config": {"d_model": 64}}) is mamba_ssm
+    assert hosts.of({"config": {"model_type": "mamba2"}}) is hf
+    assert hosts.of_model(tiny_hf_model("gpt2")) is hf
     with pytest.raises(ConfigError, match="unknown model family 'jax'"):
-        families.of({"family": "jax"})
+        hosts.of({"family": "jax"})
 
 
 def test_token_reduction_is_refused_for_transformers_models(tmp_path):
     save_tiny_hf(tmp_path)
     cfg = compose_config(["model=tiny-opt", f"model.path={tmp_path}", "method=ours", "ratio=0.2", "logger=none"])
-    with pytest.raises(ConfigError, match="token reduction is implemented for mamba-ssm models only") as error:
+    with pytest.raises(ConfigError, match="token reduction has no adapter for transformers .opt. models") as error:
         runner.validate(cfg)
     assert "\n" not in str(error.value)
     runner.validate(compose_config(["model=tiny-opt", f"model.path={tmp_path}", "logger=none"]))

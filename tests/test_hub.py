@@ -12,7 +12,7 @@ from fake_hub import FakeHub, Proxy
 from ssmcompress.config import PACKAGE
 
 CONFIG = json.dumps(TINY[2]).encode()
-LOAD = "from ssmcompress import models; print(models.load_config('org/model')['d_model'])"
+LOAD = "from ssmcompress.hosts import mamba_ssm; print(mamba_ssm.load_config('org/model')['d_model'])"
 
 
 def python(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
@@ -30,7 +30,7 @@ def hub():
 
 
 def test_a_mirror_on_another_port_serves_configs(hub, tmp_path):
-    result = python(LOAD + "; models.check_weights('org/model')", tmp_path, HF_ENDPOINT=hub.endpoint)
+    result = python(LOAD + "; mamba_ssm.check_weights('org/model')", tmp_path, HF_ENDPOINT=hub.endpoint)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == str(TINY[2]["d_model"])
     assert ("HEAD", "/org/model/resolve/main/config.json") in hub.requests
@@ -66,7 +66,7 @@ def test_an_unanswering_hub_is_asked_once_and_reported_in_one_line(tmp_path):
 
 
 def test_unknown_repositories_and_files_say_so(hub, tmp_path):
-    missing = python("from ssmcompress import models; models.load_config('org/nothing')", tmp_path,
+    missing = python("from ssmcompress.hosts import mamba_ssm; mamba_ssm.load_config('org/nothing')", tmp_path,
                      HF_ENDPOINT=hub.endpoint)
     assert "'org/nothing' is not a model repository" in missing.stderr.splitlines()[-1]
     no_weights = python("from ssmcompress import hub; hub.require('org/model', 'model.safetensors')", tmp_path,

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ssmcompress import mixer_slices, models, reduction
+from ssmcompress import mixer_slices, reduction
+from ssmcompress.hosts import mamba_ssm
 from conftest import compose_config, tiny_model
 
 
@@ -51,7 +52,7 @@ def test_sliced_mixers_give_the_whole_batch_logits(generation, monkeypatch):
 def test_a_reducer_over_sliced_mixers_keeps_the_same_tokens(generation, method):
     model = tiny_model(generation, seed=1, n_layer=12 if generation == 2 else 6)
     reducer = reduction.from_config(model, compose_config([f"method={method}", "ratio=0.3"]),
-                                    models.model_info(model))
+                                    mamba_ssm.model_info(model))
     ids = batch()
     whole = reducer(ids)
     with mixer_slices.batch_slices(model, 2):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ssmcompress import models
+from ssmcompress.hosts import mamba_ssm
 from conftest import TINY, tiny_model
 
 
@@ -12,10 +13,10 @@ def test_save_and_load_local_hub_format_directory(tmp_path):
     for generation in (2, 1):
         model = tiny_model(generation, seed=3)
         directory = tmp_path / f"gen{generation}"
-        models.save_model(model, directory)
+        mamba_ssm.save_model(model, directory)
         assert {p.name for p in directory.iterdir()} >= {"config.json", "pytorch_model.bin"}
         assert "use_mem_eff_path" not in json.loads((directory / "config.json").read_text())["ssm_cfg"]
-        loaded = models.load_model(str(directory), device="cpu", dtype="float32")
+        loaded = mamba_ssm.load_model(str(directory), device="cpu", dtype="float32")
         ids = torch.randint(0, 4096, (2, 20))
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, model(ids).logits)
@@ -24,16 +25,16 @@ def test_save_and_load_local_hub_format_directory(tmp_path):
 
 def test_saved_weights_stay_tied_in_the_file(tmp_path):
     model = tiny_model(2)
-    models.save_model(model, tmp_path, dtype=torch.float16)
+    mamba_ssm.save_model(model, tmp_path, dtype=torch.float16)
     state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     assert state["lm_head.weight"].data_ptr() == state["backbone.embedding.weight"].data_ptr()
     assert state["lm_head.weight"].dtype == torch.float16
 
 
 def test_random_init_builds_any_size_without_weights():
-    model = models.load_model("state-spaces/does-not-matter", device="cpu", dtype="float32", random_init=True,
+    model = mamba_ssm.load_model("state-spaces/does-not-matter", device="cpu", dtype="float32", random_init=True,
                               config=TINY[2])
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     assert info["generation"] == 2 and info["n_layer"] == 4 and info["chunk_size"] == 16
 
 
@@ -52,12 +53,12 @@ def test_dtype_and_device_resolution():
 
 def test_clear_errors_for_unusable_sources(tmp_path, monkeypatch):
     with pytest.raises(models.ModelSourceError, match="no config.json"):
-        models.load_config(str(tmp_path))
+        mamba_ssm.load_config(str(tmp_path))
     with pytest.raises(models.ModelSourceError, match="does not exist"):
-        models.load_config(str(tmp_path / "missing" / "dir"))
+        mamba_ssm.load_config(str(tmp_path / "missing" / "dir"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(models.ModelSourceError, match="offline mode is set.*not in the local cache.*model.path=DIR"):
-        models.load_config("state-spaces/mamba2-2.7b-not-cached")
+        mamba_ssm.load_config("state-spaces/mamba2-2.7b-not-cached")
 
 
 def test_bundled_tokenizer_pads_with_eos():

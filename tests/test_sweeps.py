@@ -17,10 +17,10 @@ sweep = pytest.fixture(scope="session")(tiny_sweep)
 
 # the sweeps of this repository's tables (experiments/pruning*.yaml belong to the pruning work)
 SWEEPS = ["main", "ablation_importance", "ablation_location", "ablation_location_hub", "ablation_design",
-          "ablation_share", "efficiency", "generation", "memory", "schedule", "positional"]
-BEYOND_PAPER = {"schedule", "positional"}  # studies of our own, run on their own (not by experiments/paper.sh)
+          "ablation_share", "efficiency", "generation", "memory", "schedule", "positional", "hybrid"]
+BEYOND_PAPER = {"schedule", "positional", "hybrid"}  # studies of our own, run on their own (not by experiments/paper.sh)
 GPU_ONLY = {"generation", "memory"}  # the paper's efficiency protocol on hub models (experiments/gpu/generation.sh)
-BUNDLED = {"mamba2-tiny", "mamba-tiny"}
+BUNDLED = {"mamba2-tiny", "mamba-tiny", "hybrid-tiny"}
 
 
 jobs = tables.sweep_jobs  # the override list of each job of `python run.py -m +experiment=<name>`

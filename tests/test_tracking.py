@@ -37,6 +37,15 @@ def test_an_append_after_a_partial_last_line_sets_it_aside(tmp_path, caplog):
     assert "incomplete" in caplog.text
 
 
+def test_a_complete_last_record_without_its_newline_gets_one_and_stays(tmp_path):
+    store = tmp_path / tracking.STORE
+    store.write_text(json.dumps(record("a")) + "\n" + json.dumps(record("b")))  # saved by an editor, no final newline
+    assert [r["key"] for r in tracking.load(tmp_path)] == ["a", "b"]
+    tracking.append(record("c"), tmp_path)
+    assert [r["key"] for r in tracking.load(tmp_path)] == ["a", "b", "c"]
+    assert store.read_text().count("\n") == 3 and not (tmp_path / tracking.REJECTED).exists()
+
+
 def test_unreadable_lines_in_the_middle_are_skipped_and_reported(tmp_path, caplog):
     store = tmp_path / tracking.STORE
     store.write_text(json.dumps(record("a")) + "\nnot json\n[1, 2]\n" + json.dumps({"key": "c"}) + "\n"
@@ -166,11 +175,11 @@ def test_the_wandb_config_carries_the_run_key_and_commit(tiny_mamba2_dir, tmp_pa
 
 
 def test_random_weights_follow_the_run_seed(tmp_path):
-    from ssmcompress import models
+    from ssmcompress.hosts import mamba_ssm
 
     config = compose_config(["model.random_init=true"]).model.config
     config = {**dict(config), "n_layer": 2, "d_model": 32, "ssm_cfg": dict(config.ssm_cfg)}
-    weights = [models.load_model("unused", "cpu", "float32", random_init=True, config=config, seed=seed)
+    weights = [mamba_ssm.load_model("unused", "cpu", "float32", random_init=True, config=config, seed=seed)
                .backbone.layers[0].mixer.in_proj.weight for seed in (0, 0, 1)]
     assert (weights[0] == weights[1]).all() and not (weights[0] == weights[2]).all()
 

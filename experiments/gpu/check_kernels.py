@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from ssmcompress import compat, models, reduction
+from ssmcompress import compat, reduction
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.config import CONF_DIR, register_resolvers
 
 
@@ -57,8 +58,8 @@ def main() -> None:
         torch.manual_seed(0)
         ids = torch.randint(1, 4096, (4, 512), device=device)
         lengths = torch.full((4,), 512, device=device)
-        model = models.load_model(str(Path(cfg.model.path)), device, dtype).eval()
-        info = models.model_info(model)
+        model = mamba_ssm.load_model(str(Path(cfg.model.path)), device, dtype).eval()
+        info = mamba_ssm.model_info(model)
         for name in ("dense", "ours@0.3"):
             reducer = None if name == "dense" else reduction.from_config(model, cfg, info)
             fast, ref = (logits(model, reducer, ids, lengths, r) for r in (False, True))

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from ssmcompress import models, reduction
+from ssmcompress import reduction
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.config import CONF_DIR, register_resolvers
 from ssmcompress.metrics import efficiency
 from ssmcompress.reduction import budget, kernels, merge, methods
@@ -182,8 +183,8 @@ def main() -> None:
     repeats = 5 if cuda else 1
     register_resolvers()
     base = config(model_name)
-    model = models.load_model(base.model.path, device, dtype, True, config=base.model.get("config")).eval()
-    info = models.model_info(model)
+    model = mamba_ssm.load_model(base.model.path, device, dtype, True, config=base.model.get("config")).eval()
+    info = mamba_ssm.model_info(model)
     ids = efficiency.synthetic_batch(info["vocab_size"], batch, length, device)
     first = budget.default_layers(info["n_layer"])[0]
     report = dict(device=torch.cuda.get_device_name() if cuda else "cpu", model=model_name, dtype=dtype,

@@ -17,7 +17,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
-from ssmcompress import models, reduction
+from ssmcompress import reduction
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.config import CONF_DIR, register_resolvers
 from ssmcompress.metrics import efficiency
 from ssmcompress.timing import Stopwatch
@@ -34,8 +35,8 @@ def main() -> None:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         base = compose("config", overrides=[f"model={model_name}", "model.random_init=true"])
     dtype = "bfloat16" if device == "cuda" else "float32"
-    model = models.load_model(base.model.path, device, dtype, True, config=base.model.get("config")).eval()
-    info = models.model_info(model)
+    model = mamba_ssm.load_model(base.model.path, device, dtype, True, config=base.model.get("config")).eval()
+    info = mamba_ssm.model_info(model)
     ids = efficiency.synthetic_batch(info["vocab_size"], batch, length, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"

@@ -1,4 +1,4 @@
-"""Post-training token reduction and weight pruning for Mamba / Mamba-2 language models.
+"""Post-training token reduction and weight pruning for Mamba / Mamba-2 language models and SSM-attention hybrids.
 
 Importing the package registers the lm-eval model `ssmcompress` (lazily: nothing heavy is imported until lm-eval
 builds it), so `lm_eval.simple_evaluate(model="ssmcompress", model_args="pretrained=...,method=ours,ratio=0.3")` works.

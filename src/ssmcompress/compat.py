@@ -6,9 +6,11 @@ not compiled. mamba-ssm also ships pure-torch reference versions of every kernel
 (`selective_scan_ref`, `ssd_minimal_discrete`, `rms_norm_ref`, `selective_state_update_ref`).
 `install()` registers a placeholder for the missing extension so the package imports, then routes each
 kernel entry point, per call, to the fast kernel when the tensors live on a CUDA device that can run it and
-to mamba-ssm's own reference otherwise. Mamba-1's selective scan, which mamba-ssm has only as compiled CUDA,
+to mamba-ssm's own reference otherwise; its MHA's attention without flash-attn gets the causal alignment decoding
+needs (`decoding_attention`). Mamba-1's selective scan, which mamba-ssm has only as compiled CUDA,
 runs on a GPU without it on our Triton port (`ssmcompress.selective_scan`); `MAMBA1_SCAN` picks the scan.
-The model code itself is never copied or changed.
+The model code itself is never copied or changed. `route_transformers(module)` does the same for the kernel functions
+of a transformers SSM modeling module (Mamba, Mamba2, the hybrids): pure torch on a CPU, kernels on a GPU.
 
 Call `install()` before importing anything from `mamba_ssm` (importing `ssmcompress.models` does it).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import os
 import sys
 import types
@@ -189,7 +192,57 @@ def install() -> None:
         import mamba_ssm.utils.generation as generation
 
         generation.torch = _torch_with_inert_events()
+    import mamba_ssm.modules.mha as mha
+
+    mha.F = _functional_with_decoding_attention()
     _installed = True
+
+
+# transformers' SSM modules pick their kernels once, when imported (`use_kernel_func_from_hub_with_fallback`):
+# mamba-ssm's Triton/CUDA functions where `import mamba_ssm` succeeds, else their own pure-torch code. Which one a
+# process gets depends on whether install() ran before the import, and mamba-ssm's kernels cannot run on a CPU (nor
+# its Mamba-1 scan without the compiled extension). route_transformers() makes the choice per call instead, as
+# install() does for mamba-ssm's own modules: on CPU tensors the module's pure-torch function; on CUDA tensors what
+# transformers resolved, except mamba-ssm's compiled-only Mamba-1 scan, which goes through this module's router (our
+# Triton scan where the extension is missing) and its fused Mamba-1 path, left to transformers' unfused code.
+TRANSFORMERS_KERNELS = ("causal_conv1d_fn", "causal_conv1d_update", "mamba_inner_fn", "mamba_selective_state_update",
+                        "mamba_selective_scan", "mamba2_split_conv1d_scan_combined", "mamba2_selective_state_update",
+                        "mamba2_chunk_scan")
+
+
+def route_transformers(module: types.ModuleType) -> None:
+    """Route the kernel functions of a transformers modeling module (e.g. `modeling_mamba2`) per call; idempotent."""
+    for name in TRANSFORMERS_KERNELS:
+        resolved = getattr(module, name, None)
+        if resolved is None or getattr(resolved, "_ssmcompress_routed", False):
+            continue
+        pure = getattr(resolved, "__wrapped__", resolved)  # functools.wraps keeps transformers' own function
+        setattr(module, name, _routed(name, resolved, pure))
+
+
+def _routed(name: str, resolved, pure):
+    compiled_only = name in ("mamba_selective_scan", "mamba_inner_fn") and not HAS_SELECTIVE_SCAN_CUDA
+    scan_params = None
+    if name == "mamba_selective_scan":
+        from mamba_ssm.modules import mamba_simple
+
+        scan_params = tuple(inspect.signature(mamba_simple.selective_scan_fn).parameters)
+
+    def route(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None or not _triton_runs_on(first.device):
+            return pure(*args, **kwargs)
+        if compiled_only and name == "mamba_inner_fn":
+            return pure(*args, **kwargs)  # transformers' stand-in returns None: the unfused path runs
+        if compiled_only:
+            from mamba_ssm.modules import mamba_simple  # install() routed its selective_scan_fn
+
+            return mamba_simple.selective_scan_fn(*args, **{k: v for k, v in kwargs.items() if k in scan_params})
+        return resolved(*args, **kwargs)
+
+    route._ssmcompress_routed = True
+    route.__wrapped__ = pure
+    return route
 
 
 class _InertEvent:
@@ -206,6 +259,26 @@ class _InertEvent:
 
     def elapsed_time(self, other) -> float:
         return 0.0
+
+
+def decoding_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """scaled_dot_product_attention with a causal mask aligned to the last key when there are fewer queries than keys
+    (decoding from a cache: the new tokens see every cached key). torch aligns `is_causal` to the first key, so
+    without flash-attn (which aligns to the last) mamba-ssm's MHA decodes every step attending to the first cached
+    token alone (pytorch/pytorch#108108)."""
+    queries, keys = query.shape[-2], key.shape[-2]
+    if is_causal and attn_mask is None and queries != keys:
+        attn_mask = torch.ones(keys, keys, dtype=torch.bool, device=query.device).tril()[keys - queries:]
+        is_causal = False
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, **kwargs)
+
+
+def _functional_with_decoding_attention():
+    """torch.nn.functional, as mamba-ssm's MHA module sees it, with `decoding_attention` for its attention."""
+    view = types.SimpleNamespace(**{name: getattr(F, name) for name in dir(F) if not name.startswith("__")})
+    view.scaled_dot_product_attention = decoding_attention
+    return view
 
 
 def _torch_with_inert_events():

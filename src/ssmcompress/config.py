@@ -64,8 +64,11 @@ def run_key(cfg: DictConfig | dict, results_version: int = RESULTS_VERSION) -> s
     if resolved.get("method", {}).get("name") == "dense":
         resolved["ratio"], resolved["layers"] = None, None  # dense ignores them: one dense record, not one per ratio
         resolved.pop("schedule", None)
+        resolved.pop("reduce_at", None)
     if resolved.get("schedule") == "smooth":  # the default, older than the key: earlier records keep their keys
         resolved.pop("schedule")
+    if resolved.get("reduce_at") == "ssm":  # likewise
+        resolved.pop("reduce_at")
     if resolved.get("pruner", {}).get("name") == "none":
         resolved["sparsity"] = None
     if isinstance(resolved.get("pruner"), dict):  # where the pruned weights are written does not change the numbers

@@ -1,7 +1,7 @@
-"""Analytic forward FLOPs of Mamba / Mamba-2 language models, per layer and per token count.
+"""Analytic forward FLOPs of Mamba / Mamba-2 language models and their hybrids with attention, per layer and token count.
 
 The token-reduction budget is solved with this model and the evaluator reports it, so every method is compared at
-the same FLOPs by the same ruler. `info` comes from `models.model_info`.
+the same FLOPs by the same ruler. `info` is a host's architecture description (`ssmcompress.architecture`).
 
 Convention (fvcore's, so that this model and `fvcore_count.count_forward` agree; a test holds them within 2%):
 - one multiply-add counts as one FLOP (linear layers, convolutions, matmuls, the scan's contractions);
@@ -9,13 +9,20 @@ Convention (fvcore's, so that this model and `fvcore_count.count_forward` agree;
   residual add fused into a block's norm and the gate fused into Mamba-2's gated norm are included in it;
 - the scan counts the contractions of mamba-ssm's kernels (SSD for Mamba-2, the selective scan for Mamba-1, formulas
   below); fvcore cannot see inside those kernels, so its handles (fvcore_count.py) call these same functions;
-- other elementwise work (SiLU, softplus, decays, the embedding lookup) counts 0, as in fvcore;
+- attention counts its projections and, for a causal prefill of n tokens, the n(n+1)/2 query-key pairs each of its
+  two products (scores, weighted values) computes per head: the causal half, as FlashAttention counts it; fvcore has
+  no handle for scaled_dot_product_attention, and ours (fvcore_count.py) counts the same pairs;
+- an MLP counts its matrices; a mixture of experts its router, the top-k experts each token is sent to, and its
+  shared experts (the work one token does, not the experts it skips);
+- other elementwise work (SiLU, softplus, decays, softmax, the embedding lookup) counts 0, as in fvcore;
 - the depthwise causal conv counts its causal outputs, `k` per channel and token (fvcore, tracing mamba-ssm's
   `nn.Conv1d` fallback, also counts the k-1 padded outputs per sequence that mamba-ssm computes and drops).
 """
 from __future__ import annotations
 
 import math
+
+from ssmcompress import architecture
 
 NORM_FLOPS_PER_ELEMENT = 5
 
@@ -46,7 +53,7 @@ def bipartite_matching_flops(n_tokens: float, dim: int) -> float:
 
 
 def mixer_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
-    """FLOPs per token of one block (its add+norm and mixer) at sequence length n_tokens, by component."""
+    """FLOPs per token of one SSM block (its add+norm and Mamba mixer) at sequence length n_tokens, by component."""
     d, e, n = info["d_model"], info["d_inner"], info["d_state"]
     k = info["d_conv"]
     if info["generation"] == 2:
@@ -55,7 +62,7 @@ def mixer_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
             in_proj=d * (2 * e + 2 * g * n + h),
             conv=(e + 2 * g * n) * k,
             scan=ssd_scan_flops_per_token(n_tokens, h, info["headdim"], g, n, info["chunk_size"]),
-            norm=norm_flops(d + e),  # the block's add+RMSNorm, the gated RMSNorm of y
+            norm=norm_flops(d + e * info.get("gated_norm", 1)),  # the block's add+RMSNorm, the gated RMSNorm of y
             out_proj=e * d,
         )
     r = info["dt_rank"]
@@ -70,9 +77,53 @@ def mixer_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
     )
 
 
-def layer_flops(info: dict, n_tokens: float) -> float:
-    """FLOPs of one block for one sequence of n_tokens tokens (fractional counts allowed: averages over rows)."""
-    return sum(mixer_flops_per_token(info, n_tokens).values()) * n_tokens
+def attention_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
+    """One causal self-attention per token at sequence length n_tokens: projections (with mamba-ssm MHA's fused MLP
+    width, `attn_extra`), and per head the (n + 1) / 2 query-key pairs per token of scores and of weighted values."""
+    d, heads, kv_heads, head_dim = info["d_model"], info["attn_heads"], info["attn_kv_heads"], info["attn_head_dim"]
+    extra = info.get("attn_extra", 0)
+    pairs = (max(n_tokens, 1) + 1) / 2
+    return dict(qkv_proj=d * head_dim * (heads + 2 * kv_heads) + d * extra,
+                attention=2 * heads * head_dim * pairs,
+                o_proj=(heads * head_dim + extra // 2) * d)
+
+
+def mlp_flops_per_token(info: dict, size: int, gated: bool) -> float:
+    return (3 if gated else 2) * info["d_model"] * size
+
+
+def moe_flops_per_token(info: dict) -> float:
+    """Router, the top-k experts a token is sent to, and the shared experts."""
+    d, gated = info["d_model"], bool(info.get("moe_gated", 1))
+    return (d * info["moe_experts"] + info["moe_top_k"] * mlp_flops_per_token(info, info["moe_size"], gated)
+            + mlp_flops_per_token(info, info.get("moe_shared_size", 0), gated))
+
+
+def block_flops_per_token(info: dict, index: int, n_tokens: float) -> dict[str, float]:
+    """FLOPs per token of decoder layer `index` at sequence length n_tokens, by component: its norms, its mixer (SSM,
+    attention, both side by side, or none), and its feed-forward block."""
+    kind, feed = architecture.kinds(info)[index], architecture.ffn(info)[index]
+    parts = {}
+    if architecture.has_ssm(kind):  # the mixer's components include the layer's input norm
+        parts.update(mixer_flops_per_token(info, n_tokens))
+    else:
+        parts["norm"] = norm_flops(info["d_model"])
+    if architecture.has_attention(kind):
+        parts.update(attention_flops_per_token(info, n_tokens))
+    if kind == architecture.MLP:
+        parts["mlp"] = mlp_flops_per_token(info, info["mlp_size"], bool(info.get("mlp_gated", 0)))
+    elif kind == architecture.MOE:
+        parts["moe"] = moe_flops_per_token(info)
+    if feed != architecture.FFN_NONE:
+        parts["norm"] += norm_flops(info["d_model"])  # the feed-forward block's own pre-norm
+        parts["ffn"] = (moe_flops_per_token(info) if feed == architecture.FFN_MOE else
+                        mlp_flops_per_token(info, info["mlp_size"], feed == architecture.FFN_GATED))
+    return parts
+
+
+def layer_flops(info: dict, index: int, n_tokens: float) -> float:
+    """FLOPs of layer `index` for one sequence of n_tokens tokens (fractional counts allowed: averages over rows)."""
+    return sum(block_flops_per_token(info, index, n_tokens).values()) * n_tokens
 
 
 def lm_head_flops(info: dict, n_tokens: float) -> float:
@@ -90,7 +141,7 @@ def forward_flops(info: dict, tokens_per_layer: list[float], logits_tokens: floa
     the reduction's own work (matching, merging)."""
     if len(tokens_per_layer) != info["n_layer"]:
         raise ValueError(f"need {info['n_layer']} token counts, got {len(tokens_per_layer)}")
-    per_layer = [layer_flops(info, t) for t in tokens_per_layer]
+    per_layer = [layer_flops(info, i, t) for i, t in enumerate(tokens_per_layer)]
     last = tokens_per_layer[-1]
     head = lm_head_flops(info, last if logits_tokens is None else logits_tokens)
     final_norm = final_norm_flops(info, last)

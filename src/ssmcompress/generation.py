@@ -1,13 +1,15 @@
 """Generation with token reduction: the prompt is prefilled through the reducer, the answer decoded from the states
 the prefill cached.
 
-Built on mamba-ssm's own generation (`mamba_ssm.utils.generation.decode`: its InferenceParams cache, its sampling
-with temperature / top-k / top-p / min-p, and on a GPU its CUDA-graph decoding); no second decoding loop. The reducer
-takes part in the prefill only (`Reducer.prefilling`): every reduction layer shortens the prompt as in a scored
-forward, so each layer caches the conv and SSM states of the tokens it actually saw, and each row's last prompt
-position is kept (its logits start decoding). Decoding steps run dense on the cached states.
+Built on each library's own generation (its host's `generate`: mamba-ssm's `decode`, with its InferenceParams cache,
+its sampling with temperature / top-k / top-p / min-p and on a GPU its CUDA-graph decoding; transformers' `generate`
+with its cache classes); no second decoding loop. The reducer takes part in the prefill only
+(`Reducer.prefilling`): every reduction layer shortens the prompt as in a scored forward, so each layer caches the
+states (and each attention layer the keys and values) of the tokens it actually saw, and each row's last prompt
+position is kept (its logits start decoding). Decoding steps run dense on the cached states, at the original
+positions.
 
-mamba-ssm's decode takes a batch of prompts of one length (a padded prompt would put its padding into the cached
+A batch of prompts of one length is generated together (a padded prompt would put its padding into the cached
 state), so `generate_each` groups prompts by length: a prompt generates the same tokens alone and in any batch.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ssmcompress import hosts
 
 
 @dataclass(frozen=True)
@@ -32,19 +36,21 @@ class Sampling:
 def generate(model, input_ids: Tensor, max_new_tokens: int, reducer=None, sampling: Sampling = Sampling(),
              eos_token_id: int | None = None, cg: bool | None = None) -> Tensor:
     """(batch, length + up to max_new_tokens) tokens: the prompts (all of one length) and what was generated. With a
-    reducer the prompt is prefilled reduced; `cg`: CUDA-graph decoding (default: on a GPU)."""
-    from mamba_ssm.utils.generation import decode
-
+    reducer the prompt is prefilled reduced; `cg`: CUDA-graph decoding where the library has it (default: on a GPU)."""
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must be (batch, length >= 1), got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     cg = input_ids.is_cuda if cg is None else cg
+    with torch.no_grad():
+        return hosts.of_model(model).generate(model, input_ids, max_new_tokens, sampling, eos_token_id, cg, reducer)
+
+
+def prefill(model, input_ids: Tensor, reducer=None) -> Tensor:
+    """The prompt's forward into a fresh cache, as the library's generation prefills (reduced with a reducer): the
+    last position's logits."""
     with torch.no_grad(), (reducer.prefilling() if reducer is not None else contextlib.nullcontext()):
-        output = decode(input_ids, model, max_length=input_ids.shape[1] + max_new_tokens, top_k=sampling.top_k,
-                        top_p=sampling.top_p, min_p=sampling.min_p, temperature=sampling.temperature,
-                        eos_token_id=eos_token_id, cg=cg)
-    return output.sequences
+        return hosts.of_model(model).prefill_logits(model, input_ids)
 
 
 def generate_each(model, prompts: list[list[int]], max_new_tokens: int, reducer=None, batch_size: int = 16,

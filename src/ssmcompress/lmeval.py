@@ -9,27 +9,28 @@
 model_args are the main job's settings, built through the same code (`runner.validate_model`, `runner.prepare`):
 `pretrained` (a model config name such as mamba2-tiny, a hub name or a local directory), `tokenizer`, `dtype`,
 `device`, `max_length`, `method`, `ratio`, `layers` (`layers=[2;5;8]`: lm-eval splits model_args at commas),
-`protocol`, `pruner`, `sparsity`, `seed`, `schedule`, and any dotted key of the config (`method.q=0.8`,
+`protocol`, `pruner`, `sparsity`, `seed`, `schedule`, `reduce_at`, and any dotted key of the config (`method.q=0.8`,
 `pruner.calibration.samples=64`). lm-eval's own --batch_size and --device apply.
 """
 from __future__ import annotations
 
 import sys
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from ssmcompress import runner
+from ssmcompress import hosts, models, runner
 from ssmcompress.config import CONF_DIR, available
 from ssmcompress.errors import ConfigError
-from ssmcompress.evaluation.lm_backend import ReducedMambaLM
+from ssmcompress.evaluation.lm_backend import ReducedMambaLM, backend_for
 
 # model_args keys -> config keys (the rest are top-level keys or dotted config keys)
 ALIASES = {"tokenizer": "model.tokenizer", "dtype": "model.dtype", "device": "model.device",
            "max_length": "model.max_length"}
-TOP_LEVEL = ("method", "ratio", "layers", "protocol", "pruner", "sparsity", "seed", "schedule")
+TOP_LEVEL = ("method", "ratio", "layers", "protocol", "pruner", "sparsity", "seed", "schedule", "reduce_at")
 
 
 def override_value(value) -> str:
@@ -52,8 +53,9 @@ def overrides_from_args(args: dict) -> list[str]:
         raise ConfigError("model_args need pretrained=<model config name, hub name or local directory>")
     source = str(source)
     overrides = [f"model={source}"] if source in available("model") else ["model=local", f"model.path={source}"]
-    if "model=local" in overrides and "tokenizer" not in args and "/" in source and not _is_dir(source):
-        args["tokenizer"] = "EleutherAI/gpt-neox-20b"  # hub Mamba checkpoints ship no tokenizer (lm-eval's default)
+    if "model=local" in overrides and "tokenizer" not in args and "/" in source and not _is_dir(source) \
+            and hub_family(source) == "mamba":
+        args["tokenizer"] = "EleutherAI/gpt-neox-20b"  # hub mamba-ssm checkpoints ship no tokenizer (lm-eval's default)
     for key, value in args.items():
         name = ALIASES.get(key, key)
         if name not in TOP_LEVEL and "." not in name:
@@ -63,10 +65,28 @@ def overrides_from_args(args: dict) -> list[str]:
     return overrides + ["logger=none"]
 
 
+def hub_family(source: str) -> str:
+    """The family of a hub checkpoint, by its config.json; mamba (whose checkpoints ship no tokenizer) where the hub
+    cannot say: the run's own checks then report what is wrong with the source."""
+    try:
+        return hosts.detect(models.source_config(source))
+    except ConfigError:
+        return "mamba"
+
+
 def _is_dir(source: str) -> bool:
     from pathlib import Path
 
     return Path(source).expanduser().is_dir()
+
+
+def lm_eval_device(device: str) -> str:
+    """lm-eval's --device as its own `hf` backend takes it: a device index this machine lacks (its command line's
+    `cuda:0` on a machine without a GPU) means the best device there is (auto), while `cuda` and `cpu` are taken as
+    given (`cuda` without a GPU is an error, as there)."""
+    if device.startswith("cuda:") and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
+        return "auto"
+    return device
 
 
 def compose_config(overrides: list[str]):
@@ -81,7 +101,8 @@ def compose_config(overrides: list[str]):
 
 
 class SsmcompressLM(ReducedMambaLM):
-    """ReducedMambaLM built from lm-eval's string model_args (registered as `ssmcompress` on `import ssmcompress`)."""
+    """The model registered as `ssmcompress` on `import ssmcompress`: its constructors build the model and reducer from
+    lm-eval's string model_args and return the backend of the model's library (lm_backend.backend_for)."""
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "SsmcompressLM":
@@ -97,12 +118,13 @@ class SsmcompressLM(ReducedMambaLM):
             raise ConfigError(f"batch_size must be a positive integer (auto is not supported), got {batch_size!r}")
         args = dict(arg_dict)
         if "device" in extra and "device" not in args:
-            args["device"] = extra["device"]
+            args["device"] = lm_eval_device(str(extra["device"]))
         cfg = compose_config(overrides_from_args(args))
         runner.validate_model(cfg)
         prepared = runner.prepare(cfg)
-        return cls(prepared.model, prepared.tokenizer, reducer=prepared.reducer, protocol=cfg.protocol,
-                   batch_size=int(batch_size), max_length=cfg.model.max_length, source=str(cfg.model.path))
+        return backend_for(prepared.model)(prepared.model, prepared.tokenizer, reducer=prepared.reducer,
+                                           protocol=cfg.protocol, batch_size=int(batch_size),
+                                           max_length=cfg.model.max_length, source=str(cfg.model.path))
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from ssmcompress import config as config_lib
-from ssmcompress import families, metrics, models, pruning, records, reduction, tracking
+from ssmcompress import hosts, metrics, models, pruning, records, reduction, tracking
 from ssmcompress.evaluation import harness
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def validate(cfg: DictConfig) -> dict:
 def validate_model(cfg: DictConfig) -> dict:
     """The checks of what `prepare` builds: top-level keys, model, pruner, reducer; returns the model's config."""
     config_lib.check(cfg)
-    model_config = families.of(cfg.model).check_config(cfg)  # models (mamba-ssm) or hf_models (transformers)
+    model_config = hosts.of(cfg.model).check_config(cfg)  # models (mamba-ssm) or hf_models (transformers)
     if cfg.pruner.name != "none":
         pruning.check_config(cfg, model_config)
     if cfg.method.name != "dense":
@@ -63,7 +63,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     """Load (or randomly initialise, from the run's seed) the model, prune it, wrap it in the reducer."""
     timings, start = {}, time.perf_counter()
     resolved = config_lib.to_dict(cfg.model)
-    family = families.of(cfg.model)
+    family = hosts.of(cfg.model)
     model = family.load_model(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.random_init,
                               config=resolved.get("config"), seed=cfg.seed)
     info = family.model_info(model)

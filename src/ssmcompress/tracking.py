@@ -3,7 +3,8 @@
 The store is `<results_dir>/records.jsonl`, one JSON record per finished run. Nothing is lost, nothing duplicated:
 - a record is written once, at the end of a run, in one append under a file lock (`fcntl.flock`), so a run that dies
   halfway leaves nothing behind and concurrent jobs (SLURM arrays, two launchers) never interleave lines;
-- an append never goes after a line without its newline (a writer killed mid-write): that partial line is moved to
+- an append never goes after a line without its newline: a complete record there (a file saved by an editor or
+  written by another tool) gets its newline and stays; anything else (a writer killed mid-write) is moved to
   `records.rejected.jsonl` beside the store, with the time and the reason, and reported; the store stays valid JSONL;
 - reading skips (and reports) any line that is not a record, so one bad line never stops a sweep;
 - a job that resumes a sweep claims its run key first (`claim`: an exclusive lock on `<results_dir>/.claims/<key>`,
@@ -135,7 +136,8 @@ def append(record: dict, results_dir: str | os.PathLike) -> Path:
 
 
 def set_aside_partial_line(f, path: Path) -> None:
-    """If the locked store `f` does not end in a newline, move its last (partial) line to the rejected file."""
+    """If the locked store `f` does not end in a newline: a last line that is a record gets its newline, any other (a
+    partial line) moves to the rejected file."""
     size = f.seek(0, os.SEEK_END)
     if size == 0:
         return
@@ -153,6 +155,10 @@ def set_aside_partial_line(f, path: Path) -> None:
         start -= block
     f.seek(start)
     partial = f.read().decode("utf-8", errors="replace")
+    if is_record(partial):
+        f.seek(0, os.SEEK_END)
+        f.write(b"\n")
+        return
     rejected = path.with_name(REJECTED)
     with open(rejected, "a") as side:
         side.write(json.dumps(dict(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), store=str(path), offset=start,
@@ -162,6 +168,14 @@ def set_aside_partial_line(f, path: Path) -> None:
     f.seek(0, os.SEEK_END)
     log.warning(f"results store {path}: its last line was incomplete ({len(partial)} characters, a run killed while "
                 f"writing); moved to {rejected}")
+
+
+def is_record(line: str) -> bool:
+    try:
+        records.migrate(json.loads(line))
+    except (json.JSONDecodeError, records.RecordError):
+        return False
+    return True
 
 
 def load(results_dir: str | os.PathLike) -> list[dict]:

@@ -1,9 +1,10 @@
-"""Train the bundled tiny models (Mamba, Mamba-2, and the transformers tiny-opt) on the offline suite's training
-distribution.
+"""Train the bundled tiny models (Mamba, Mamba-2, the SSM-attention hybrid and the transformers tiny-opt) on the
+offline suite's training distribution.
 
     python -m ssmcompress.train --model mamba2-tiny --out src/ssmcompress/assets/models/mamba2-tiny
     python -m ssmcompress.train --model mamba-tiny --out ... --resume    # continue from <out>/train_state.pt
     python -m ssmcompress.train --model tiny-opt --out ... --tokenizer src/ssmcompress/assets/models/mamba2-tiny
+    python -m ssmcompress.train --model hybrid-tiny --out ... --init DIR   # DIR: experiments/hybrid_init.py's
 
 Plain PyTorch: a BPE tokenizer trained with `tokenizers` on the training plays and synthetic text, then next-token
 training on a mixture of Shakespeare windows (training plays only) and synthetic MQAR / story documents (seeds
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from ssmcompress import compat, families, models
+from ssmcompress import compat, hosts, models
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.config import CONF_DIR
 from ssmcompress.suite import corpus, synthetic
 
@@ -118,7 +121,7 @@ def choice_accuracy(model, tokenizer, docs: list[dict], device) -> float:
     batch = torch.full((len(docs), max(map(len, contexts))), tokenizer.eos_token_id)
     for row, ids in enumerate(contexts):
         batch[row, : len(ids)] = torch.tensor(ids)
-    logits = model(batch.to(device)).logits.float().cpu()
+    logits = hosts.of_model(model).logits(model, batch.to(device)).float().cpu()
     last = logits[torch.arange(len(docs)), torch.tensor([len(ids) - 1 for ids in contexts])]
     predicted = last.gather(1, choices).argmax(1)
     return (predicted == torch.tensor([doc["label"] for doc in docs])).float().mean().item()
@@ -174,6 +177,8 @@ def main() -> None:
                         help="start from this model directory's weights (a fresh optimizer; e.g. a later stage)")
     parser.add_argument("--answer-weight", type=float, default=1.0,
                         help="loss weight of synthetic answer tokens relative to text tokens")
+    parser.add_argument("--trainable", default=None, metavar="REGEX",
+                        help="train only the parameters whose names match this regular expression (the rest frozen)")
     args = parser.parse_args()
 
     device = models.resolve_device(args.device)
@@ -191,14 +196,14 @@ def main() -> None:
         print(f"tokenizer ({len(tokenizer)} tokens) saved to {args.out}")
         return
 
-    family = families.of(model_group(args.model))
+    family = hosts.of(model_group(args.model))
     config = dict(model_config(args.model), vocab_size=len(tokenizer))
     if args.n_layer is not None:
-        config["n_layer" if family is models else "num_hidden_layers"] = args.n_layer
+        config["n_layer" if family is mamba_ssm else "num_hidden_layers"] = args.n_layer
     model = family.build_model(config, device, "float32", seed=args.seed).train()
     if args.init is not None:
         model.load_state_dict(family.load_model(str(args.init), "cpu", "float32").state_dict())
-    mamba1 = family is models and config.get("ssm_cfg", {}).get("layer", "Mamba1") == "Mamba1"
+    mamba1 = family is mamba_ssm and config.get("ssm_cfg", {}).get("layer", "Mamba1") == "Mamba1"
     if mamba1 and device.type == "cpu" and "SSMCOMPRESS_MAMBA1_SCAN" not in os.environ:
         # the reference scan's loop over time makes backward passes crawl; a GPU runs the Triton scan ("auto")
         compat.MAMBA1_SCAN = "parallel"
@@ -210,7 +215,13 @@ def main() -> None:
         family.save_model(model, args.out, tokenizer, dtype=getattr(torch, args.save_dtype))
         print(f"exported {state_path} to {args.out}")
         return
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    trained = [p for name, p in model.named_parameters() if args.trainable is None or re.search(args.trainable, name)]
+    if not trained:
+        raise SystemExit(f"error: --trainable {args.trainable!r} matches no parameter of {args.model}")
+    for parameter in model.parameters():
+        parameter.requires_grad_(any(parameter is p for p in trained))
+    print(f"training {sum(p.numel() for p in trained)} of {sum(p.numel() for p in model.parameters())} parameters")
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     text_ids = np.array(tokenizer("\n\n".join(train_plays.values()))["input_ids"], dtype=np.int64)
     monitor_rng = random.Random(SYNTHETIC_SEED - 1)
     monitor = dict(mqar=[synthetic.mqar(monitor_rng) for _ in range(64)],
@@ -277,7 +288,7 @@ def main() -> None:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         ids, weights = (t.to(device, non_blocking=True) for t in next(loader))
         with autocast:
-            logits = model(ids[:, :-1]).logits
+            logits = family.logits(model, ids[:, :-1])
         token_loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         loss = (token_loss * weights.flatten()).sum() / weights.sum()
         optimizer.zero_grad(set_to_none=True)

@@ -3,6 +3,7 @@ import pytest
 
 from conftest import compose_config, tiny_model
 from ssmcompress import models, reduction
+from ssmcompress.hosts import mamba_ssm
 from test_lm_backend import assert_same_scores, make_requests, score
 
 
@@ -20,7 +21,7 @@ def tokenizer():
 
 def utr(model, *overrides):
     return reduction.from_config(model, compose_config(["method=ours", "ratio=0.3", *overrides]),
-                                 models.model_info(model))
+                                 mamba_ssm.model_info(model))
 
 
 def test_exact_protocol_with_utr_equals_dense_when_it_reduces_nothing(model, tokenizer):

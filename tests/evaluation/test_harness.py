@@ -8,6 +8,7 @@ import yaml
 from conftest import TOKENIZER_DIR, compose_config, tiny_model
 from evaluation.fake_reducer import DropTokens
 from ssmcompress import hub, models, runner, tracking
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.config import ConfigError, to_dict
 from ssmcompress.evaluation import harness
 
@@ -159,13 +160,16 @@ def test_headline_averages_the_main_metric_of_each_task(offline_benchmark):
     assert row["shakespeare_lastword/perplexity"] == 9.0
 
 
-def test_generation_tasks_run_with_reduction_and_do_not_depend_on_the_batch(single_thread):
-    """benchmark=offline_gen: MQAR and story QA answered by lm-eval's generate_until, through the reducer's prefill."""
-    from ssmcompress import reduction
+@pytest.mark.parametrize("name", ["mamba2-tiny", "hybrid-tiny"])
+def test_generation_tasks_run_with_reduction_and_do_not_depend_on_the_batch(single_thread, name):
+    """benchmark=offline_gen: MQAR and story QA answered by lm-eval's generate_until, through the reducer's prefill
+    (mamba-ssm's decoding for the bundled Mamba-2, transformers' generate for the bundled hybrid)."""
+    from ssmcompress import hosts, reduction
 
-    model, tokenizer = models.load_model(str(TOKENIZER_DIR), "cpu", "float32"), models.load_tokenizer(str(TOKENIZER_DIR))
-    cfg = compose_config(["benchmark=offline_gen", "benchmark.limit=6", "method=ours", "ratio=0.3"])
-    reducer = reduction.from_config(model, cfg, models.model_info(model))
+    cfg = compose_config([f"model={name}", "benchmark=offline_gen", "benchmark.limit=6", "method=ours", "ratio=0.3"])
+    host = hosts.of(cfg.model)
+    model, tokenizer = host.load_model(cfg.model.path, "cpu", "float32"), models.load_tokenizer(cfg.model.tokenizer)
+    reducer = reduction.from_config(model, cfg, host.model_info(model))
     try:
         scores = [harness.evaluate(model, tokenizer, {**to_dict(cfg.benchmark), "batch_size": size}, reducer=reducer)
                   for size in (1, 6)]

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import TOKENIZER_DIR, tiny_model
 from evaluation.fake_reducer import DropTokens
 from ssmcompress import models
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.evaluation.lm_backend import ReducedMambaLM, lengths_and_protection, scored_rows
 
 
@@ -135,7 +136,7 @@ def test_generate_until_drops_lm_evals_left_padding_and_is_batch_invariant(model
     from ssmcompress import generation, reduction
 
     cfg = compose_config(["model.random_init=true", "method=ours", "ratio=0.3", "layers=[1,2]"])
-    reducer = reduction.from_config(model, cfg, models.model_info(model))
+    reducer = reduction.from_config(model, cfg, mamba_ssm.model_info(model))
     try:
         for active in (None, reducer):
             lm = ReducedMambaLM(model, tokenizer, reducer=active, batch_size=4)

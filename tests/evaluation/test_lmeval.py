@@ -63,3 +63,12 @@ def test_the_lm_eval_command_line_runs_our_model():
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mqar" in result.stdout and "acc" in result.stdout
+
+
+def test_lm_evals_default_device_falls_back_as_its_hf_backend_does():
+    # lm-eval's command line passes cuda:0; its hf backend takes a device index the machine lacks as "the best there is"
+    import torch
+
+    missing = f"cuda:{torch.cuda.device_count()}"
+    assert lmeval.lm_eval_device(missing) == "auto"
+    assert lmeval.lm_eval_device("cuda") == "cuda" and lmeval.lm_eval_device("cpu") == "cpu"

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from conftest import TOKENIZER_DIR, compose_config
 from hf_fixtures import tiny_hf_model
-from ssmcompress import hf_models, hub
+from ssmcompress import hub
+from ssmcompress.hosts import transformers as hf
 from ssmcompress.config import ConfigError, to_dict
 from ssmcompress.evaluation import harness, perplexity
 
@@ -36,7 +37,7 @@ def test_perplexity_is_the_exp_of_the_mean_window_loss(single_thread):
 
 def test_the_harness_scores_corpora_without_lm_eval(monkeypatch, single_thread):
     monkeypatch.setattr(perplexity, "test_text", lambda corpus: TEXT)
-    tokenizer = hf_models.load_tokenizer(str(TOKENIZER_DIR))
+    tokenizer = hf.load_tokenizer(str(TOKENIZER_DIR))
     benchmark = to_dict(compose_config(["benchmark=perplexity", "benchmark.seqlen=32"]).benchmark)
     model = tiny_hf_model("opt")
     metrics = harness.evaluate(model, tokenizer, benchmark).metrics

@@ -23,14 +23,14 @@ def test_scan_kernel_names_the_scan_that_runs(monkeypatch):
     cuda = torch.device("cuda")  # routing only: nothing runs on the GPU
     monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", False)
     monkeypatch.setattr(compat, "MAMBA1_SCAN", "auto")
-    assert efficiency.scan_kernel(1, cuda) == "ssmcompress Triton selective scan"
-    assert efficiency.scan_kernel(2, cuda) == "mamba-ssm Triton SSD"
-    assert efficiency.scan_kernel(1, torch.device("cpu")) == "pure-torch reference (CPU)"
+    assert efficiency.scan_kernel(dict(generation=1), cuda) == "ssmcompress Triton selective scan"
+    assert efficiency.scan_kernel(dict(generation=2), cuda) == "mamba-ssm Triton SSD"
+    assert efficiency.scan_kernel(dict(generation=1), torch.device("cpu")) == "pure-torch reference (CPU)"
     monkeypatch.setattr(compat, "MAMBA1_SCAN", "ref")
-    assert "not representative" in efficiency.scan_kernel(1, cuda)
+    assert "not representative" in efficiency.scan_kernel(dict(generation=1), cuda)
     monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", True)
     monkeypatch.setattr(compat, "MAMBA1_SCAN", "auto")
-    assert efficiency.scan_kernel(1, cuda) == "mamba-ssm CUDA selective scan"
+    assert efficiency.scan_kernel(dict(generation=1), cuda) == "mamba-ssm CUDA selective scan"
 
 
 def test_reduction_kernels_names_the_path_matching_takes(monkeypatch):

@@ -2,12 +2,13 @@
 import pytest
 
 from conftest import compose_config, tiny_model
-from ssmcompress import metrics, models, reduction
+from ssmcompress import metrics, reduction
+from ssmcompress.hosts import mamba_ssm
 
 
 def test_utr_flops_agree_across_fvcore_the_analytic_model_and_the_reducer():
     model = tiny_model(2)
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     cfg = compose_config(["method=ours", "ratio=0.3", "benchmark=efficiency", "benchmark.measure.efficiency=false",
                           "benchmark.measure.shape.cpu.length=256"])
     reducer = reduction.from_config(model, cfg, info)
@@ -29,7 +30,7 @@ def test_utr_flops_agree_across_fvcore_the_analytic_model_and_the_reducer():
 def test_every_method_can_be_counted_by_fvcore(method):
     """fvcore traces the reduced forward with torch.jit: a method must use traceable ops (no tensor & bool)."""
     model = tiny_model(2)
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     cfg = compose_config([f"method={method}", "ratio=0.3", "benchmark=efficiency", "benchmark.measure.efficiency=false",
                           "benchmark.measure.shape.cpu.length=128"])
     reducer = reduction.from_config(model, cfg, info)

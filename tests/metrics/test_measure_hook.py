@@ -6,7 +6,8 @@ import torch
 
 from conftest import compose_config, tiny_model
 from evaluation.fake_reducer import DropTokens
-from ssmcompress import flops, metrics, models, records, reduction
+from ssmcompress import flops, metrics, records, reduction
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.errors import ConfigError
 
 
@@ -18,7 +19,7 @@ def efficiency_config(*extra):
 
 def test_dense_model_reports_flops_and_efficiency():
     model = tiny_model(2)
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     out = metrics.from_config(model, None, efficiency_config(), info)
     fl = out["flops"]
     assert (fl["batch_size"], fl["length"]) == (2, 48)
@@ -32,7 +33,7 @@ def test_dense_model_reports_flops_and_efficiency():
 
 def test_reduced_model_reports_the_achieved_ratio_by_the_budget_ruler():
     model = tiny_model(2)
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     reducer = DropTokens(model, layer=1, count=16, match=True)
     out = metrics.from_config(model, reducer, efficiency_config(), info)
     fl = out["flops"]
@@ -59,7 +60,7 @@ def test_reduced_model_reports_the_achieved_ratio_by_the_budget_ruler():
 def test_overhead_is_taken_from_the_reducer_or_recorded_as_not_counted():
     model = tiny_model(2)
     out = metrics.from_config(model, DropTokens(model, layer=1, count=8), efficiency_config(
-        "benchmark.measure.efficiency=false", "benchmark.measure.fvcore=false"), models.model_info(model))
+        "benchmark.measure.efficiency=false", "benchmark.measure.fvcore=false"), mamba_ssm.model_info(model))
     assert out["flops"]["reduction_overhead"] == 0.0 and "efficiency" not in out and "fvcore" not in out["flops"]
 
     class WithoutOverhead:
@@ -74,7 +75,7 @@ def test_a_reducer_that_stays_active_outside_its_calls_is_refused():
     reducer = DropTokens(model, layer=0, count=4, persistent=True)
     try:
         with pytest.raises(RuntimeError, match="dense forward returned fewer positions"):
-            metrics.from_config(model, reducer, efficiency_config(), models.model_info(model))
+            metrics.from_config(model, reducer, efficiency_config(), mamba_ssm.model_info(model))
     finally:
         reducer.remove()
 
@@ -82,7 +83,7 @@ def test_a_reducer_that_stays_active_outside_its_calls_is_refused():
 def test_measurement_can_be_switched_off():
     model = tiny_model(2)
     assert metrics.from_config(model, None, efficiency_config("benchmark.measure.enabled=false"),
-                               models.model_info(model)) == {}
+                               mamba_ssm.model_info(model)) == {}
 
 
 def test_the_reduction_overhead_is_timed_without_changing_the_outputs():
@@ -91,7 +92,7 @@ def test_the_reduction_overhead_is_timed_without_changing_the_outputs():
     from ssmcompress.timing import Stopwatch
 
     model = tiny_model(2, n_layer=12)
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     cfg = efficiency_config("method=ours", "ratio=0.3", "benchmark.measure.fvcore=false",
                             "benchmark.measure.ceiling=false")
     reducer = reduction.from_config(model, cfg, info)
@@ -129,7 +130,7 @@ def test_efficiency_times_the_ceiling_beside_the_method(schedule, single_thread)
     from ssmcompress import reduction
 
     model = tiny_model(2)  # reduction layers 1, 2, 3 of 4
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     cfg = efficiency_config("method=ours", "ratio=0.3", f"schedule={schedule}", "benchmark.measure.fvcore=false")
     reducer = reduction.from_config(model, cfg, info)
     try:
@@ -150,7 +151,7 @@ def test_the_ceiling_is_not_timed_where_it_is_off_or_alone(single_thread):
     from ssmcompress import reduction
 
     model = tiny_model(2)
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     for extra in (["method=ours", "benchmark.measure.ceiling=false"], ["method=ceiling"]):
         cfg = efficiency_config("ratio=0.3", "benchmark.measure.fvcore=false", *extra)
         reducer = reduction.from_config(model, cfg, info)
@@ -163,7 +164,7 @@ def test_the_ceiling_is_not_timed_where_it_is_off_or_alone(single_thread):
 
 def test_mixer_rows_adds_the_peak_memory_of_sliced_mixers(monkeypatch):
     model = tiny_model(2)
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     rows_seen = []
     mixer_class = type(model.backbone.layers[0].mixer)
     forward = mixer_class.forward
@@ -184,7 +185,7 @@ def test_mixer_rows_below_one_is_refused_before_any_work():
 
 def test_reduction_rows_slice_the_reduction_in_the_sliced_measurement_only(single_thread):
     model = tiny_model(2, n_layer=12)
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     cfg = efficiency_config("method=ours", "ratio=0.3", "benchmark.measure.fvcore=false",
                             "benchmark.measure.ceiling=false", "benchmark.measure.mixer_rows=1",
                             "benchmark.measure.reduction_rows=1")

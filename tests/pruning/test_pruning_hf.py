@@ -6,7 +6,8 @@ import torch
 from conftest import compose_config
 from hf_fixtures import TINY_HF, save_tiny_hf, tiny_hf_model
 from ssmcompress import config as config_lib
-from ssmcompress import hf_models, pruning, runner, tracking
+from ssmcompress import pruning, runner, tracking
+from ssmcompress.hosts import transformers as hf
 from ssmcompress.config import ConfigError
 from ssmcompress.pruning import hf_targets, sequential
 from ssmcompress.pruning.hessian import LayerInputs
@@ -151,14 +152,14 @@ def opt_dir(tmp_path_factory):
 def prune_dir(model_dir, name, sparsity, *overrides):
     cfg = compose_hf(model_dir, f"pruner={name}", f"sparsity={sparsity}", *(QUICK if name != "magnitude" else []),
                      *overrides)
-    pruning.check_config(cfg, hf_models.load_config(str(model_dir)))
-    model = hf_models.load_model(str(model_dir), "cpu", "float32")
+    pruning.check_config(cfg, hf.load_config(str(model_dir)))
+    model = hf.load_model(str(model_dir), "cpu", "float32")
     return model, pruning.from_config(model, None, cfg)
 
 
 @pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt", "multi"])
 def test_sparsity_zero_leaves_a_transformers_model_bit_identical(opt_dir, name):
-    before = hf_models.load_model(str(opt_dir), "cpu", "float32").state_dict()
+    before = hf.load_model(str(opt_dir), "cpu", "float32").state_dict()
     model, summary = prune_dir(opt_dir, name, 0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert summary["achieved_sparsity"] == 0.0
@@ -167,7 +168,7 @@ def test_sparsity_zero_leaves_a_transformers_model_bit_identical(opt_dir, name):
 @pytest.mark.parametrize("name,sparsity", [("wanda", "2:4"), ("sparsegpt", "0.5"), ("multi", "4:8"),
                                            ("magnitude", "2:4")])
 def test_pruned_transformer_layers_and_the_record_section(opt_dir, name, sparsity):
-    before = hf_models.load_model(str(opt_dir), "cpu", "float32").state_dict()
+    before = hf.load_model(str(opt_dir), "cpu", "float32").state_dict()
     model, summary = prune_dir(opt_dir, name, sparsity)
     assert summary["targets"] == LAYERS["opt"] and len(summary["layers"]) == 6 * 2
     assert summary["achieved_sparsity"] == pytest.approx(0.5)
@@ -193,7 +194,7 @@ def test_gpt2_nm_groups_run_along_the_inputs(tmp_path):
 
 def test_saved_pruned_transformer_reloads_bit_identical(opt_dir, tmp_path):
     model, summary = prune_dir(opt_dir, "wanda", "0.5", f"pruner.save_dir={tmp_path / 'pruned'}")
-    reloaded = hf_models.load_model(summary["saved_to"], "cpu", "float32")
+    reloaded = hf.load_model(summary["saved_to"], "cpu", "float32")
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 

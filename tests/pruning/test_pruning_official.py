@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ssmcompress import hf_models
+from ssmcompress.hosts import transformers as hf
 from ssmcompress.config import ASSETS
 from ssmcompress.evaluation import perplexity
 from ssmcompress.pruning import calibration, hf_targets, sequential, sparsegpt, wanda
@@ -66,8 +66,8 @@ def no_cuda_sync(monkeypatch):
 
 @pytest.fixture(scope="module")
 def bundled():
-    model = hf_models.load_model(str(MODEL_DIR), "cpu", "float32")
-    tokenizer = hf_models.load_tokenizer(str(MODEL_DIR))
+    model = hf.load_model(str(MODEL_DIR), "cpu", "float32")
+    tokenizer = hf.load_tokenizer(str(MODEL_DIR))
     tokens = calibration.windows("shakespeare", tokenizer, SAMPLES, LENGTH, seed=0)
     return SimpleNamespace(model=model, tokenizer=tokenizer, tokens=tokens,
                            loader=[(tokens[i:i + 1], None) for i in range(SAMPLES)],

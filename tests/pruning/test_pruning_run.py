@@ -7,6 +7,7 @@ import torch
 
 from conftest import TOKENIZER_DIR, compose_config, save_tiny
 from ssmcompress import models, pruning, runner, tracking
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.pruning.masks import follows_nm
 from pruning_fixtures import one_thread  # noqa: F401
 
@@ -22,8 +23,8 @@ def prune(model_dir, tokenizer, name, sparsity, *overrides):
     quick = QUICK if name != "magnitude" else []
     cfg = compose_config([f"model.path={model_dir}", "logger=none", f"pruner={name}", f"sparsity={sparsity}",
                           *quick, *overrides])
-    pruning.check_config(cfg, models.load_config(str(model_dir)))
-    model = models.load_model(str(model_dir), "cpu", "float32")
+    pruning.check_config(cfg, mamba_ssm.load_config(str(model_dir)))
+    model = mamba_ssm.load_model(str(model_dir), "cpu", "float32")
     return model, pruning.from_config(model, tokenizer, cfg)
 
 
@@ -33,7 +34,7 @@ def state(model):
 
 @pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt", "multi"])
 def test_sparsity_zero_leaves_the_model_bit_identical(tiny_mamba2_dir, tokenizer, name):
-    before = state(models.load_model(str(tiny_mamba2_dir), "cpu", "float32"))
+    before = state(mamba_ssm.load_model(str(tiny_mamba2_dir), "cpu", "float32"))
     model, summary = prune(tiny_mamba2_dir, tokenizer, name, 0)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -43,7 +44,7 @@ def test_sparsity_zero_leaves_the_model_bit_identical(tiny_mamba2_dir, tokenizer
 @pytest.mark.parametrize("name,sparsity", [("wanda", "2:4"), ("sparsegpt", "4:8"), ("multi", "2:4"),
                                            ("multi", "0.5"), ("magnitude", "0.5")])
 def test_pruned_layers_and_the_record_section(tiny_mamba2_dir, tokenizer, name, sparsity):
-    before = state(models.load_model(str(tiny_mamba2_dir), "cpu", "float32"))
+    before = state(mamba_ssm.load_model(str(tiny_mamba2_dir), "cpu", "float32"))
     model, summary = prune(tiny_mamba2_dir, tokenizer, name, sparsity)
     assert summary["pruner"] == name and summary["sparsity"] == sparsity
     assert summary["targets"] == ["in_proj", "out_proj"]
@@ -80,7 +81,7 @@ def test_mamba1_every_target(tiny_mamba1_dir, tokenizer):
 def test_saved_pruned_model_reloads_bit_identical(tiny_mamba2_dir, tokenizer, tmp_path):
     model, summary = prune(tiny_mamba2_dir, tokenizer, "sparsegpt", "0.5", f"pruner.save_dir={tmp_path / 'pruned'}")
     assert summary["saved_to"] == str(tmp_path / "pruned")
-    reloaded = models.load_model(summary["saved_to"], "cpu", "float32")
+    reloaded = mamba_ssm.load_model(summary["saved_to"], "cpu", "float32")
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
     assert models.load_tokenizer(summary["saved_to"]).vocab_size == tokenizer.vocab_size
     layer = reloaded.backbone.layers[1].mixer.out_proj.weight

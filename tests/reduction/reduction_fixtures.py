@@ -3,7 +3,7 @@ clash with tests/conftest.py under pytest's default import mode)."""
 import pytest
 import torch
 
-from ssmcompress import models
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.reduction.merge import Tokens
 from conftest import tiny_model
 
@@ -21,13 +21,13 @@ def one_thread(single_thread):
 def mamba2():
     """A random 12-layer Mamba-2 (the bundled tiny models' depth: default anchors [2..8])."""
     model = tiny_model(2, seed=1, n_layer=12)
-    return model, models.model_info(model)
+    return model, mamba_ssm.model_info(model)
 
 
 @pytest.fixture(scope="module")
 def mamba1():
     model = tiny_model(1, seed=1, n_layer=6)
-    return model, models.model_info(model)
+    return model, mamba_ssm.model_info(model)
 
 
 def make_tokens(hidden, importance=None, residual=None, valid=None, protect=None, sizes=None, layer=0):

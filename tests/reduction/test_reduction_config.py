@@ -3,7 +3,8 @@ import pytest
 from omegaconf import open_dict
 
 from ssmcompress import config as config_lib
-from ssmcompress import architecture, reduction, runner
+from ssmcompress import reduction, runner
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.config import ConfigError
 from reduction_fixtures import ALL_METHODS, compose, one_thread  # noqa: F401
 
@@ -23,7 +24,7 @@ def test_every_method_has_a_config_and_the_registry_knows_them():
 def test_method_configs_pass_check_config(method):
     cfg = compose(method, 0.2, TINY_MODEL)
     reduction.check_config(cfg, model_config(cfg))
-    info = architecture.info_from_config(model_config(cfg))
+    info = mamba_ssm.info_from_config(model_config(cfg))
     setup = reduction.resolve(cfg, info)
     assert setup.layers == [2, 3, 4, 5, 6, 7, 8] and 0.5 < setup.keep_rate < 1
     assert set(setup.params) >= set(reduction.METHODS[method].defaults)
@@ -76,7 +77,7 @@ def test_unknown_method_and_validate_calls_check_config():
 
 def test_paper_anchor_layers_for_a_hub_sized_config():
     cfg = compose("ours", 0.3, "model=mamba2-2.7b")
-    info = architecture.info_from_config(model_config(cfg))  # meta device: no weights, no memory
+    info = mamba_ssm.info_from_config(model_config(cfg))  # meta device: no weights, no memory
     setup = reduction.resolve(cfg, info)
     assert setup.layers == [12, 17, 22, 27, 32, 37, 42]
     assert setup.reference_length == 2048
@@ -102,7 +103,7 @@ def test_ceiling_for_efficiency_or_when_insisted_and_chunk_on_mamba2():
         cfg = compose("ceiling", 0.2, TINY_MODEL, *extra)
         reduction.check_config(cfg, model_config(cfg))
     cfg = compose("official", 0.2, TINY_MODEL, "schedule=chunk")
-    setup = reduction.resolve(cfg, architecture.info_from_config(model_config(cfg)))
+    setup = reduction.resolve(cfg, mamba_ssm.info_from_config(model_config(cfg)))
     assert (setup.schedule, setup.rule, setup.ceiling.rule, setup.ceiling.schedule) == ("chunk", "ceil", "ceil", "chunk")
     runner.validate(compose("tome", 0.2, TINY_MODEL, "schedule=chunk", "logger=none"))
 
@@ -110,4 +111,4 @@ def test_ceiling_for_efficiency_or_when_insisted_and_chunk_on_mamba2():
 def test_random_draw_follows_the_top_level_seed():
     for seed in (0, 3):
         cfg = compose("random", 0.2, TINY_MODEL, f"seed={seed}")
-        assert reduction.resolve(cfg, architecture.info_from_config(model_config(cfg))).params["seed"] == seed
+        assert reduction.resolve(cfg, mamba_ssm.info_from_config(model_config(cfg))).params["seed"] == seed

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from ssmcompress import compat, models, reduction
+from ssmcompress import compat, reduction
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.reduction import METHODS, kernels, merge
 from conftest import tiny_model
 from reduction_fixtures import ALL_METHODS, compose, make_tokens, mamba2, one_thread  # noqa: F401
@@ -159,7 +160,7 @@ def small_reducer(model, method, info):
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_reducer_forward_is_the_same_on_both_paths(method):
     model = tiny_model(2, seed=3)
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     reducer = small_reducer(model, method, info)
     generator = torch.Generator().manual_seed(4)
     ids = torch.randint(1, 4000, (3, 40), generator=generator)
@@ -242,7 +243,7 @@ def test_the_fused_path_with_planned_widths_reads_nothing_back(fused, monkeypatc
     """No value goes from the device to the host inside a reduction layer (each would be a synchronisation on a
     GPU): every conversion of a tensor to a Python value fails while one runs (the same call with lengths= fails)."""
     model = tiny_model(2, seed=3)
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     ids = torch.randint(1, 4000, (2, 40), generator=torch.Generator().manual_seed(9))
     reducer = small_reducer(model, method, info)
     assert reducer.planned_counts(40) is not None

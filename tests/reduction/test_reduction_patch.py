@@ -164,9 +164,9 @@ def test_official_accepts_the_papers_reduce_ratio(mamba2):
 
 def test_nan_importance_is_a_clear_error():
     model = tiny_model(2, seed=2)
-    from ssmcompress import models
+    from ssmcompress.hosts import mamba_ssm
 
-    info = models.model_info(model)
+    info = mamba_ssm.model_info(model)
     reducer = reduction.from_config(model, compose("ours", 0.2), info)
     with torch.no_grad():
         model.backbone.layers[1].mixer.in_proj.weight[0, 0] = float("nan")

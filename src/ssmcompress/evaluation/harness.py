@@ -12,7 +12,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssmcompress import hf_models, hub
+from ssmcompress import hub
+from ssmcompress.hosts import transformers as hf
 from ssmcompress.config import integer, to_dict
 from ssmcompress.errors import ConfigError
 from ssmcompress.evaluation import perplexity
@@ -126,7 +127,7 @@ def evaluate(model, tokenizer, benchmark: dict, reducer=None, protocol: str = "e
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from ssmcompress.evaluation.lm_backend import ReducedMambaLM
+    from ssmcompress.evaluation.lm_backend import backend_for
 
     # WikiText-2 / PTB / C4 perplexity by SparseGPT's protocol, not lm-eval's (every position is scored: under the
     # exact protocol token reduction could not change it)
@@ -137,13 +138,14 @@ def evaluate(model, tokenizer, benchmark: dict, reducer=None, protocol: str = "e
     tasks = [task for task in benchmark["tasks"] if task not in corpora]
     if not tasks:
         return Evaluation(metrics, stderr, samples)
-    if hf_models.is_model(model):  # transformers models: lm-eval's own `hf` backend on the model object (no copy)
+    if hf.is_model(model) and model.config.model_type not in hf.FAMILIES:
+        # a transformers LM the reducer has no adapter for: lm-eval's own `hf` backend on the model object (no copy)
         if reducer is not None:
-            raise ValueError("token reduction applies to mamba-ssm models only")
+            raise ValueError(f"token reduction has no adapter for {model.config.model_type} models")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=benchmark["batch_size"], max_length=max_length)
     else:
-        lm = ReducedMambaLM(model, tokenizer, reducer=reducer, protocol=protocol,
-                            batch_size=benchmark["batch_size"], max_length=max_length)
+        lm = backend_for(model)(model, tokenizer, reducer=reducer, protocol=protocol,
+                                batch_size=benchmark["batch_size"], max_length=max_length)
     output = simple_evaluate(model=lm, tasks=tasks,
                              task_manager=task_manager(benchmark.get("include_path")),
                              num_fewshot=benchmark.get("num_fewshot", 0), limit=benchmark.get("limit"),

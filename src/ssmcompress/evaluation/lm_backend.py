@@ -1,7 +1,8 @@
-"""lm-eval backend for mamba-ssm models we built: dense, pruned, or token-reduced.
+"""lm-eval backends for the models we built (mamba-ssm's or transformers'): dense, pruned, or token-reduced.
 
-It is lm-eval's own `mamba_ssm` backend (`MambaLMWrapper`, itself an `HFLM`) with narrow overrides:
-- `_get_config` / `_create_model` take the model object we built instead of loading one from the hub;
+They are lm-eval's own backends, `mamba_ssm` (`MambaLMWrapper`, itself an `HFLM`) for mamba-ssm models and `hf`
+(`HFLM`, given the model object) for transformers models, with the same narrow overrides (`Reduction`):
+- (mamba-ssm) `_get_config` / `_create_model` take the model object we built instead of loading one from the hub;
 - `_model_call` runs the reducer (if any) and returns logits in the layout lm-eval's `_loglikelihood_tokens`
   expects, according to the protocol:
   * `exact` (default): the positions lm-eval scores (each row's last `len(continuation)` input positions) are
@@ -16,40 +17,25 @@ It is lm-eval's own `mamba_ssm` backend (`MambaLMWrapper`, itself an `HFLM`) wit
     negative start; here the row reads the first positions instead and the count of such rows is reported.
 - `_loglikelihood_tokens` only records, per distinct input row, how many trailing positions are scored, so
   that `_model_call` can protect them (lm-eval does not pass continuation lengths to `_model_call`).
+- `_model_generate` generates through `ssmcompress.generation` (the library's own decoding, the prefill reduced).
+Without a reducer `_model_call` is the backend's own: dense scores are lm-eval's.
 """
 from __future__ import annotations
 
 import logging
 
 import torch
+from lm_eval.models.huggingface import HFLM
 from lm_eval.models.mamba_lm import MambaLMWrapper
 
-from ssmcompress import generation
+from ssmcompress import generation, hosts
 
 PAD_ID = 0  # lm-eval's pad_and_concat right-pads input rows with zeros
 logger = logging.getLogger(__name__)
 
 
-class ReducedMambaLM(MambaLMWrapper):
-    """Takes a built model (and reducer) as Python objects; `ssmcompress.lmeval.SsmcompressLM` builds them from
-    lm-eval's string model_args and is the model registered as `ssmcompress`."""
-
-    def __init__(self, model, tokenizer, reducer=None, protocol: str = "exact", batch_size: int = 16,
-                 max_length: int = 2048, source: str = "ssmcompress", **kwargs):
-        if protocol not in ("exact", "paper"):
-            raise ValueError(f"unknown protocol {protocol!r}: use exact or paper")
-        self._built_model, self.reducer, self.protocol = model, reducer, protocol
-        self._scored: dict[tuple, dict[int, int]] = {}
-        self.clamped_rows = 0  # paper protocol: rows whose official slice would have started before position 0
-        device = str(next(model.parameters()).device)
-        super().__init__(pretrained=source, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                         device=device, **kwargs)
-
-    def _get_config(self, pretrained, **kwargs) -> None:
-        self._config = self._built_model.config
-
-    def _create_model(self, pretrained, dtype=None, **kwargs) -> None:
-        self._model = self._built_model
+class Reduction:
+    """The overrides both backends share (module docstring); `self.reducer`, `self.protocol` are set by them."""
 
     def get_model_info(self) -> dict:
         """What lm-eval records about the model, without asking the hub about `pretrained` (HFLM's version looks up
@@ -104,6 +90,51 @@ class ReducedMambaLM(MambaLMWrapper):
         for i, tokens in enumerate(new):
             out[i, context.shape[1]:context.shape[1] + len(tokens)] = torch.tensor(tokens, dtype=out.dtype)
         return out
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in ("exact", "paper"):
+        raise ValueError(f"unknown protocol {protocol!r}: use exact or paper")
+
+
+class ReducedMambaLM(Reduction, MambaLMWrapper):
+    """lm-eval's mamba_ssm backend on a mamba-ssm model we built (and its reducer); `ssmcompress.lmeval` builds them
+    from lm-eval's string model_args for the model registered as `ssmcompress`."""
+
+    def __init__(self, model, tokenizer, reducer=None, protocol: str = "exact", batch_size: int = 16,
+                 max_length: int = 2048, source: str = "ssmcompress", **kwargs):
+        check_protocol(protocol)
+        self._built_model, self.reducer, self.protocol = model, reducer, protocol
+        self._scored: dict[tuple, dict[int, int]] = {}
+        self.clamped_rows = 0  # paper protocol: rows whose official slice would have started before position 0
+        device = str(next(model.parameters()).device)
+        super().__init__(pretrained=source, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                         device=device, **kwargs)
+
+    def _get_config(self, pretrained, **kwargs) -> None:
+        self._config = self._built_model.config
+
+    def _create_model(self, pretrained, dtype=None, **kwargs) -> None:
+        self._model = self._built_model
+
+
+class ReducedHFLM(Reduction, HFLM):
+    """lm-eval's hf backend on a transformers model we built (and its reducer)."""
+
+    def __init__(self, model, tokenizer, reducer=None, protocol: str = "exact", batch_size: int = 16,
+                 max_length: int = 2048, source: str = "ssmcompress", **kwargs):
+        check_protocol(protocol)
+        self._built_model, self.reducer, self.protocol = model, reducer, protocol
+        self._scored: dict[tuple, dict[int, int]] = {}
+        self.clamped_rows = 0
+        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                         **kwargs)
+        self.pretrained = source  # what get_model_info records (HFLM keeps the model object here)
+
+
+def backend_for(model) -> type:
+    """The backend class for a built model: by its host."""
+    return ReducedHFLM if hosts.of_model(model) is hosts.transformers else ReducedMambaLM
 
 
 def scored_rows(requests, max_length: int) -> dict[tuple, dict[int, int]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from ssmcompress import families, mixer_slices, models, records, reduction
+from ssmcompress import hosts, mixer_slices, models, records, reduction
 from ssmcompress import flops as analytic
 from ssmcompress.config import integer, to_dict
 from ssmcompress.errors import ConfigError
@@ -50,7 +50,7 @@ def check_config(cfg, model_config: dict) -> None:
     for name in ("mixer_rows", "reduction_rows"):
         if settings[name] is not None:
             integer(f"benchmark.measure.{name}", settings[name], minimum=1)
-    if settings["mixer_rows"] is not None and families.name_of(cfg.model) != "mamba":
+    if settings["mixer_rows"] is not None and hosts.name_of(cfg.model) != "mamba":
         raise ConfigError("benchmark.measure.mixer_rows slices mamba-ssm's block mixers: it has no meaning for a "
                           "transformers model (leave it null)")
     if settings["reduction_rows"] is not None and settings["mixer_rows"] is None:
@@ -63,7 +63,7 @@ def check_config(cfg, model_config: dict) -> None:
         integer(f"benchmark.measure.shape.{device}.length", shape.get("length"), minimum=1)
         if "new_tokens" in shape:
             integer(f"benchmark.measure.shape.{device}.new_tokens", shape["new_tokens"], minimum=1)
-    if cfg.method.name != "dense" and cfg.method.get("strict") is True and families.name_of(cfg.model) == "mamba":
+    if cfg.method.name != "dense" and cfg.method.get("strict") is True:
         # a strict budget: the measured shape must reach it
         device = "cuda" if models.resolve_device(cfg.model.device).type == "cuda" else "cpu"
         reduction.check_lengths(cfg, model_config, [input_shape(settings, device)[1]])
@@ -94,15 +94,18 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
     forwards = {"dense": forwards_lib.dense_forward(model)}
     if reducer is not None:
         forwards["reduced"] = forwards_lib.reduced_forward(reducer)
-    mamba = info.get("family", "mamba") == "mamba"  # the FLOPs model and fvcore's op handles are mamba-ssm's
-    sections = {"flops": flops_report(model, reducer, info, input_ids, forwards, settings["fvcore"])} if mamba else {}
+    host = hosts.of_model(model)
+    described = host.described(info)  # the FLOPs model covers its layers (every mamba-ssm model, transformers' SSMs)
+    mamba = host is hosts.mamba_ssm  # mixer slices and the scan routes are mamba-ssm's
+    sections = {"flops": flops_report(model, reducer, info, input_ids, forwards, settings["fvcore"])} \
+        if described else {}
     if cfg.benchmark.kind == "generation":
         sections["generation"] = generation_report(model, reducer, input_ids, settings)
     elif settings["efficiency"]:
         ceiling = reducer.ceiling() if settings["ceiling"] and hasattr(reducer, "ceiling") else None
         try:
             timed = forwards if ceiling is None else {**forwards, "ceiling": forwards_lib.reduced_forward(ceiling)}
-            stages = [*model.backbone.layers, model.lm_head] if mamba else None  # where each forward peaks
+            stages = [*host.layers(model), host.lm_head(model)] if described else None  # where each forward peaks
             sections["efficiency"] = efficiency.measure(timed, input_ids, settings["warmup"], settings["repeats"],
                                                         efficiency.weight_bytes(model), stages=stages)
             if mamba and settings["mixer_rows"]:
@@ -113,8 +116,8 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
         finally:
             if ceiling is not None:
                 ceiling.remove()  # before the reducer: it restores what the reducer's hooks set
-        if mamba:
-            sections["efficiency"]["scan_kernel"] = efficiency.scan_kernel(info["generation"], device)
+        if described:
+            sections["efficiency"]["scan_kernel"] = efficiency.scan_kernel(info, device)
         if reducer is not None and hasattr(reducer, "stopwatch"):
             eff = sections["efficiency"]
             eff["reduction_kernels"] = efficiency.reduction_kernels(device)

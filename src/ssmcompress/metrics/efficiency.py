@@ -40,12 +40,14 @@ def synthetic_batch(vocab_size: int, batch_size: int, length: int, device, seed:
     return torch.randint(1, vocab_size, (batch_size, length), generator=generator).to(device)
 
 
-def scan_kernel(generation: int, device: torch.device) -> str:
+def scan_kernel(info: dict, device: torch.device) -> str:
     """Which scan implementation the forwards ran (compat.py routes per device): latency means little without a
     kernel, e.g. Mamba-1 on mamba-ssm's reference scan runs a Python loop over tokens."""
     if device.type != "cuda":
         return "pure-torch reference (CPU)"
-    if generation == 2:
+    if info.get("family") == "hf":
+        return "transformers' own kernel choice (mamba-ssm's where it imports)"
+    if info["generation"] == 2:
         return "mamba-ssm Triton SSD"
     return {"cuda": "mamba-ssm CUDA selective scan",
             "triton": "ssmcompress Triton selective scan",

@@ -1,4 +1,4 @@
-"""FLOPs of a traced forward with fvcore's `FlopCountAnalysis`, with handles for mamba-ssm's kernels.
+"""FLOPs of a traced forward with fvcore's `FlopCountAnalysis`, with handles for the SSM kernels and attention.
 
 fvcore counts linear layers, matmuls, convolutions and einsums itself; it cannot see inside custom kernels, which
 jit tracing records as one `prim::PythonOp.<ClassName>` node each. mamba-ssm's GPU kernels are such nodes
@@ -15,12 +15,13 @@ is called, never around a kernel: jit records a Function nested inside another a
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 
 import torch
 from torch import nn
 
-from ssmcompress import compat
+from ssmcompress import compat, hosts
 from ssmcompress import flops as analytic
 
 # ---------------------------------------------------------------------------------------------------- handles
@@ -82,6 +83,22 @@ def mamba_inner_handle(info: dict):
     return handle
 
 
+def attention_handle(inputs, outputs) -> float:
+    """`scaled_dot_product_attention(q, k, v, ...)`, q (b, h, q, d), k (b, h_kv, kv, d): scores and weighted values
+    over the query-key pairs a causal prefill computes (q(q+1)/2 per head where q = kv; all q·kv pairs otherwise, as
+    a decoding step's), one multiply-add each per head dimension."""
+    batch, heads, queries, head_dim = _shape(inputs[0])
+    keys = _shape(inputs[1])[2]
+    pairs = queries * (queries + 1) / 2 if queries == keys else queries * keys
+    return 2 * batch * heads * head_dim * pairs
+
+
+def grouped_mm_handle(inputs, outputs) -> float:
+    """`_grouped_mm(a, b, offs)` (transformers' mixture of experts): each row of a (t, k) times its group's (k, n)
+    matrix: t·k·n, as many multiply-adds as the rows' separate matrix products."""
+    return math.prod(_shape(outputs[0])) * _shape(inputs[0])[-1]
+
+
 def _is_tensor(value) -> bool:
     return isinstance(value.type(), torch._C.TensorType)
 
@@ -94,6 +111,8 @@ def handles(info: dict) -> dict:
         "prim::PythonOp.SelectiveScanFn": selective_scan_handle,
         "prim::PythonOp.MambaInnerFn": mamba_inner_handle(info),
         "prim::PythonOp.LayerNormFn": norm_handle,
+        "aten::scaled_dot_product_attention": attention_handle,
+        "aten::_grouped_mm": grouped_mm_handle,
     }
 
 
@@ -175,6 +194,55 @@ def kernels_as_ops():
         lng.rms_norm_ref, m1.selective_scan_fn = gated_norm_ref, selective_scan_router
 
 
+NORM_CLASSES = ("RMSNorm", "RMSNormGated", "LayerNorm")  # transformers' norm modules, by class-name suffix
+
+
+@contextlib.contextmanager
+def transformers_as_ops(model):
+    """While active, a transformers SSM model's scans and norm modules trace as single ops named like mamba-ssm's
+    kernels (MambaChunkScanCombinedFn, SelectiveScanFn, LayerNormFn), with those kernels' argument layouts."""
+    module = importlib.import_module(type(model).__module__)
+    replaced = {}
+    if hasattr(module, "mamba2_chunk_scan"):
+        pure = getattr(module.mamba2_chunk_scan, "__wrapped__", module.mamba2_chunk_scan)
+        op = _named_op("MambaChunkScanCombinedFn", lambda x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus,
+                       dt_limit: pure(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                      dt_limit=dt_limit))
+
+        def chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None, dt_softplus=False,
+                       dt_limit=(0.0, float("inf")), return_final_states=False, **kwargs):
+            if return_final_states or initial_states is not None:
+                raise NotImplementedError("fvcore counts plain forwards, not prefills that return the SSM states")
+            return op.apply(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, tuple(dt_limit))
+        replaced["mamba2_chunk_scan"] = chunk_scan
+    if hasattr(module, "mamba_selective_scan"):
+        pure_scan = getattr(module.mamba_selective_scan, "__wrapped__", module.mamba_selective_scan)
+        scan_op = _named_op("SelectiveScanFn", lambda u, delta, A, B, C, D, z, delta_bias, delta_softplus: pure_scan(
+            u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus))
+
+        def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False, **kwargs):
+            if return_last_state:
+                raise NotImplementedError("fvcore counts plain forwards, not prefills that return the SSM states")
+            return scan_op.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        replaced["mamba_selective_scan"] = selective_scan
+    originals = {name: getattr(module, name) for name in replaced}
+    norms = [m for m in model.modules() if type(m).__name__.endswith(NORM_CLASSES) and "forward" not in vars(m)]
+    norm_op = _named_op("LayerNormFn", lambda x, gate, forward: forward(x) if gate is None else forward(x, gate))
+    for norm in norms:
+        norm.forward = (lambda forward: lambda x, gate=None: norm_op.apply(x, gate, forward))(norm.forward)
+    for name, function in replaced.items():
+        setattr(module, name, function)
+    try:
+        with compat.reference_kernels():
+            yield
+    finally:
+        for name, function in originals.items():
+            setattr(module, name, function)
+        for norm in norms:
+            del norm.forward
+
+
 # ---------------------------------------------------------------------------------------------------- counting
 
 
@@ -196,15 +264,18 @@ def count_forward(model: nn.Module, forward, input_ids: torch.Tensor, info: dict
     saw but does not count (elementwise work; see flops.py for the convention)."""
     from fvcore.nn import FlopCountAnalysis
 
-    with torch.no_grad(), kernels_as_ops():
+    host = hosts.of_model(model)
+    ops = kernels_as_ops() if host is hosts.mamba_ssm else transformers_as_ops(model)
+    with torch.no_grad(), ops:
         analysis = FlopCountAnalysis(_Traced(model, forward), (input_ids,))
         analysis.set_op_handle(**handles(info))
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         by_module = analysis.by_module()
         by_operator = dict(analysis.by_operator())
         unsupported = dict(analysis.unsupported_ops())
-    per_layer = [float(by_module.get(f"model.backbone.layers.{i}", 0)) for i in range(info["n_layer"])]
+    names = {id(module): f"model.{name}" for name, module in model.named_modules()}
+    per_layer = [float(by_module.get(names[id(layer)], 0)) for layer in host.layers(model)]
     total = float(by_module[""])
-    lm_head = float(by_module.get("model.lm_head", 0))
+    lm_head = float(by_module.get(names[id(host.lm_head(model))], 0))
     return dict(total=total, per_layer=per_layer, lm_head=lm_head, other=total - sum(per_layer) - lm_head,
                 by_operator={k: float(v) for k, v in by_operator.items()}, uncounted_ops=unsupported)

@@ -24,15 +24,6 @@ from ssmcompress.metrics import efficiency
 MIB = efficiency.MIB
 
 
-def prefill(model, input_ids: torch.Tensor, reducer=None) -> torch.Tensor:
-    """The prompt's forward into a fresh inference cache (as mamba-ssm's decode prefills): last-position logits."""
-    from mamba_ssm.utils.generation import InferenceParams
-
-    params = InferenceParams(max_seqlen=input_ids.shape[1] + 1, max_batch_size=input_ids.shape[0])
-    with torch.no_grad(), (reducer.prefilling() if reducer is not None else contextlib.nullcontext()):
-        return model(input_ids, inference_params=params, num_last_tokens=1).logits
-
-
 def measure(model, reducers: dict, input_ids: torch.Tensor, new_tokens: int, warmup: int, repeats: int,
             weights: int, progress: bool = True) -> dict:
     """Flat numbers for the record, per variant of `reducers` ({"dense": None, "reduced": reducer, ...}):
@@ -42,7 +33,7 @@ def measure(model, reducers: dict, input_ids: torch.Tensor, new_tokens: int, war
     batch_size, length = input_ids.shape
     calls = {}
     for name, reducer in reducers.items():
-        calls[f"{name}_prefill"] = lambda ids, r=reducer: prefill(model, ids, r)
+        calls[f"{name}_prefill"] = lambda ids, r=reducer: generation.prefill(model, ids, r)
         calls[f"{name}_generation"] = lambda ids, r=reducer: generation.generate(model, ids, new_tokens, r)
     times = efficiency.time_forwards(calls, input_ids, warmup, repeats, progress)
     out = dict(device=str(input_ids.device), batch_size=batch_size, length=length, new_tokens=new_tokens,

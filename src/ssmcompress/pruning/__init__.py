@@ -16,7 +16,7 @@ import inspect
 import time
 from pathlib import Path
 
-from ssmcompress import families
+from ssmcompress import hosts
 from ssmcompress.config import to_dict
 from ssmcompress.errors import ConfigError
 from ssmcompress.pruning import adapters, calibration, magnitude, multi, sequential, sparsegpt, wanda
@@ -54,7 +54,7 @@ def check_config(cfg, model_config: dict) -> None:
         raise _config_error(f"pruner={name} needs sparsity=<fraction or N:M>, e.g. sparsity=0.5 or sparsity=2:4")
     try:
         pattern = parse_pattern(cfg.sparsity)
-        kind, widths = adapters.ADAPTERS[families.name_of(cfg.model)].config_widths(model_config)
+        kind, widths = adapters.ADAPTERS[hosts.name_of(cfg.model)].config_widths(model_config)
         names = adapters.in_order(settings.get("targets") or [], list(widths), kind)
         if not names:
             raise ValueError(f"pruner.targets is empty: choose layers, e.g. [{', '.join(list(widths)[:2])}]")
@@ -93,7 +93,7 @@ def from_config(model, tokenizer, cfg) -> dict:
     tokens, calibration_settings = None, None
     if module.NEEDS_INPUTS:
         calibration_settings = dict(settings["calibration"])
-        tokenizer = tokenizer if tokenizer is not None else families.of(cfg.model).load_tokenizer(cfg.model.tokenizer)
+        tokenizer = tokenizer if tokenizer is not None else hosts.of(cfg.model).load_tokenizer(cfg.model.tokenizer)
         tokens = calibration.windows(calibration_settings["source"], tokenizer, calibration_settings["samples"],
                                      calibration_settings["length"], calibration_settings.get("seed", 0))
     calibration_s = time.perf_counter() - start
@@ -109,7 +109,7 @@ def from_config(model, tokenizer, cfg) -> dict:
     summary = summarize(model, name, pattern, settings, options, calibration_settings, layers,
                         dict(calibration=calibration_s, prune=prune_s, total=calibration_s + prune_s))
     if settings.get("save_dir"):
-        family = families.of_model(model)
+        family = hosts.of_model(model)
         if tokenizer is None:
             tokenizer = family.load_tokenizer(cfg.model.tokenizer)
         family.save_model(model, settings["save_dir"], tokenizer=tokenizer)

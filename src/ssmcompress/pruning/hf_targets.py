@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ssmcompress.hf_models import is_model, transformers_config
+from ssmcompress.hosts.transformers import is_model, transformers_config
 
 # per decoder layer class, the layers that read the same input tensor: pruned in one true-sequential pass (SparseGPT's
 # llama.py groups [k, v, q], [o], [up, gate], [down]); any other layer gets a pass of its own, which is always correct

@@ -1,4 +1,5 @@
-"""Post-training token reduction for mamba-ssm models.
+"""Post-training token reduction for state space language models and their hybrids with attention, on every host
+(`ssmcompress.hosts`: mamba-ssm's and transformers' models).
 
 Contract used by the runner and the lm-eval backend:
 
@@ -20,8 +21,14 @@ layer the fate of every slot (patch.trace_entry). `check_config(cfg, model_confi
 itself), which the efficiency benchmark times beside it.
 
 Layout: `merge` (shared matching, merging, compaction), `methods` (one function per method), `budget`
-(ratio -> keep rate, FLOPs bookkeeping), `patch` (hooks and the Reducer). The registry below names each method's
-function, parameters and defaults (the keys of conf/method/<name>.yaml), budget rule and limits.
+(ratio -> keep rate, FLOPs bookkeeping), `patch` (the Reducer: state and bookkeeping; the hooks are each host's). The
+registry below names each method's function, parameters and defaults (the keys of conf/method/<name>.yaml), budget
+rule and limits.
+
+`reduce_at` (top-level key): which layers may reduce. `ssm` (the default): layers with an SSM mixer, whose output is
+the signal the paper scores; `all`: attention layers too, scored by the same metric on their output before `o_proj`
+(the attention counterpart of the SSM output). MLP and mixture-of-experts layers mix no tokens and never reduce.
+`layers: null` places the paper's proportional anchors (`budget.default_layers`) on the nearest layer allowed.
 
 `schedule` (top-level key): `smooth`, the budget's integer counts, or `chunk`, counts in whole Mamba-2 SSD chunks
 or, on Mamba-1, multiples of 16 tokens (budget.chunk_counts, budget.count_multiple), for every method. With
@@ -36,12 +43,13 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from ssmcompress import architecture
+from ssmcompress import architecture, hosts
 from ssmcompress.config import ConfigError
 from ssmcompress.reduction import budget, methods
 from ssmcompress.reduction.patch import Reducer, Schedule, Setup
 
 SCHEDULES = ("smooth", "chunk")
+REDUCE_AT = ("ssm", "all")
 STRATEGIES = ("prune", "merge", "hybrid")
 IMPORTANCE = ("clip", "raw", "l1", "l2")
 PRUNE_LINKS = ("most_similar", "least_similar", "least_important")
@@ -159,10 +167,28 @@ def check_params(name: str, p: dict) -> None:
         raise ConfigError(f"method {name}: allow_accuracy must be true or false, got {p['allow_accuracy']!r}")
 
 
-def reduction_layers(layers, n_layer: int) -> list[int]:
-    """`layers` from the config (None: budget.default_layers), checked against the model's depth."""
+def eligible_layers(info: dict, reduce_at: str) -> list[int]:
+    """The layers that may reduce: with an SSM mixer (`ssm`), or also attention layers (`all`)."""
+    if reduce_at not in REDUCE_AT:
+        raise ConfigError(f"unknown reduce_at {reduce_at!r}: use ssm (layers with an SSM mixer) or all (attention "
+                          f"layers too)")
+    allowed = architecture.has_ssm if reduce_at == "ssm" else (
+        lambda kind: architecture.has_ssm(kind) or architecture.has_attention(kind))
+    return [i for i, kind in enumerate(architecture.kinds(info)) if allowed(kind)]
+
+
+def nearest(anchor: int, allowed: list[int]) -> int:
+    """The allowed layer nearest to `anchor` (ties: the later one)."""
+    return min(allowed, key=lambda layer: (abs(layer - anchor), -layer))
+
+
+def reduction_layers(layers, info: dict, reduce_at: str = "ssm") -> list[int]:
+    """`layers` from the config (None: budget.default_layers, each on its nearest allowed layer), checked against the
+    model's depth and the layers `reduce_at` allows."""
+    n_layer = info["n_layer"]
+    allowed = eligible_layers(info, reduce_at)
     if layers is None:
-        return budget.default_layers(n_layer)
+        return sorted({nearest(anchor, allowed) for anchor in budget.default_layers(n_layer)}) if allowed else []
     if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
         raise ConfigError(f"layers must be a list of block indices like [2, 5, 8] (or null), got {layers!r}")
     layers = list(layers)
@@ -171,6 +197,12 @@ def reduction_layers(layers, n_layer: int) -> list[int]:
             raise ConfigError(f"layers must be integers (0-based block indices), got {layer!r}")
         if not 0 <= layer < n_layer:
             raise ConfigError(f"layer {layer} is outside this {n_layer}-layer model (valid: 0..{n_layer - 1})")
+        if layer not in allowed:
+            kind = architecture.kinds(info)[layer]
+            hint = " (use reduce_at=all)" if reduce_at == "ssm" and kind == architecture.ATTENTION else ""
+            raise ConfigError(f"layer {layer} is {architecture.layer_name(kind)}, and reduce_at={reduce_at} reduces at "
+                              f"{'layers with an SSM mixer' if reduce_at == 'ssm' else 'SSM and attention layers'} "
+                              f"only{hint}: this model has {architecture.describe(info)}")
     if len(set(layers)) != len(layers):
         raise ConfigError(f"layers {layers} repeats a block")
     return sorted(layers)
@@ -185,7 +217,7 @@ def resolve(cfg, info: dict) -> Setup:
     params = method_params(name, given)
     entry = METHODS[name]
     layers = reduction_layers(OmegaConf.to_container(cfg.layers) if OmegaConf.is_config(cfg.get("layers"))
-                              else cfg.get("layers"), info["n_layer"])
+                              else cfg.get("layers"), info, cfg.get("reduce_at", "ssm"))
     ratio = cfg.get("ratio")
     direct = params.get("reduce_ratio") is not None  # official: its code's per-layer keep fraction replaces ratio
     if ratio is None and not direct:
@@ -214,7 +246,7 @@ def resolve(cfg, info: dict) -> Setup:
     setup = Setup(name=name, function=entry.function, params=params, layers=layers, keep_rate=keep_rate,
                   rule=entry.rule, overhead=entry.overhead, min_keep_rate=min_keep_rate, ratio=target,
                   reference_length=reference_length, strict=params["strict"], schedule=schedule,
-                  uses_importance=entry.uses_importance)
+                  uses_importance=entry.uses_importance, per_length=bool(architecture.attention_layers(info)))
     return setup if name == "ceiling" else replace(setup, ceiling=ceiling_of(setup))
 
 
@@ -230,21 +262,32 @@ def check_schedule(schedule, info: dict, params: dict) -> str:
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {schedule!r}: use smooth (the budget's integer counts) or chunk "
                           f"(counts in whole Mamba-2 SSD chunks, multiples of 16 tokens on Mamba-1)")
+    if schedule == "chunk" and not architecture.uniform(info):
+        raise ConfigError(f"schedule=chunk counts tokens in whole SSD chunks, which prices every layer alike; this "
+                          f"model's layers differ ({architecture.describe(info)}): use schedule=smooth")
     if schedule == "chunk" and params.get("reduce_ratio") is not None:
         raise ConfigError("method official: reduce_ratio fixes its per-layer ceil counts, schedule=chunk replaces "
                           "them: set ratio= instead (reduce_ratio=null), or use schedule=smooth")
     return schedule
 
 
+def model_facts(cfg, model_config: dict) -> dict:
+    """The architecture description of the run's model, with the host's refusals (ConfigError) first."""
+    host = hosts.of(cfg.model)
+    info = host.info_from_config(model_config)
+    host.check_reduction(info)
+    return info
+
+
 def check_config(cfg, model_config: dict) -> None:
     """Raise ConfigError for anything from_config would reject (called by runner.validate before loading)."""
-    resolve(cfg, architecture.info_from_config(model_config))
+    resolve(cfg, model_facts(cfg, model_config))
 
 
 def check_lengths(cfg, model_config: dict, lengths) -> None:
     """strict=true: a ConfigError, before any work, when a row length a run will use (the measured shape) cannot
     reach the ratio with the integer schedule (the reducer would stop at its first forward)."""
-    info = architecture.info_from_config(model_config)
+    info = model_facts(cfg, model_config)
     setup = resolve(cfg, info)
     if setup.strict:
         try:

@@ -9,6 +9,8 @@ Conventions (README: Token reduction, The budget):
 - One keep rate ρ per reduction layer, solved by bisection at the reference length `n_ref` (the model's
   max_length), with fractional token counts: block i sees n·ρ^(reduction layers before i) tokens, the lm_head
   n·ρ^(all of them). For n ≥ the Mamba-2 chunk size the per-token cost is constant, so ρ does not depend on n.
+  Attention layers break that (a token's cost grows with the tokens before it): on models with attention ρ is
+  solved per row length (`keep_rate_at`), so that every row removes the ratio, short or long.
 - Tokens are a row's real tokens; padding is never counted.
 - Per row, integer counts follow `removals`: `cumulative` (every method but `official`) keeps
   round(n0·ρ^j) tokens after the j-th reduction layer (round half up, at least 1), so rounding never drifts;
@@ -85,10 +87,22 @@ def solve_keep_rate(info: dict, layers: list[int], ratio: float, min_keep_rate: 
     return (low + high) / 2
 
 
-def removals(rule: str, keep_rate: float, n0: torch.Tensor, current: torch.Tensor, step: int,
+@lru_cache(maxsize=16384)
+def keep_rate_at(info_items: tuple, layers: tuple[int, ...], ratio: float, min_keep_rate: float, n: int) -> float:
+    """The keep rate that removes `ratio` of the FLOPs of a row of n tokens (solve_keep_rate at n; the method's
+    limit where n cannot reach the ratio; cached: lm-eval repeats lengths). Where attention layers make a token's cost
+    grow with the length, one keep rate for every length would remove a smaller share of a short row than the ratio
+    says (and a larger one of a long row); the budget then solves it per length."""
+    try:
+        return solve_keep_rate(dict(info_items), list(layers), ratio, min_keep_rate, n)
+    except ConfigError:
+        return min_keep_rate
+
+
+def removals(rule: str, keep_rate: float | torch.Tensor, n0: torch.Tensor, current: torch.Tensor, step: int,
              table: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens each row should drop at its `step`-th reduction layer (1-based): n0 real tokens at the input,
-    `current` entering this layer. Exact float64 arithmetic, as Python's, so `ceil` matches the official code.
+    `current` entering this layer; `keep_rate` one for every row, or one per row (float64, Setup.per_length). Exact float64 arithmetic, as Python's, so `ceil` matches the official code.
     `table` (b, steps): per row the tokens to keep after each reduction layer (`chunk_counts`), -1 where the row
     follows `rule` instead."""
     if rule == "cumulative":
@@ -175,7 +189,7 @@ def chunk_counts(info_items: tuple, layers: tuple[int, ...], n0: int, ratio: flo
     values = sorted({n0, *range(chunk, n0 + 1, chunk)}, reverse=True)  # the counts a layer may keep
     least = [max(math.ceil(v * min_keep_rate), 1) for v in values]  # fewest tokens a layer may keep of v
     spans = [b - a for a, b in zip(layers, [*layers[1:], info["n_layer"] - 1])]  # blocks after each layer
-    per_token = sum(flops.mixer_flops_per_token(info, n0).values())  # one block, per token (n >= chunk)
+    per_token = sum(flops.block_flops_per_token(info, 0, n0).values())  # one block (all alike), per token (n >= chunk)
     head = flops.lm_head_flops(info, 1) + flops.final_norm_flops(info, 1)
     dense = flops.dense_flops(info, n0)
     before = per_token * n0 * (layers[0] + 1)  # the blocks up to the first reduction layer see n0

@@ -1,12 +1,12 @@
-"""Wrapping a mamba-ssm model for token reduction: hooks, per-forward state, FLOPs bookkeeping.
+"""Wrapping a model for token reduction: hooks, per-forward state, FLOPs bookkeeping.
 
-Nothing of mamba-ssm is copied or replaced. Two hooks per reduction layer, both inert outside a reducer call:
-- a forward pre-hook on the mixer's `out_proj` captures the importance signal from its input, the SSM output y
-  (Mamba-1: y·silu(z); Mamba-2: the gated RMSNorm of y), which the paper scores;
-- a forward hook on the `Block` replaces its `(hidden_states, residual)` with the reduced pair: both streams
-  lose the same slots and keep the original order, and every later block sees the shorter sequence.
-The fused kernel paths fold `out_proj` in (Mamba-1 `use_fast_path`, Mamba-2 `use_mem_eff_path`), so they are
-switched off on reduction layers only, and restored by `remove()`, which leaves the model exactly as it was.
+The reducer is the same for every host; how a library's model is hooked is its host adapter's (`ssmcompress.hosts`):
+per reduction layer, a forward pre-hook on the importance site captures the signal the paper scores (the SSM output
+before `out_proj`), and the layer's output passes through `_reduce` as the paper's two streams (hidden, residual):
+both lose the same slots and keep the original order, and every later layer sees the shorter sequence, with the
+positions, masks and caches of the kept tokens (the host's context hooks). All hooks are inert outside a reducer
+call. Fused kernel paths that fold the importance site away are switched off on reduction layers only, and
+restored by `remove()`, which leaves the model exactly as it was.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from ssmcompress import hosts
 from ssmcompress.reduction import budget
 from ssmcompress.timing import Stopwatch, timed
 from ssmcompress.reduction.merge import Reduced, Tokens, concat, rows_of
 
 KEPT, PRUNED, MERGED = 0, 1, 2  # a slot's fate in a trace
-FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")
 
 
 def importance_of(y: Tensor, metric: str) -> Tensor:
@@ -63,6 +63,8 @@ class ForwardState:
     trace: list | None = None
     table: Tensor | None = None  # (b, steps) schedule=chunk: tokens each row keeps per reduction layer, -1: smooth
     planned: list[int] | None = None  # every row's real tokens after each reduction layer, known on the host
+    context: dict = field(default_factory=dict)  # what the host's context hooks build once per reduction step
+    keep_rates: Tensor | None = None  # (b,) float64 per-row keep rates (Setup.per_length), None: the setup's
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Setup:
     schedule: str = "smooth"  # smooth | chunk (budget.chunk_counts)
     uses_importance: bool = True  # the method reads the importance signal: capture it at out_proj
     ceiling: Setup | None = None  # the ceiling at this schedule (reduction.ceiling_of); None for the ceiling
+    per_length: bool = False  # the keep rate is solved per row length (budget: models with attention layers)
 
 
 class Schedule:
@@ -93,6 +96,14 @@ class Schedule:
         self.setup = setup
         self.info_items = tuple(sorted((k, v) for k, v in info.items() if isinstance(v, (int, float, str))))
         self._min_length: int | None | bool = False  # computed on first use
+
+    def keep_rate(self, n: int) -> float:
+        """The keep rate of a row of n real tokens: the setup's (solved at the reference length), or, where the cost of
+        a token depends on the length (attention), the one solved at n (budget.keep_rate_at)."""
+        s = self.setup
+        if not s.per_length or s.ratio is None or not s.layers:
+            return s.keep_rate
+        return budget.keep_rate_at(self.info_items, tuple(s.layers), s.ratio, s.min_keep_rate, n)
 
     def chunk_counts(self, n: int) -> tuple[int, ...] | None:
         """schedule=chunk: the tokens a row of n real tokens keeps after each reduction layer (budget.chunk_counts),
@@ -123,7 +134,7 @@ class Schedule:
     def predicted_ratio(self, n: int) -> float:
         """FLOPs ratio the integer schedule removes from an unprotected sequence of n real tokens."""
         s = self.setup
-        counts = self.chunk_counts(n) or budget.predicted_counts(s.rule, s.keep_rate, n, len(s.layers),
+        counts = self.chunk_counts(n) or budget.predicted_counts(s.rule, self.keep_rate(n), n, len(s.layers),
                                                                  s.min_keep_rate)
         dense, reduced, _ = budget.row_flops(self.info_items, tuple(s.layers), n, tuple(counts), s.overhead)
         return 1.0 - reduced / dense
@@ -143,10 +154,11 @@ class Schedule:
 
 
 class Reducer:
-    """A token-reduced view of a mamba-ssm model; `ssmcompress.reduction` documents the contract."""
+    """A token-reduced view of a model; `ssmcompress.reduction` documents the contract."""
 
     def __init__(self, model, setup: Setup, info: dict):
         self.model, self.setup, self.info = model, setup, info
+        self.host = hosts.of_model(model)
         self.schedule = Schedule(setup, info)
         self._info_items = self.schedule.info_items
         self._state: ForwardState | None = None
@@ -155,21 +167,22 @@ class Reducer:
         # set by metrics to measure memory: each reduction layer's method runs on this many rows at a time (batches
         # whose widths come from the host only; the same result, the working memory of that many rows)
         self.row_slices: int | None = None
+        self.prefill_entering: list[int] | None = None  # tokens entering each layer in the last reduced prefill
         self._pending = []  # (n0, counts) of calls not yet added to the totals
         self._planned: dict[int, list[int] | None] = {}  # planned_counts per input length
         self._totals = dict(calls=0, rows=0, tokens=0, final_tokens=0, dense_flops=0.0, reduced_flops=0.0,
                            overhead_flops=0.0, token_layers=0.0, chunk_fallback_rows=0)
-        layers = model.backbone.layers
         for step, index in enumerate(setup.layers, start=1):
-            block = layers[index]
-            self._handles.append(block.register_forward_hook(partial(self._reduce, index, step)))
-            if not setup.uses_importance:  # nothing to capture: out_proj and the fused paths stay as they are
+            self._handles += self.host.attach_streams(model, index, partial(self._reduce, index, step))
+            if not setup.uses_importance:  # nothing to capture: the site and the fused paths stay as they are
                 continue
-            self._handles.append(block.mixer.out_proj.register_forward_pre_hook(partial(self._capture, index)))
-            for flag in FUSED_FLAGS:
-                if hasattr(block.mixer, flag):
-                    self._flags.append((block.mixer, flag, getattr(block.mixer, flag)))
-                    setattr(block.mixer, flag, False)
+            site = self.host.importance_site(model, index)
+            self._handles.append(site.register_forward_pre_hook(partial(self._capture, index)))
+            for owner, flag in self.host.fused_flags(model, index):
+                self._flags.append((owner, flag, getattr(owner, flag)))
+                setattr(owner, flag, False)
+        if setup.layers:
+            self._handles += self.host.attach_context(model, setup.layers[0], lambda: self._state)
 
     # ------------------------------------------------------------------------------------------ hooks
 
@@ -180,24 +193,25 @@ class Reducer:
                 self._state.importance.setdefault(index, []).append(
                     importance_of(args[0], self.setup.params.get("importance", "clip")))
 
-    def _reduce(self, index: int, step: int, module, args, output):
+    def _reduce(self, index: int, step: int, hidden: Tensor, residual: Tensor):
         state = self._state
         if state is None:
             return None
-        with timed(self.stopwatch, output[0]):
-            return self._reduce_step(state, index, step, *output)
+        with timed(self.stopwatch, hidden):
+            return self._reduce_step(state, index, step, hidden, residual)
 
     def _reduce_step(self, state: ForwardState, index: int, step: int, hidden: Tensor, residual: Tensor):
         slices = state.importance.pop(index, None)
         importance = None if slices is None else slices[0] if len(slices) == 1 else torch.cat(slices)
         if importance is None and self.setup.uses_importance:
-            raise RuntimeError(f"layer {index}: the mixer's out_proj did not run as a module, so the token importance "
-                               f"could not be captured (a fused kernel path is active)")
+            raise RuntimeError(f"layer {index}: the importance site (out_proj) did not run as a module, so the token "
+                               f"importance could not be captured (a fused kernel path is active)")
         # checked once after the forward (`_check_finite`): a check here would stall the GPU at every layer
         if importance is not None:
             state.nonfinite.append((index, ~torch.isfinite(importance) & state.valid))
         current = state.valid.sum(1)
-        n_remove = budget.removals(self.setup.rule, self.setup.keep_rate, state.n0, current, step, state.table)
+        keep_rate = self.setup.keep_rate if state.keep_rates is None else state.keep_rates
+        n_remove = budget.removals(self.setup.rule, keep_rate, state.n0, current, step, state.table)
         host_counts = None
         if state.planned is not None:  # (entering, kept), the same for every row
             host_counts = (state.planned[step - 2] if step > 1 else int(state.valid.shape[1]), state.planned[step - 1])
@@ -234,7 +248,7 @@ class Reducer:
         """Run the reduced model. `trace=True` also records, per reduction layer, every slot's fate."""
         state = self._begin(input_ids, lengths, protect, trace)
         try:
-            logits = self.model(input_ids).logits
+            logits = self.host.logits(self.model, input_ids)
         finally:
             self._state = None
         return self._settle(state, logits)
@@ -252,9 +266,19 @@ class Reducer:
         ones = torch.ones(valid.shape, device=valid.device)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         state = ForwardState(positions, valid, protect, ones, ones, n0, trace=[] if trace else None,
-                             table=self._chunk_table(input_ids, lengths), planned=planned)
+                             table=self._chunk_table(input_ids, lengths), planned=planned,
+                             keep_rates=self._keep_rates(input_ids, lengths))
         self._state = state
         return state
+
+    def _keep_rates(self, input_ids: Tensor, lengths) -> Tensor | None:
+        """Setup.per_length: each row's keep rate, from its length on the host (as `_chunk_table`)."""
+        if not self.setup.per_length:
+            return None
+        b, n = (int(size) for size in input_ids.shape)
+        rows = [n] * b if lengths is None else torch.as_tensor(lengths).tolist()
+        return torch.tensor([self.schedule.keep_rate(length) for length in rows], dtype=torch.float64,
+                            device=input_ids.device)
 
     def _settle(self, state: ForwardState, logits: Tensor | None, same_counts: bool = False) -> ReducedOutput:
         """After a reduced forward: every check that needs the GPU's answer, in one synchronisation, and the
@@ -278,28 +302,25 @@ class Reducer:
 
     @contextlib.contextmanager
     def prefilling(self):
-        """While active, every prefill of the model (a forward with `inference_params` at offset 0, as mamba-ssm's
-        generation makes) runs reduced, with each row's last position protected: its logits start decoding, and
-        every layer caches the conv and SSM states of the tokens it saw. Decoding steps run dense."""
-        def begin(module, args, kwargs):
-            params = kwargs.get("inference_params")
-            input_ids = args[0] if args else kwargs["input_ids"]
-            if params is None or params.seqlen_offset > 0:
-                return None
+        """While active, every prefill of the model (the forward that starts a generation, as the host recognises it)
+        runs reduced, with each row's last position protected: its logits start decoding, and every layer caches the
+        states (and attention layers the keys and values) of the tokens it saw. Decoding steps run dense. After a
+        prefill, `prefill_entering` holds the tokens that entered each layer (every row kept as many)."""
+        def begin(input_ids):
             protect = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
             protect[:, -1] = True
             self._prefill = self._begin(input_ids, None, protect, False)
-            return None
 
-        def settle(module, args, kwargs, output):
+        def settle():
             state, self._prefill, self._state = self._prefill, None, None
             if state is not None:
                 self._settle(state, None, same_counts=True)
-            return None
+                counts = tuple(int(counts[0]) for counts in state.counts)
+                self.prefill_entering = budget.row_tokens(int(state.n0[0]), counts, list(self.setup.layers),
+                                                          self.info["n_layer"])[0]
 
-        handles = [self.model.register_forward_pre_hook(begin, with_kwargs=True),
-                   self.model.register_forward_hook(settle, with_kwargs=True)]
-        self._prefill = None
+        handles = self.host.prefill(self.model, begin, settle)
+        self._prefill, self.prefill_entering = None, None
         try:
             yield self
         finally:
@@ -372,8 +393,9 @@ class Reducer:
         if n not in self._planned:
             s = self.setup
             chunk = self.chunk_counts(n)  # schedule=chunk: within every method's limit by construction
-            capped = budget.predicted_counts(s.rule, s.keep_rate, n, len(s.layers), s.min_keep_rate)
-            asked = budget.predicted_counts(s.rule, s.keep_rate, n, len(s.layers), 0.0)  # a limit no ask reaches
+            rate = self.schedule.keep_rate(n)
+            capped = budget.predicted_counts(s.rule, rate, n, len(s.layers), s.min_keep_rate)
+            asked = budget.predicted_counts(s.rule, rate, n, len(s.layers), 0.0)  # a limit no ask reaches
             self._planned[n] = list(chunk) if chunk is not None else capped if capped == asked and s.layers else None
         return self._planned[n]
 

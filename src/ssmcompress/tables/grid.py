@@ -21,11 +21,11 @@ from ssmcompress.config import EXPERIMENTS, RESULTS_VERSION
 from ssmcompress.tables.sources import (GROUPS, flatten, hashable, method_defaults, model_generation,
                                         primary_defaults, value)
 
-SCALARS = ("ratio", "layers", "schedule", "sparsity", "protocol", "seed")  # top-level settings a sweep may fix
+SCALARS = ("ratio", "layers", "schedule", "reduce_at", "sparsity", "protocol", "seed")  # top-level settings a sweep may fix
 MODEL_SPECIFIC = ("layers",)  # sweep values that fit only the sweep's own models (layer indices)
 FREE = ("protocol", "device", "shape")  # splits a sweep does not pin: its expected rows join every such table
 NOT_MATCHED = FREE + ("model", "benchmark", "seed")  # fixed settings a record need not share to belong to a table
-CLOSED = ("method", "pruner", "schedule")  # swept choices a record must take from the sweep's own values: another
+CLOSED = ("method", "pruner", "schedule", "reduce_at")  # swept choices a record must take from the sweep's own values: another
 # sweep's method (a positional baseline) has its own table, while another model or ratio joins this one
 
 
@@ -119,13 +119,13 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS) -> Experiment:
 
 
 def normalize(cell: dict) -> dict | None:
-    """dense has no ratio (0 %), no method parameters and the default schedule (smooth, also where a sweep says
-    nothing); no pruner means sparsity 0; a reduction method at ratio 0, or a pruner at sparsity 0, is not a run
+    """dense has no ratio (0 %), no method parameters and the default schedule and reduction layers (smooth and ssm,
+    also where a sweep says nothing); no pruner means sparsity 0; a reduction method at ratio 0, or a pruner at sparsity 0, is not a run
     (None)."""
-    cell = {"schedule": "smooth", **cell}
+    cell = {"schedule": "smooth", "reduce_at": "ssm", **cell}
     if cell.get("method") == "dense":
         cell = {k: v for k, v in cell.items() if not k.startswith("method.") and k != "layers"}
-        cell["ratio"], cell["schedule"] = 0.0, "smooth"
+        cell["ratio"], cell["schedule"], cell["reduce_at"] = 0.0, "smooth", "ssm"
     elif "method" in cell and cell.get("ratio") in (0, 0.0):
         return None
     if cell.get("ratio") is not None:

@@ -12,7 +12,7 @@ import math
 import pandas as pd
 from omegaconf import OmegaConf
 
-from ssmcompress import architecture, records, tracking
+from ssmcompress import hosts, records, tracking
 from ssmcompress.config import CONF_DIR, RESULTS_VERSION, register_resolvers, run_key
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def records_from_wandb(path: str, api=None) -> list[dict]:
     """Records rebuilt from W&B runs (public API): the run's config is the resolved config (plus the `run` section
     WandbLogger adds: key, run id, commit), its summary the record's numbers ("headline/<task>", ...). W&B holds no
     results version: it is the one whose run key of the config is the run's key (a run of no known version is
-    skipped); the model's architecture facts come from its config (`architecture.info_from_config`). Standard
+    skipped); the model's architecture facts come from its config (its host's `info_from_config`). Standard
     errors and per-document samples are not logged to W&B, so these records have none."""
     if api is None:
         import wandb
@@ -74,8 +74,8 @@ def records_from_wandb(path: str, api=None) -> list[dict]:
             ratio=None if method == "dense" else config.get("ratio"),
             layers=None if method == "dense" else config.get("layers"),
             sparsity=None if pruner == "none" else config.get("sparsity"), tag=config.get("tag"),
-            model_info=architecture.info_from_config(model["config"]) if model.get("family", "mamba") == "mamba"
-            else {}, **sections)
+            model_info=hosts.HOSTS[model.get("family") or hosts.detect(model["config"])].info_from_config(
+                model["config"]) if model.get("config") else {}, **sections)
         rebuilt.append(record.to_dict())
     return rebuilt
 
@@ -160,7 +160,8 @@ def to_row(stored: dict) -> dict:
                method=method, pruner=pruner, results_version=record.results_version,
                commit=commit_label(record.git), limit=benchmark.get("limit"),  # efficiency benchmarks have none
                device=measured.get("device_name") or record.env.get("gpu") or record.env.get("cpu"),
-               generation=record.model_info.get("generation"), family=model.get("family", "mamba"))
+               generation=record.model_info.get("generation"),
+               family=record.model_info.get("family") or model.get("family", "mamba"))
     # a key other than its config's under this package: it ran on other contents of a bundled model or task
     row["stale_key"] = record.key != run_key(config, results_version=record.results_version)
     row["shape"] = f"batch {measured['batch_size']} x {measured['length']}" if measured else None
@@ -169,13 +170,14 @@ def to_row(stored: dict) -> dict:
     row["ratio"] = 0.0 if dense or record.ratio is None else round(float(record.ratio), 6)
     row["layers"] = None if dense else hashable(record.layers)
     row["schedule"] = "smooth" if dense else config.get("schedule", "smooth")  # records older than the setting
+    row["reduce_at"] = "ssm" if dense else config.get("reduce_at", "ssm")
     row["sparsity"] = 0.0 if pruner == "none" else hashable(record.sparsity)
     params = {k: v for k, v in flatten(config["method"], "method").items() if k != "method.name"}
     row.update(params)
     defaults = method_defaults(method)
     variant = [k for k, v in params.items() if k in defaults and v != defaults[k]]
     variant += ["layers"] * (row["layers"] is not None) + ["pruner", "sparsity"] * (pruner != "none")
-    variant += ["schedule"] * (row["schedule"] != "smooth")
+    variant += ["schedule"] * (row["schedule"] != "smooth") + ["reduce_at"] * (row["reduce_at"] != "ssm")
     row["variant"] = tuple(sorted(variant))
     row["tasks"] = tuple(benchmark.get("tasks") or ())
     row["extra_metrics"] = benchmark.get("extra_metrics") or {}

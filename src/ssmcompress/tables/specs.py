@@ -239,6 +239,10 @@ SPECS = [
                 "block in bold, no test.",)),
     Spec("schedule", "Smooth vs chunk-multiple token counts", ("schedule",)),
     Spec("positional", "Positional baselines", ("positional",), split=("benchmark", "protocol", "generation")),
+    Spec("hybrid", "Token reduction on an SSM-attention hybrid", ("hybrid",), family="hf",
+         axes=("model", "reduce_at", "ratio", "method"), block=3,
+         notes=("reduce_at: ssm reduces at layers with an SSM mixer only, all at the attention layers too (README: "
+                "Token reduction on hybrids).",)),
     Spec("pruning", "Weight pruning", ("pruning",), axes=("model", "sparsity", "pruner")),
     Spec("pruning_hf", "Weight pruning (transformer)", ("pruning_hf",), axes=("model", "sparsity", "pruner"),
          family="hf"),

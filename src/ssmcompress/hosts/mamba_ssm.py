@@ -1,0 +1,363 @@
+"""The mamba-ssm host: `MambaLMHeadModel` (Mamba-1, Mamba-2, and hybrids with `MHA` layers at `attn_layer_idx`).
+
+Loading. A source is a hub name (`state-spaces/mamba2-2.7b`) or a local directory in the same format: `config.json`
+(a `MambaConfig`) and `pytorch_model.bin`, plus, for our bundled models, the tokenizer files. mamba-ssm is imported
+when a model is first built, not when this module is: its import (Triton, transformers) takes seconds, and the config
+checks of a run come first, so that bad input is refused quickly (`info_from_config` reads a config dict alone).
+
+Reduction. Nothing of mamba-ssm is copied or replaced:
+- layers: `model.backbone.layers`, each a `Block` whose mixer is a Mamba / Mamba2 mixer or an `MHA`;
+- the importance signal is the input of the mixer's `out_proj`: the SSM output y (Mamba-1: y·silu(z); Mamba-2: the
+  gated RMSNorm of y), or an MHA layer's attention output;
+- the fused kernel paths fold `out_proj` in (Mamba-1 `use_fast_path`, Mamba-2 `use_mem_eff_path`): switched off on
+  reduction layers only;
+- streams: a `Block` returns the paper's two streams itself, `(hidden_states, residual)`: the output of its last
+  branch (the mixer, or the MLP where `d_intermediate` > 0) and the running sum it is added to by the next block;
+- context: nothing reaches a layer but its input. MHA layers attend causally over the slots they receive, which
+  keep the original order, so the kept tokens' causal mask is right; they carry no position signal (rotary MHA is
+  refused: flash-attn's rotary embedding would count slots, not original positions).
+- generation: mamba-ssm's `decode` with its `InferenceParams`; an MHA layer after a reduction caches fewer keys than
+  the prompt had, so during decoding it is given its own offset into its cache (`_cache_offsets`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pickle
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ssmcompress import architecture, compat, hub
+from ssmcompress.errors import ConfigError, ModelSourceError
+from ssmcompress.models import (check_settings, check_tokenizer, load_tokenizer, local_dir, needs_tokenizer,  # noqa: F401
+                                resolve_device, resolve_dtype, source_config)
+
+WEIGHTS = "pytorch_model.bin"
+FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")
+# mamba-ssm 2.3.2's defaults: MambaConfig (models/config_mamba.py), Mamba2.__init__, Mamba.__init__, MHA.__init__
+CONFIG_DEFAULTS = dict(d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=8)
+MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, d_ssm=None, ngroups=1, chunk_size=256)
+MAMBA1_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto")
+MHA_DEFAULTS = dict(num_heads_kv=None, head_dim=None, mlp_dim=0, rotary_emb_dim=0, causal=False)
+GATED_MLP_MULTIPLE = 128  # GatedMLP rounds its hidden width up to this
+MHA_MLP_MULTIPLE = 256  # MHA rounds its fused MLP width up to this
+
+
+def mamba_ssm():
+    """mamba-ssm's (MambaConfig, MambaLMHeadModel), importable on any device once compat has routed its kernels."""
+    compat.install()
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    return MambaConfig, MambaLMHeadModel
+
+
+def is_model(model) -> bool:
+    return hasattr(model, "backbone") and hasattr(model.backbone, "layers") and hasattr(model, "lm_head")
+
+
+# ---------------------------------------------------------------------------------------------------- architecture
+
+def generation(config: dict) -> int:
+    """2 for a Mamba-2 config (`ssm_cfg.layer: Mamba2`), 1 otherwise (mamba-ssm's default layer is Mamba1)."""
+    return 2 if (config.get("ssm_cfg") or {}).get("layer", "Mamba1") == "Mamba2" else 1
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    return vocab_size + (-vocab_size) % multiple
+
+
+def round_up(value: int, multiple: int) -> int:
+    return math.ceil(value / multiple) * multiple
+
+
+def info_from_config(config: dict) -> dict:
+    """The architecture description (`ssmcompress.architecture`) of a mamba-ssm config dict, by the constructors'
+    own formulas (vocabulary padded as MambaLMHeadModel pads it); `model_info` without the parameter count."""
+    top = {**CONFIG_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    ssm = dict(config.get("ssm_cfg") or {})
+    d_model, n_layer = int(top["d_model"]), int(top["n_layer"])
+    attention = sorted(int(i) for i in (config.get("attn_layer_idx") or []))
+    info = dict(host="mamba", model_type="mamba_ssm", generation=generation(config), d_model=d_model,
+                n_layer=n_layer, vocab_size=padded_vocab(int(top["vocab_size"]), int(top["pad_vocab_size_multiple"])))
+    if info["generation"] == 2:
+        s = {**MAMBA2_DEFAULTS, **ssm}
+        d_inner = int(s["expand"] * d_model)
+        d_ssm = d_inner if s["d_ssm"] is None else int(s["d_ssm"])
+        info.update(d_inner=d_inner, d_state=int(s["d_state"]), d_conv=int(s["d_conv"]),
+                    nheads=d_ssm // int(s["headdim"]), headdim=int(s["headdim"]), ngroups=int(s["ngroups"]),
+                    chunk_size=int(s["chunk_size"]))
+    else:
+        s = {**MAMBA1_DEFAULTS, **ssm}
+        dt_rank = math.ceil(d_model / 16) if s["dt_rank"] == "auto" else int(s["dt_rank"])
+        info.update(d_inner=int(s["expand"] * d_model), d_state=int(s["d_state"]), d_conv=int(s["d_conv"]),
+                    dt_rank=dt_rank)
+    if attention or int(top["d_intermediate"]):
+        if any(not 0 <= i < n_layer for i in attention):
+            raise ValueError(f"attn_layer_idx {attention} lies outside the {n_layer} layers")
+        info["layers"] = "".join(architecture.ATTENTION if i in attention else architecture.SSM for i in range(n_layer))
+        mlp = int(top["d_intermediate"])
+        info["ffn"] = (architecture.FFN_GATED if mlp else architecture.FFN_NONE) * n_layer
+        if mlp:
+            info.update(mlp_size=round_up(mlp, GATED_MLP_MULTIPLE), mlp_gated=1)
+    if attention:
+        mha = {**MHA_DEFAULTS, **(config.get("attn_cfg") or {})}
+        heads = int(mha["num_heads"])
+        info.update(attn_heads=heads, attn_kv_heads=int(mha["num_heads_kv"] or heads),
+                    attn_head_dim=int(mha["head_dim"] or d_model // heads),
+                    attn_extra=round_up(int(mha["mlp_dim"]), MHA_MLP_MULTIPLE), attn_rotary=int(mha["rotary_emb_dim"]))
+    return info
+
+
+def architecture_of(model) -> dict:
+    """`info_from_config` of a built model's config."""
+    config = model.config
+    return info_from_config({k: getattr(config, k) for k in ("d_model", "d_intermediate", "n_layer", "vocab_size",
+                                                              "ssm_cfg", "attn_layer_idx", "attn_cfg",
+                                                              "pad_vocab_size_multiple")})
+
+
+def model_info(model) -> dict:
+    """The architecture description of a built model, with its parameter count."""
+    return dict(architecture_of(model), params=sum(p.numel() for p in model.parameters()))
+
+
+def described(info: dict) -> bool:
+    """Whether the description covers the model's layers (FLOPs, reduction): always, for mamba-ssm models."""
+    return True
+
+
+def check_reduction(info: dict) -> None:
+    """What token reduction cannot do on this model: a ConfigError before any work."""
+    if architecture.attention_layers(info) and info.get("attn_rotary"):
+        raise ConfigError("this mamba-ssm hybrid's MHA layers use rotary embeddings (attn_cfg.rotary_emb_dim), which "
+                          "count slots, not original positions: token reduction supports MHA layers without them")
+
+
+def check_architecture(config: dict) -> dict:
+    """info_from_config, with what the FLOPs model relies on checked: causal attention layers."""
+    info = info_from_config(config)
+    if architecture.attention_layers(info) and not (config.get("attn_cfg") or {}).get("causal", False):
+        raise ValueError("attn_cfg.causal must be true: a language model's attention layers are causal")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+def load_config(source: str) -> dict:
+    """The `MambaConfig` fields of a local directory or hub model, with clear errors for unusable sources."""
+    config = source_config(source)
+    if "model_type" in config:
+        raise ModelSourceError(f"{source!r}: config.json names model_type {config['model_type']!r}, a transformers "
+                               f"model: use family: hf (or leave family out to read it from config.json)")
+    return config
+
+
+def check_weights(source: str) -> None:
+    """The weights file exists (locally, in the hub cache, or on the hub); reading it is the run's first work."""
+    directory = local_dir(source)
+    if directory is None:
+        hub.require(source, WEIGHTS)
+    elif not (directory / WEIGHTS).is_file():
+        raise ModelSourceError(f"model directory {source!r} has config.json but no {WEIGHTS}")
+
+
+def check_config(cfg) -> dict:
+    """The `model` section of a mamba-ssm model, before any work: the shared settings, the source's config.json (or
+    the config of a random init), its weights and, when the run reads text, its tokenizer. Returns the model's
+    config dict."""
+    model = check_settings(cfg)
+    if model["random_init"]:
+        config = model["config"]
+    else:
+        config = load_config(model["path"])
+        check_weights(model["path"])
+    try:
+        check_architecture(config)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ModelSourceError(f"model config of {model.get('path')!r} is not a mamba-ssm config: {error}") from None
+    if needs_tokenizer(cfg):
+        check_tokenizer(model["tokenizer"])
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+def build_model(config: dict, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
+                seed: int | None = 0):
+    """A randomly initialised `MambaLMHeadModel` (mamba-ssm's own init, drawn from `seed`) for a config dict."""
+    MambaConfig, MambaLMHeadModel = mamba_ssm()
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    fields = {k: v for k, v in compat.adapt_config(config).items() if k in MambaConfig.__dataclass_fields__}
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = MambaLMHeadModel(MambaConfig(**fields), device=device, dtype=dtype)
+    return model.eval()
+
+
+def load_model(source: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+               random_init: bool = False, config: dict | None = None, seed: int = 0):
+    """Load a pretrained model, or build one with random weights drawn from `seed` (`random_init`, from `config`
+    if given)."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if random_init:
+        return build_model(config if config is not None else load_config(source), device, dtype, seed=seed)
+    model_config = load_config(source)
+    state = load_state_dict(source)  # before building: a corrupt file fails before any memory is spent
+    model = build_model(model_config, device, dtype)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelSourceError(f"the weights of {source!r} do not fit its config.json: "
+                               f"{str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}"
+                               ) from None
+    return model.eval()
+
+
+def load_state_dict(source: str) -> dict:
+    """The weights file of a local directory or hub model (as mamba-ssm's own `load_state_dict_hf` reads it), with a
+    one-line error for a truncated or corrupt file."""
+    directory = local_dir(source)
+    path = directory / WEIGHTS if directory is not None else Path(hub.file(source, WEIGHTS))
+    if not path.is_file():
+        raise ModelSourceError(f"model directory {source!r} has config.json but no {WEIGHTS}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        first = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise ModelSourceError(f"cannot read the weights {path}: the file is truncated or corrupt ({first}); "
+                               f"copy or download it again") from None
+
+
+def save_model(model, directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None) -> None:
+    """Write `config.json` + `pytorch_model.bin` (mamba-ssm's hub format), optionally the tokenizer too."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = dict(model.config.__dict__)
+    ssm_cfg = dict(config.get("ssm_cfg") or {})
+    ssm_cfg.pop("use_mem_eff_path", None)  # a property of where it runs, not of the model
+    ssm_cfg.pop("use_fast_path", None)
+    config["ssm_cfg"] = ssm_cfg
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state, converted = {}, {}  # tied tensors (embedding = lm_head) stay one tensor in the file
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key not in converted:
+            target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            converted[key] = tensor.detach().to("cpu", target).clone()
+        state[name] = converted[key]
+    torch.save(state, directory / WEIGHTS)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------------------------------- reduction
+
+def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """One forward: the logits at every position."""
+    return model(input_ids).logits
+
+
+def layers(model) -> list:
+    return list(model.backbone.layers)
+
+
+def lm_head(model):
+    return model.lm_head
+
+
+def importance_site(model, index: int):
+    """The module whose input is the signal the reducer scores: the mixer's (Mamba's or MHA's) `out_proj`."""
+    return model.backbone.layers[index].mixer.out_proj
+
+
+def fused_flags(model, index: int) -> list[tuple[object, str]]:
+    mixer = model.backbone.layers[index].mixer
+    return [(mixer, flag) for flag in FUSED_FLAGS if hasattr(mixer, flag)]
+
+
+def attach_streams(model, index: int, reduce) -> list:
+    """Layer `index`'s `(hidden_states, residual)` pass through `reduce`, which returns the reduced pair (None:
+    unchanged, outside a reducer's calls)."""
+    def hook(module, args, output):
+        return reduce(*output)
+
+    return [model.backbone.layers[index].register_forward_hook(hook)]
+
+
+def attach_context(model, first: int, state) -> list:
+    """Nothing but the hidden states reaches a mamba-ssm layer (see the module docstring)."""
+    return []
+
+
+def prefill(model, begin, settle) -> list:
+    """Hooks on the forwards that start a generation: mamba-ssm's `decode` prefills with `inference_params` at
+    offset 0 (its CUDA-graph capture and its decoding steps run at later offsets)."""
+    def before(module, args, kwargs):
+        params = kwargs.get("inference_params")
+        if params is not None and params.seqlen_offset == 0:
+            begin(args[0] if args else kwargs["input_ids"])
+
+    def after(module, args, kwargs, output):
+        settle()
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, with_kwargs=True)]
+
+
+def prefill_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The prompt's forward into a fresh inference cache, as mamba-ssm's decode prefills: last-position logits."""
+    from mamba_ssm.utils.generation import InferenceParams
+
+    params = InferenceParams(max_seqlen=input_ids.shape[1] + 1, max_batch_size=input_ids.shape[0])
+    return model(input_ids, inference_params=params, num_last_tokens=1).logits
+
+
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, sampling, eos_token_id: int | None,
+             cg: bool, reducer=None) -> torch.Tensor:
+    """mamba-ssm's own decoding (`mamba_ssm.utils.generation.decode`); with a reducer, its prefill runs reduced."""
+    from mamba_ssm.utils.generation import decode
+
+    hybrid = bool(architecture.attention_layers(architecture_of(model)))
+    reduced = reducer is not None
+    with (reducer.prefilling() if reduced else contextlib.nullcontext()), \
+            (_cache_offsets(model, reducer) if reduced and hybrid else contextlib.nullcontext()):
+        output = decode(input_ids, model, max_length=input_ids.shape[1] + max_new_tokens, top_k=sampling.top_k,
+                        top_p=sampling.top_p, min_p=sampling.min_p, temperature=sampling.temperature,
+                        eos_token_id=eos_token_id, cg=cg and not (reduced and hybrid))
+    return output.sequences
+
+
+@contextlib.contextmanager
+def _cache_offsets(model, reducer):
+    """While decoding after a reduced prefill, each MHA layer sees the offset of its own cache: mamba-ssm writes a new
+    token's keys at `inference_params.seqlen_offset` and attends to every slot before it, and a layer after a
+    reduction cached only the tokens it saw (the prompt's length minus those removed before it). Its MHA needs no
+    position (no rotary: check_reduction), so the offset is the only thing to shift. Decoding runs without CUDA graphs
+    here, whose captured offsets could not be shifted."""
+    def shift(index, sign, module, args, kwargs):
+        params = kwargs.get("inference_params")
+        entering = reducer.prefill_entering
+        if params is None or params.seqlen_offset == 0 or entering is None:
+            return None
+        params.seqlen_offset += sign * (entering[0] - entering[index])
+
+    handles = []
+    for index, block in enumerate(model.backbone.layers):
+        if not hasattr(block.mixer, "num_heads_kv"):  # Mamba mixers: their states do not depend on the offset
+            continue
+        handles.append(block.register_forward_pre_hook(partial(shift, index, -1), with_kwargs=True))
+        handles.append(block.register_forward_hook(
+            lambda module, args, kwargs, output, index=index: shift(index, 1, module, args, kwargs), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
