@@ -4,13 +4,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# mamba-ssm's pin has one home, pyproject.toml's dependencies
+MAMBA_SSM := $(shell grep -o '"mamba-ssm==[^"]*"' pyproject.toml | tr -d '"')
 export HF_UPDATE_DOWNLOAD_COUNTS := 0
 export WANDB_MODE ?= offline
 
-.PHONY: install run test test-full suite tables figures clean help
+.PHONY: install run test test-full suite tables figures docs clean help
 
 help:
-	@echo "make run | test | test-full | suite | tables | figures | clean"
+	@echo "make run | test | test-full | suite | tables | figures | docs | clean"
 
 install: $(STAMP)
 
@@ -20,7 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
 	# mamba-ssm ships as an sdist whose setup.py needs torch at build time; no CUDA build here (see compat.py)
-	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PY) -m pip install -q --no-cache-dir --no-build-isolation --no-deps mamba-ssm==2.3.2.post1
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PY) -m pip install -q --no-cache-dir --no-build-isolation --no-deps $(MAMBA_SSM)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -40,10 +42,16 @@ test-full: install
 suite: install
 	$(PY) -m ssmcompress.suite.build
 
-# the committed tables (results/tables), then the committed figures drawn from the same store
+# the committed tables (results/tables), the figures drawn from the same store, and the pages that quote them
 tables: install
 	$(PY) -m ssmcompress.tables
 	$(MAKE) --no-print-directory figures
+	$(PY) -m ssmcompress.tables.docs
+
+# the pages that quote results (README.md, docs/ from docs/templates/), then the documentation site (site/)
+docs: install
+	$(PY) -m ssmcompress.tables.docs
+	$(PY) -m mkdocs build --strict --quiet
 
 # the accuracy-vs-FLOPs figures of the main and positional tables (results/figures), by the analysis notebook
 figures: install
@@ -54,4 +62,4 @@ figures: install
 	done
 
 clean:
-	rm -rf outputs multirun wandb .pytest_cache
+	rm -rf outputs multirun wandb site .pytest_cache

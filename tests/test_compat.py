@@ -61,12 +61,6 @@ def test_chunk_scan_reference_matches_mamba_ssm_and_has_finite_gradients():
     assert torch.isfinite(dt.grad).all() and torch.isfinite(x.grad).all()
 
 
-def test_mamba2_keeps_fused_path_off_without_causal_conv1d():
-    config = compat.adapt_config({"ssm_cfg": {"layer": "Mamba2"}})
-    assert config["ssm_cfg"]["use_mem_eff_path"] is False
-    assert "use_mem_eff_path" not in compat.adapt_config({"ssm_cfg": {}})["ssm_cfg"]  # not a Mamba-1 option
-
-
 def test_mamba1_scan_routes_by_device_and_setting(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # routing only: nothing runs on the GPU
     monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", False)
@@ -90,14 +84,6 @@ def test_mamba1_scan_routes_by_device_and_setting(monkeypatch):
         compat.mamba1_scan(cpu)
 
 
-def test_mamba1_keeps_fused_path_off_without_the_compiled_kernels(monkeypatch):
-    monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", False)
-    monkeypatch.setattr(compat, "HAS_CAUSAL_CONV1D", True)  # mamba_inner_fn would call the missing scan
-    assert compat.adapt_config({"ssm_cfg": {"layer": "Mamba1"}})["ssm_cfg"]["use_fast_path"] is False
-    monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", True)
-    assert "use_fast_path" not in compat.adapt_config({"ssm_cfg": {}})["ssm_cfg"]
-
-
 def test_attention_from_a_cache_sees_every_cached_key():
     # torch aligns is_causal to the first key; decoding (fewer queries than keys) needs it aligned to the last
     q, k, v = (torch.randn(1, 2, n, 8) for n in (3, 7, 7))
@@ -109,3 +95,19 @@ def test_attention_from_a_cache_sees_every_cached_key():
     square = torch.randn(1, 2, 7, 8)
     assert torch.equal(compat.decoding_attention(square, k, v, is_causal=True),
                        torch.nn.functional.scaled_dot_product_attention(square, k, v, is_causal=True))
+
+
+def test_transformers_kernels_run_mamba_ssms_on_cuda_whatever_transformers_resolved_at_import():
+    import mamba_ssm.ops.triton.selective_state_update as state_update
+    import mamba_ssm.ops.triton.ssd_combined as ssd
+    import transformers.models.nemotron_h.modeling_nemotron_h as module
+
+    compat.route_transformers(module)
+    compat.route_transformers(module)  # idempotent
+    scan, scan_pure = compat.transformers_kernel(module, "mamba2_chunk_scan")
+    assert scan is ssd.mamba_chunk_scan_combined and scan_pure is not scan
+    assert compat.transformers_kernel(module, "mamba2_selective_state_update")[0] is state_update.selective_state_update
+    conv, conv_pure = compat.transformers_kernel(module, "causal_conv1d_fn")  # no causal-conv1d here: torch's conv1d
+    assert conv is conv_pure and compat.transformers_kernel(module, "no_such_kernel") is None
+    x = torch.randn(1, 6, 5)  # CPU tensors take transformers' own function
+    assert torch.equal(module.causal_conv1d_fn(x, torch.ones(6, 4)), conv_pure(x, torch.ones(6, 4)))

@@ -6,10 +6,12 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import TINY, TOKENIZER_DIR, save_tiny, tiny_model
 from safetensors import safe_open
 
 from ssmcompress import convert, models
+from ssmcompress.config import REPO
 from ssmcompress.hosts import mamba_ssm as mamba_host
 from ssmcompress.hosts import transformers as hf_host
 
@@ -197,3 +199,10 @@ def test_module_runs_as_a_command(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and "is not a directory" in result.stderr
+
+
+def test_the_transformers_mamba2_27b_config_is_the_conversion_of_mamba2_27b():
+    def config(name):
+        return yaml.safe_load((REPO / "src/ssmcompress/conf/model" / f"{name}.yaml").read_text())["config"]
+
+    assert config("mamba2-2.7b-hf") == convert.transformers_config(config("mamba2-2.7b"))

@@ -33,7 +33,7 @@ def test_cost_per_token_is_constant_beyond_one_scan_chunk(info):
     chunk = info.get("chunk_size", 1)
     per_token = [flops.layer_flops(info, 0, n) / n for n in (chunk, 2 * chunk, 8 * chunk)]
     assert per_token[0] == pytest.approx(per_token[1]) == pytest.approx(per_token[2])
-    if info["generation"] == 2:
+    if info["mamba_version"] == 2:
         assert flops.layer_flops(info, 0, chunk // 2) / (chunk // 2) < per_token[0]
 
 

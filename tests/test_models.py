@@ -35,7 +35,7 @@ def test_random_init_builds_any_size_without_weights():
     model = mamba_ssm.load_model("state-spaces/does-not-matter", device="cpu", dtype="float32", random_init=True,
                               config=TINY[2])
     info = mamba_ssm.model_info(model)
-    assert info["generation"] == 2 and info["n_layer"] == 4 and info["chunk_size"] == 16
+    assert info["mamba_version"] == 2 and info["n_layer"] == 4 and info["chunk_size"] == 16
 
 
 def test_dtype_and_device_resolution():

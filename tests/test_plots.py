@@ -1,4 +1,6 @@
-"""The figures' method styles and the figure summary the notebook tests read."""
+"""The figures' method styles, the figure summary the notebook tests read, and the committed figures."""
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -45,3 +47,22 @@ def test_token_fates_panel_has_a_legend():
     plt.close(fig)
     assert panel["legend"] == list(plots.FATES) and panel["title"] == "UTR (ours)"
     assert panel["xlabel"] == "input token (position)"
+
+
+def test_every_committed_figure_has_one_title_and_one_legend_naming_every_series():
+    from ssmcompress.config import REPO
+
+    summaries = sorted((REPO / "results" / "figures").glob("*.json"))
+    assert summaries, "no committed figure"
+    for path in summaries:
+        figure = json.loads(path.read_text())
+        assert path.with_suffix(".png").is_file(), path.name
+        title = figure.get("title") or ""
+        assert title and "\n" not in title and title.count(":") <= 1, (path.name, title)  # one title, not two
+        assert len(figure["legends"]) == 1 and figure["legends"][0], path.name
+        entries = figure["legends"][0]
+        assert len(entries) == len(set(entries)), path.name
+        for panel in figure["panels"]:
+            assert panel["title"] and panel["xlabel"] and panel["ylabel"], (path.name, panel["title"])
+            assert not panel["legend"], (path.name, panel["title"])  # the figure's legend serves every panel
+            assert {series["label"] for series in panel["series"]} <= set(entries), (path.name, panel["title"])

@@ -88,7 +88,7 @@ def record(model="mamba2-tiny", method="dense", ratio=None, *extra, score=0.5, b
         model=model, method=method, benchmark=bench["name"], protocol=config["protocol"], seed=seed,
         pruner=pruner or "none", timings={}, results_version=version, git=COMMIT, env=env or dict(cpu="x86_64"),
         ratio=None if method == "dense" else ratio, layers=None if method == "dense" else config["layers"],
-        sparsity=sparsity, model_info=dict(generation=generation), **measured, **sections).to_dict()
+        sparsity=sparsity, model_info=dict(mamba_version=generation), **measured, **sections).to_dict()
 
 
 def by_name(found, **options):
@@ -424,7 +424,7 @@ def test_generation_table_with_the_papers_speedups():
     assert table.name == "generation_NVIDIA-H200_batch-16-x-2048---100-tokens"
     assert list(table.frame.columns)[3:] == [
         "FLOPs↓ achieved", "prefill ms", "generation ms", "decode ms/token", "tokens/s", "speed-up", "paper speed-up",
-        "prefill speed-up", "bound", "of bound", "peak MiB"]
+        "prefill speed-up", "bound", "of bound", "peak MiB", "KV cache MiB", "KV saved", "KV saved, expected"]
     cells = rows(table)
     assert cells[("mamba2-2.7b", "30 %", "UTR (ours)")]["speed-up"] == "1.11"
     assert cells[("mamba2-2.7b", "30 %", "UTR (ours)")]["paper speed-up"] == "1.37"

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Accuracy sweep of the bundled models on the lent GPU: +experiment=main (every method x 10/20/30 % of the
+# Accuracy sweep of the bundled models on a GPU: +experiment=main (every method x 10/20/30 % of the
 # FLOPs) on the offline suite, one process per model x method running side by side (accuracy does not depend on
 # timing, so sharing the GPU is fine; efficiency.sh measures alone). fp32 by default, as the CPU runs, so the two
 # devices' scores can be compared record by record (experiments/gpu/compare_devices.py); FLOPs and timings are

@@ -3,7 +3,7 @@ on the same GPU, dense and token-reduced (method=ours ratio=0.3), fp32 and bf16.
 RMSNorm and fused add+norm; Mamba-1: our Triton selective scan (ssmcompress.selective_scan, where mamba-ssm's
 compiled CUDA scan is not installed) and the Triton fused add+norm.
 
-    python experiments/gpu/check_kernels.py      # on the lent GPU; wheels as in experiments/gpu/efficiency.sh
+    python experiments/gpu/check_kernels.py      # on a GPU; wheels as in experiments/gpu/efficiency.sh
 """
 import contextlib
 import itertools

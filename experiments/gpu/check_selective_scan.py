@@ -10,7 +10,7 @@
    units (one exp2 per channel, step and state, 16 per clock per SM).
 3. A sweep of the Triton kernels' tiles (`selective_scan.Tiles`) at that size.
 
-    python experiments/gpu/check_selective_scan.py OUT     # on the lent GPU; wheels as in experiments/gpu/efficiency.sh
+    python experiments/gpu/check_selective_scan.py OUT     # on a GPU; wheels as in experiments/gpu/efficiency.sh
     TRITON_INTERPRET=1 python experiments/gpu/check_selective_scan.py OUT --smoke   # CPU: a tiny grid and sizes
 
 Writes OUT/check_selective_scan.json and OUT/check_selective_scan.txt; exits 1 if a correctness case fails.

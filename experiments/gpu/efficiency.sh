@@ -1,5 +1,5 @@
 #!/bin/bash
-# Efficiency benchmark (benchmark=efficiency) on the lent GPU in one device call: FLOPs, latency (CUDA events,
+# Efficiency benchmark (benchmark=efficiency) on a GPU in one call: FLOPs, latency (CUDA events,
 # median of repeats), tokens/s and peak memory (torch.cuda, reset per measurement) of the dense and the reduced
 # model, measured in the same process, at full size with random weights.
 #   bash experiments/gpu/efficiency.sh                                  # mamba2-2.7b, ours, ratios 0.1 0.2 0.3
@@ -11,6 +11,7 @@
 # The GPU machine reaches no package index: carry `.whl` holding these wheels (built once where PyPI is reachable)
 #   pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
 #       fvcore==0.1.5.post20221221 iopath==0.1.10 yacs portalocker tabulate termcolor einops==0.8.2 tqdm
+#   pip download --no-deps -d .whl transformers==5.23.0     # the transformers host's tested version (hybrid.sh)
 #   MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip wheel --no-deps --no-build-isolation -w .whl mamba-ssm==2.3.2.post1
 # CPU check at a tiny size (no wheels needed in the project's venv):
 #   PYTHON=.venv/bin/python OUT=/tmp/eff MODELS=mamba2-tiny BATCH=1 LENGTH=64 DEVICE=cpu bash experiments/gpu/efficiency.sh
@@ -50,5 +51,5 @@ for line in open(sys.argv[1]):
     for name, path in unrepresentative_paths(e).items():  # a pure-torch path on the GPU: not the kernels' latency
         print(f"  {name}: {path}")
 EOF
-# the run-key claims (tracking.claim) are done with; the device tool brings back a few files only
+# the run-key claims (tracking.claim) are done with: keep $OUT to the records and logs
 find "$OUT" -name .claims -type d -prune -exec rm -rf {} +

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The paper's efficiency protocol on one lent GPU in one device call: generation throughput (benchmark=generation:
+# The paper's efficiency protocol on one GPU in one call: generation throughput (benchmark=generation:
 # batch 16, prompts of 2048 tokens, 100 new tokens; dense, reduced and the ceiling's prefill in one process) and peak
 # memory of a forward at batch 96 x 2048 (benchmark=efficiency; also with the mixers and the reduction layers' methods
 # run MIXER_ROWS=16 / REDUCTION_ROWS=16 rows at a time), random weights, bf16.
@@ -50,5 +50,5 @@ for name in ("gen", "mem"):
                   f"{e.get('sliced_dense_peak_mib', 0):.0f} -> {e.get('sliced_reduced_peak_mib', 0):.0f} MiB "
                   f"(saving {100 * e.get('sliced_peak_memory_saving', 0):.1f} %)")
 PY
-# the run-key claims (tracking.claim) are done with; the device tool brings back a few files only
+# the run-key claims (tracking.claim) are done with: keep $OUT to the records and logs
 find "$OUT" -name .claims -type d -prune -exec rm -rf {} +

@@ -2,7 +2,7 @@
 one dense and one reduced forward of a random-weight model, per method, after warm-up.
 
     python experiments/gpu/profile_reduction.py OUT.txt [model] [methods] [batch] [length]
-    python experiments/gpu/profile_reduction.py profile.txt mamba2-2.7b ours,random 8 2048     # on the lent GPU
+    python experiments/gpu/profile_reduction.py profile.txt mamba2-2.7b ours,random 8 2048     # on a GPU
 
 Prints, per forward: the latency, the reduction's own time (the reducer's stopwatch), the number of host-device
 synchronisations inside the reduction hooks, the operators ranked by device time (self), so that the time

@@ -1,8 +1,8 @@
 #!/bin/bash
-# Token reduction at the kernels' speed, on one lent GPU in one device call: the fused kernels against their
+# Token reduction at the kernels' speed, on one GPU in one call: the fused kernels against their
 # references at a real model's widths (check_reduction_kernels.py), then the efficiency benchmark with the `ceiling`
 # beside every method (benchmark.measure.ceiling) under both schedules (smooth, chunk).
-#   bash experiments/gpu/reduction_speed.sh                      # mamba2-2.7b, batch 8: the README's table
+#   bash experiments/gpu/reduction_speed.sh                      # mamba2-2.7b, batch 8: docs/gpu.md's table
 #   KERNELS=0 MODELS=mamba2-1.3b RATIOS=0.3 BATCH=16 bash experiments/gpu/reduction_speed.sh
 # Records: $OUT/eff/results/records.jsonl (one per job, written as each finishes), logs beside them.
 # Wheels: as experiments/gpu/efficiency.sh (carry `.whl`).

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Retrain the bundled Mamba-1 (mamba-tiny) on the lent GPU through the Triton selective scan, in one device call:
-# chain "staged" follows mamba2-tiny's three-stage recipe (README, "Bundled tiny models"), chain "adaptive" one
+# Retrain the bundled Mamba-1 (mamba-tiny) on a GPU through the Triton selective scan, in one call:
+# chain "staged" follows mamba2-tiny's three-stage recipe (docs/suite.md, "Bundled tiny models"), chain "adaptive" one
 # adaptive-curriculum run of the same total time; both run side by side (one tiny model leaves the GPU mostly idle).
 # MINUTES is each stage's budget (the adaptive chain gets 3 x MINUTES). Carry: .whl, data/cache.
 # Results: $OUT/<chain>.tar.gz (model in hub format + train_log.jsonl) and $OUT/train_<chain>.log.

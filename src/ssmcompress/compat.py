@@ -40,7 +40,7 @@ HAS_CAUSAL_CONV1D = False  # compiled causal-conv1d (fused paths of both Mamba g
 #   "ref"       mamba-ssm's reference everywhere
 #   "parallel"  mambapy's parallel scan everywhere (pure torch; see selective_scan_parallel): fast CPU training
 # With "cuda" or "triton", CPU tensors run the reference. Mamba-1's fused path (`mamba_inner_fn`) is kept off
-# without the compiled scan (adapt_config), so every forward goes through `selective_scan_fn`.
+# without the compiled scan (hosts.mamba_ssm.kernel_config), so every forward goes through `selective_scan_fn`.
 MAMBA1_SCANS = ("auto", "cuda", "triton", "ref", "parallel")
 MAMBA1_SCAN = os.environ.get("SSMCOMPRESS_MAMBA1_SCAN", "auto")
 
@@ -200,14 +200,23 @@ def install() -> None:
 
 # transformers' SSM modules pick their kernels once, when imported (`use_kernel_func_from_hub_with_fallback`):
 # mamba-ssm's Triton/CUDA functions where `import mamba_ssm` succeeds, else their own pure-torch code. Which one a
-# process gets depends on whether install() ran before the import, and mamba-ssm's kernels cannot run on a CPU (nor
-# its Mamba-1 scan without the compiled extension). route_transformers() makes the choice per call instead, as
-# install() does for mamba-ssm's own modules: on CPU tensors the module's pure-torch function; on CUDA tensors what
-# transformers resolved, except mamba-ssm's compiled-only Mamba-1 scan, which goes through this module's router (our
-# Triton scan where the extension is missing) and its fused Mamba-1 path, left to transformers' unfused code.
+# process gets depends on whether install() ran before the import (without it, `import mamba_ssm` fails where its
+# CUDA extension is missing, and a GPU then runs the pure-torch scan), and mamba-ssm's kernels cannot run on a CPU.
+# route_transformers() makes the choice per call instead, as install() does for mamba-ssm's own modules: on CPU
+# tensors the module's pure-torch function; on CUDA tensors mamba-ssm's kernel for the scans and state updates
+# (MAMBA_SSM_KERNELS, whatever transformers resolved at import; the Mamba-1 scan through install()'s router: our
+# Triton scan where the compiled extension is missing), what transformers resolved for the others (the causal conv:
+# causal-conv1d where it is installed, else torch's conv1d), and transformers' unfused Mamba-1 code where mamba-ssm's
+# fused Mamba-1 path would need the compiled extension.
 TRANSFORMERS_KERNELS = ("causal_conv1d_fn", "causal_conv1d_update", "mamba_inner_fn", "mamba_selective_state_update",
                         "mamba_selective_scan", "mamba2_split_conv1d_scan_combined", "mamba2_selective_state_update",
                         "mamba2_chunk_scan")
+MAMBA_SSM_KERNELS = {
+    "mamba2_chunk_scan": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
+    "mamba2_selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
+    "mamba_selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
+    "mamba_selective_scan": ("mamba_ssm.modules.mamba_simple", "selective_scan_fn"),  # install() routed it
+}
 
 
 def route_transformers(module: types.ModuleType) -> None:
@@ -220,29 +229,54 @@ def route_transformers(module: types.ModuleType) -> None:
         setattr(module, name, _routed(name, resolved, pure))
 
 
-def _routed(name: str, resolved, pure):
-    compiled_only = name in ("mamba_selective_scan", "mamba_inner_fn") and not HAS_SELECTIVE_SCAN_CUDA
-    scan_params = None
-    if name == "mamba_selective_scan":
-        from mamba_ssm.modules import mamba_simple
+def _cuda_kernel(name: str, resolved, pure):
+    """What a routed function runs on CUDA tensors (see above)."""
+    if name == "mamba_inner_fn" and not HAS_SELECTIVE_SCAN_CUDA:
+        return pure  # transformers' stand-in returns None: the unfused path runs
+    if name not in MAMBA_SSM_KERNELS:
+        return resolved
+    install()
+    module, attribute = MAMBA_SSM_KERNELS[name]
+    return getattr(importlib.import_module(module), attribute)
 
-        scan_params = tuple(inspect.signature(mamba_simple.selective_scan_fn).parameters)
+
+def _routed(name: str, resolved, pure):
+    cuda = _cuda_kernel(name, resolved, pure)
+    # transformers passes every call the keyword arguments of its own function; a kernel takes those it names
+    params = tuple(inspect.signature(cuda).parameters) if cuda is not resolved else None
 
     def route(*args, **kwargs):
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if first is None or not _triton_runs_on(first.device):
             return pure(*args, **kwargs)
-        if compiled_only and name == "mamba_inner_fn":
-            return pure(*args, **kwargs)  # transformers' stand-in returns None: the unfused path runs
-        if compiled_only:
-            from mamba_ssm.modules import mamba_simple  # install() routed its selective_scan_fn
-
-            return mamba_simple.selective_scan_fn(*args, **{k: v for k, v in kwargs.items() if k in scan_params})
-        return resolved(*args, **kwargs)
+        if params is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in params}
+        return cuda(*args, **kwargs)
 
     route._ssmcompress_routed = True
+    route._ssmcompress_cuda = cuda
     route.__wrapped__ = pure
     return route
+
+
+def _implementation(function):
+    """The function a kernel wrapper of transformers (`use_kernel_func_from_hub_with_fallback`) calls: the package's
+    kernel, or transformers' own torch code where the package did not import. Read from the wrapper's closure, where
+    transformers keeps it (it exposes no attribute for it)."""
+    try:
+        return inspect.getclosurevars(function).nonlocals.get("implementation", function)
+    except TypeError:  # not a Python function
+        return function
+
+
+def transformers_kernel(module: types.ModuleType, name: str):
+    """(the function a routed kernel function of a transformers modeling module runs on CUDA tensors, transformers'
+    own pure-torch function), or None where the module has no such function."""
+    routed = getattr(module, name, None)
+    if routed is None:
+        return None
+    pure = getattr(routed, "__wrapped__", routed)
+    return _implementation(getattr(routed, "_ssmcompress_cuda", routed)), pure
 
 
 class _InertEvent:
@@ -291,23 +325,6 @@ def _torch_with_inert_events():
     view = types.SimpleNamespace(**{name: getattr(torch, name) for name in dir(torch) if not name.startswith("__")})
     view.cuda = cuda
     return view
-
-
-def adapt_config(config: dict) -> dict:
-    """Return a copy of a mamba-ssm config dict that runs with the kernels available here.
-
-    Mamba-2's default `use_mem_eff_path` fuses conv, scan, norm and out_proj in one kernel that needs the compiled
-    causal-conv1d; without it we take the unfused path (Triton scan on GPU, reference on CPU), which also calls
-    `out_proj` as a module so that token-importance hooks see its input.
-    """
-    config = dict(config)
-    ssm_cfg = dict(config.get("ssm_cfg") or {})
-    if ssm_cfg.get("layer", "Mamba1") == "Mamba2" and not HAS_CAUSAL_CONV1D:
-        ssm_cfg["use_mem_eff_path"] = False
-    if ssm_cfg.get("layer", "Mamba1") == "Mamba1" and not (HAS_SELECTIVE_SCAN_CUDA and HAS_CAUSAL_CONV1D):
-        ssm_cfg["use_fast_path"] = False  # mamba_inner_fn calls both compiled extensions
-    config["ssm_cfg"] = ssm_cfg
-    return config
 
 
 def chunk_scan_reference(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,

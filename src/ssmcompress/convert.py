@@ -93,8 +93,8 @@ def target(config: dict) -> str:
         raise ValueError(f"d_intermediate={top['d_intermediate']} (a gated MLP after each mixer) is not supported: "
                          f"transformers' Mamba, Mamba2 and the M/* NemotronH layers have no MLP")
     if not config.get("attn_layer_idx"):
-        return "mamba2" if mamba_host.generation(config) == 2 else "mamba"
-    if mamba_host.generation(config) != 2:
+        return "mamba2" if mamba_host.mamba_version(config) == 2 else "mamba"
+    if mamba_host.mamba_version(config) != 2:
         raise ValueError("a Mamba-1 hybrid (attn_layer_idx with Mamba1 layers) has no transformers counterpart: "
                          "NemotronH's SSM layers are Mamba-2")
     return "nemotron_h"

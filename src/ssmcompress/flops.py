@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ssmcompress import architecture
 
 NORM_FLOPS_PER_ELEMENT = 5
@@ -32,7 +34,10 @@ def ssd_scan_flops_per_token(n_tokens: float, nheads: int, headdim: int, ngroups
     """Mamba-2's chunked SSD per token at sequence length n_tokens: within a chunk C·Bᵀ (per group) and
     (L∘CBᵀ)·x (per head), then the chunk states Bᵀx and their read-out C·state (per head)."""
     inner = nheads * headdim
-    chunk = min(chunk_size, max(1, math.ceil(n_tokens)))
+    if isinstance(n_tokens, np.ndarray):  # many lengths at once (the budget solves them together), elementwise
+        chunk = np.minimum(chunk_size, np.maximum(1, np.ceil(n_tokens)))
+    else:
+        chunk = min(chunk_size, max(1, math.ceil(n_tokens)))
     return chunk * ngroups * d_state + chunk * inner + 2 * inner * d_state
 
 
@@ -56,7 +61,7 @@ def mixer_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
     """FLOPs per token of one SSM block (its add+norm and Mamba mixer) at sequence length n_tokens, by component."""
     d, e, n = info["d_model"], info["d_inner"], info["d_state"]
     k = info["d_conv"]
-    if info["generation"] == 2:
+    if info["mamba_version"] == 2:
         g, h = info["ngroups"], info["nheads"]
         return dict(
             in_proj=d * (2 * e + 2 * g * n + h),
@@ -82,7 +87,7 @@ def attention_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
     width, `attn_extra`), and per head the (n + 1) / 2 query-key pairs per token of scores and of weighted values."""
     d, heads, kv_heads, head_dim = info["d_model"], info["attn_heads"], info["attn_kv_heads"], info["attn_head_dim"]
     extra = info.get("attn_extra", 0)
-    pairs = (max(n_tokens, 1) + 1) / 2
+    pairs = ((np.maximum(n_tokens, 1) if isinstance(n_tokens, np.ndarray) else max(n_tokens, 1)) + 1) / 2
     return dict(qkv_proj=d * head_dim * (heads + 2 * kv_heads) + d * extra,
                 attention=2 * heads * head_dim * pairs,
                 o_proj=(heads * head_dim + extra // 2) * d)
@@ -122,7 +127,8 @@ def block_flops_per_token(info: dict, index: int, n_tokens: float) -> dict[str, 
 
 
 def layer_flops(info: dict, index: int, n_tokens: float) -> float:
-    """FLOPs of layer `index` for one sequence of n_tokens tokens (fractional counts allowed: averages over rows)."""
+    """FLOPs of layer `index` for one sequence of n_tokens tokens (fractional counts allowed: averages over rows;
+    an array of counts gives each one's FLOPs)."""
     return sum(block_flops_per_token(info, index, n_tokens).values()) * n_tokens
 
 

@@ -53,6 +53,14 @@ def prefill(model, input_ids: Tensor, reducer=None) -> Tensor:
         return hosts.of_model(model).prefill_logits(model, input_ids)
 
 
+def prefill_kv_cache_bytes(model, input_ids: Tensor, reducer=None) -> int:
+    """Bytes of the attention keys and values the prompt's prefill (reduced with a reducer) leaves in the cache."""
+    host = hosts.of_model(model)
+    with torch.no_grad(), (reducer.prefilling() if reducer is not None else contextlib.nullcontext()):
+        _, cache = host.prefill_cache(model, input_ids)
+        return host.kv_cache_bytes(model, cache)
+
+
 def generate_each(model, prompts: list[list[int]], max_new_tokens: int, reducer=None, batch_size: int = 16,
                   sampling: Sampling = Sampling(), eos_token_id: int | None = None) -> list[list[int]]:
     """The new tokens of every prompt (up to and without the first eos), in the prompts' order: prompts of one

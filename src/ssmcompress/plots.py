@@ -98,8 +98,8 @@ def token_fates(ax, fates: np.ndarray, layers: list[int], words: list[str], titl
 
 
 def describe(fig) -> dict:
-    """What a figure shows, as JSON: per panel its title, axis labels, legend entries and data series (label,
-    colour, marker, number of points, whether it has error bars); the figure's own legends."""
+    """What a figure shows, as JSON: its title; per panel its title, axis labels, legend entries and data series
+    (label, colour, marker, number of points, whether it has error bars); the figure's own legends."""
     panels = []
     for ax in fig.axes:
         series = []
@@ -117,4 +117,6 @@ def describe(fig) -> dict:
         legend = ax.get_legend()
         panels.append(dict(title=ax.get_title(), xlabel=ax.get_xlabel(), ylabel=ax.get_ylabel(), series=series,
                            legend=[t.get_text() for t in legend.get_texts()] if legend else []))
-    return dict(panels=panels, legends=[[t.get_text() for t in legend.get_texts()] for legend in fig.legends])
+    title = fig._suptitle.get_text() if fig._suptitle is not None else ""  # matplotlib keeps no public getter
+    return dict(title=title, panels=panels,
+                legends=[[t.get_text() for t in legend.get_texts()] for legend in fig.legends])

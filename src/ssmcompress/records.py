@@ -8,7 +8,9 @@ Schema history: 1 (no `schema` field): the records before versioning. 2: adds `s
 `model_init`, and per task `stderr` (lm-eval's standard errors) and `samples` (per-document values, for paired tests).
 3: the run key names a bundled model or task with its content digest (config.portable_path). A schema-2 record
 keeps its key: where it names a bundled file that key is no longer its config's (the tables leave it out, a sweep
-reruns it), since which content it ran on is not recorded.
+reruns it), since which content it ran on is not recorded. 4: `model_info.generation` (1: Mamba-1, 2: Mamba-2) is
+called `mamba_version` (text generation is "generation" everywhere else), and model_info describes hybrids (its
+`family`, `layers`, ...); older records are read with the key renamed.
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ from dataclasses import dataclass, field
 from ssmcompress.config import RESULTS_VERSION, run_key
 from ssmcompress.errors import ConfigError
 
-SCHEMA = 3
-# efficiency keys naming the path a measurement's forwards took (metrics.efficiency.scan_kernel, reduction_kernels);
+SCHEMA = 4
+# efficiency keys naming the path a measurement's forwards took per op (metrics.efficiency.kernel_paths, reduction_kernels);
 # a value carrying the marker is a pure-torch path on a GPU, whose latencies are not the kernels'
-PATH_KEYS = ("scan_kernel", "reduction_kernels")
+PATH_KEYS = ("scan_kernel", "conv_kernel", "attention_kernel", "reduction_kernels")
 NOT_REPRESENTATIVE = "not representative"
 
 
@@ -116,8 +118,11 @@ def migrate(record: dict) -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"a record is a JSON object, got {type(record).__name__}")
     schema = record.get("schema", 1)
-    if schema in (2, SCHEMA):
+    if schema in (2, 3, SCHEMA):
         upgraded = dict(record, schema=SCHEMA)
+        if "model_info" in record:
+            upgraded["model_info"] = renamed_version(record["model_info"])
+        upgraded["generation"] = graphs_of_host(upgraded)
         validate(upgraded)
         return upgraded
     if schema != 1 or not isinstance(record.get("config"), dict):
@@ -131,9 +136,29 @@ def migrate(record: dict) -> dict:
     # version-1 keys hashed absolute paths; the key of the same config now (it never matches a current run: the
     # results version is part of it)
     upgraded["key"] = run_key(config, results_version=1)
+    if "model_info" in record:
+        upgraded["model_info"] = renamed_version(record["model_info"])
     upgraded = {k: v for k, v in upgraded.items() if k in FIELDS}
     validate(upgraded)
     return upgraded
+
+
+def graphs_of_host(record: dict):
+    """The generation section with `cuda_graphs` false for a transformers model: its host decodes through
+    transformers' `generate`, which has no CUDA graphs; the first records of that host said true (read off the
+    device alone)."""
+    section = record.get("generation")
+    if not isinstance(section, dict) or (record.get("model_info") or {}).get("family") != "hf":
+        return section
+    return {**section, "cuda_graphs": False}
+
+
+def renamed_version(model_info):
+    """model_info with schema 3's `generation` (the Mamba version) as `mamba_version`."""
+    if not isinstance(model_info, dict) or "generation" not in model_info:
+        return model_info
+    info = {k: v for k, v in model_info.items() if k != "generation"}
+    return {**info, "mamba_version": model_info["generation"]}
 
 
 def from_dict(record: dict) -> Record:

@@ -39,7 +39,7 @@ def validate(cfg: DictConfig) -> dict:
 def validate_model(cfg: DictConfig) -> dict:
     """The checks of what `prepare` builds: top-level keys, model, pruner, reducer; returns the model's config."""
     config_lib.check(cfg)
-    model_config = hosts.of(cfg.model).check_config(cfg)  # models (mamba-ssm) or hf_models (transformers)
+    model_config = hosts.of(cfg.model).check_config(cfg)  # hosts.mamba_ssm or hosts.transformers
     if cfg.pruner.name != "none":
         pruning.check_config(cfg, model_config)
     if cfg.method.name != "dense":

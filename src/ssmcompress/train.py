@@ -203,7 +203,7 @@ def main() -> None:
     model = family.build_model(config, device, "float32", seed=args.seed).train()
     if args.init is not None:
         model.load_state_dict(family.load_model(str(args.init), "cpu", "float32").state_dict())
-    mamba1 = family is mamba_ssm and config.get("ssm_cfg", {}).get("layer", "Mamba1") == "Mamba1"
+    mamba1 = family is mamba_ssm and mamba_ssm.mamba_version(config) == 1
     if mamba1 and device.type == "cpu" and "SSMCOMPRESS_MAMBA1_SCAN" not in os.environ:
         # the reference scan's loop over time makes backward passes crawl; a GPU runs the Triton scan ("auto")
         compat.MAMBA1_SCAN = "parallel"

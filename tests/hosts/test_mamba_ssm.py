@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import TINY, compose_config
-from ssmcompress import architecture, convert, flops, generation, reduction, runner
+from ssmcompress import architecture, compat, convert, flops, generation, reduction, runner
 from ssmcompress.config import CONF_DIR
 from ssmcompress.errors import ConfigError
 from ssmcompress.hosts import mamba_ssm
@@ -49,7 +49,7 @@ def test_the_description_matches_the_built_modules(name):
         assert sum(parts.get(key, 0) for key in LINEAR_PARTS) == linear, (name, index)
         convs = sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Conv1d))
         assert parts.get("conv", 0) == convs, (name, index)
-        if index not in attention and info["generation"] == 2:
+        if index not in attention and info["mamba_version"] == 2:
             assert (info["nheads"], info["headdim"], info["chunk_size"]) == (
                 block.mixer.nheads, block.mixer.headdim, block.mixer.chunk_size)
 
@@ -121,3 +121,14 @@ def test_rotary_attention_is_refused_before_any_work():
         cfg.model.config.attn_cfg = dict(MHA, causal=False)
     with pytest.raises(ConfigError, match="causal must be true"):
         runner.validate_model(cfg)
+
+
+def test_fused_paths_stay_off_without_their_compiled_kernels(monkeypatch):
+    monkeypatch.setattr(compat, "HAS_CAUSAL_CONV1D", False)
+    assert mamba_ssm.kernel_config({"ssm_cfg": {"layer": "Mamba2"}})["ssm_cfg"]["use_mem_eff_path"] is False
+    assert "use_mem_eff_path" not in mamba_ssm.kernel_config({"ssm_cfg": {}})["ssm_cfg"]  # not a Mamba-1 option
+    monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", False)
+    monkeypatch.setattr(compat, "HAS_CAUSAL_CONV1D", True)  # mamba_inner_fn would call the missing scan
+    assert mamba_ssm.kernel_config({"ssm_cfg": {"layer": "Mamba1"}})["ssm_cfg"]["use_fast_path"] is False
+    monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", True)
+    assert "use_fast_path" not in mamba_ssm.kernel_config({"ssm_cfg": {}})["ssm_cfg"]

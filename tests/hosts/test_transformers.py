@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import compose_config
-from host_fixtures import (FAMILIES, ROTARY, build, config_of, dense_logits, family_model, hybrid_model,  # noqa: F401
+from host_fixtures import (FAMILIES, HYBRIDS, ROTARY, build, config_of, dense_logits, family_model, hybrid_model,  # noqa: F401
                            reducer_for, token_batch)
 from ssmcompress import architecture, flops, generation, runner
 from ssmcompress.errors import ConfigError
@@ -232,3 +232,22 @@ def test_the_bundled_hybrid_runs_reduced_and_its_flops_agree_with_fvcore(tmp_pat
     assert abs(record["flops"]["fvcore"]["deviation"]["dense"]) < 0.02
     assert abs(record["flops"]["fvcore"]["deviation"]["reduced"]) < 0.02
     assert hf.load_config(str(ASSETS / "models" / "hybrid-tiny"))["model_type"] == "nemotron_h"
+
+
+@pytest.mark.parametrize("family", HYBRIDS)
+def test_a_reduced_prefill_caches_the_keys_of_the_tokens_each_attention_layer_saw(family):
+    model = build(family)
+    info = hf.model_info(model)
+    ids = token_batch(2, 48, seed=5)
+    attention = architecture.attention_layers(info)
+    per_token = 2 * 2 * info["attn_kv_heads"] * info["attn_head_dim"] * 4  # keys and values of 2 rows, float32
+    assert generation.prefill_kv_cache_bytes(model, ids) == per_token * 48 * len(attention)
+    reducer = reducer_for(model, info, "ceiling", 0.3, "benchmark=efficiency")  # the schedule's counts
+    try:
+        held = generation.prefill_kv_cache_bytes(model, ids, reducer)
+        entering = reducer.prefill_entering
+        expected = reducer.schedule.tokens_entering(48)
+    finally:
+        reducer.remove()
+    assert entering == expected
+    assert held == per_token * sum(entering[i] for i in attention) < per_token * 48 * len(attention)

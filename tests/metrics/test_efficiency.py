@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssmcompress import compat
+from ssmcompress import compat, records
 from ssmcompress.metrics import efficiency
 from ssmcompress.reduction import kernels
 
@@ -23,14 +23,14 @@ def test_scan_kernel_names_the_scan_that_runs(monkeypatch):
     cuda = torch.device("cuda")  # routing only: nothing runs on the GPU
     monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", False)
     monkeypatch.setattr(compat, "MAMBA1_SCAN", "auto")
-    assert efficiency.scan_kernel(dict(generation=1), cuda) == "ssmcompress Triton selective scan"
-    assert efficiency.scan_kernel(dict(generation=2), cuda) == "mamba-ssm Triton SSD"
-    assert efficiency.scan_kernel(dict(generation=1), torch.device("cpu")) == "pure-torch reference (CPU)"
+    assert efficiency.scan_kernel(dict(mamba_version=1), cuda) == "ssmcompress Triton selective scan"
+    assert efficiency.scan_kernel(dict(mamba_version=2), cuda) == "mamba-ssm Triton SSD"
+    assert efficiency.scan_kernel(dict(mamba_version=1), torch.device("cpu")) == "pure-torch reference (CPU)"
     monkeypatch.setattr(compat, "MAMBA1_SCAN", "ref")
-    assert "not representative" in efficiency.scan_kernel(dict(generation=1), cuda)
+    assert "not representative" in efficiency.scan_kernel(dict(mamba_version=1), cuda)
     monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", True)
     monkeypatch.setattr(compat, "MAMBA1_SCAN", "auto")
-    assert efficiency.scan_kernel(dict(generation=1), cuda) == "mamba-ssm CUDA selective scan"
+    assert efficiency.scan_kernel(dict(mamba_version=1), cuda) == "mamba-ssm CUDA selective scan"
 
 
 def test_reduction_kernels_names_the_path_matching_takes(monkeypatch):
@@ -107,7 +107,9 @@ def test_the_generation_benchmark_measures_dense_reduced_and_the_ceiling(tmp_pat
         assert gen[f"{name}_generation_ms"] > 0 and gen[f"{name}_prefill_ms"] > 0
         assert gen[f"{name}_tokens_per_s"] == pytest.approx(2 * 3 / gen[f"{name}_generation_ms"] * 1000)
     decode = gen["dense_generation_ms"] - gen["dense_prefill_ms"]
-    assert gen["bound"] == pytest.approx(gen["dense_generation_ms"] / (gen["ceiling_prefill_ms"] + decode))
+    assert gen["bound"] == gen["prefill_bound"] == pytest.approx(
+        gen["dense_generation_ms"] / (gen["ceiling_prefill_ms"] + decode))  # a pure SSM: the prefill's bound
+    assert gen["dense_kv_cache_mib"] == 0 and "kv_cache_saving" not in gen
     assert gen["of_bound"] == pytest.approx(gen["speedup"] / gen["bound"])
     assert record["flops"]["achieved_ratio"] > 0.2 and record["efficiency"] is None
 
@@ -164,3 +166,41 @@ def test_stage_peaks_refuse_a_forward_that_skips_blocks():
     with pytest.raises(RuntimeError, match="started 1 stages for 2 boundary"):
         efficiency._stage_peaks(layers, lambda x: layers[0](x), torch.zeros(1), lambda: 0, lambda: None)
     assert efficiency.stage_peaks(layers, lambda x: x, torch.zeros(1)) is None  # a CPU tensor: no allocator stats
+
+
+def test_kernel_paths_name_each_op_of_a_transformers_hybrid():
+    from ssmcompress.hosts import transformers as hf
+
+    model = hf.build_model(dict(model_type="nemotron_h", vocab_size=64, hidden_size=32, hybrid_override_pattern="M*",
+                                mamba_num_heads=2, mamba_head_dim=16, n_groups=1, ssm_state_size=8, chunk_size=8,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=32),
+                           device="cpu", dtype="float32")
+    info = hf.model_info(model)
+    cuda = efficiency.kernel_paths(model, info, torch.device("cuda"))  # routing only: nothing runs on the GPU
+    assert cuda["scan_kernel"] == "mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined"
+    assert cuda["conv_kernel"].startswith("torch conv1d") and cuda["attention_kernel"] == "torch SDPA"
+    assert not records.unrepresentative_paths(cuda)
+    model.config._attn_implementation = "eager"
+    eager = efficiency.kernel_paths(model, info, torch.device("cuda"))
+    assert records.unrepresentative_paths(eager) == {"attention_kernel": eager["attention_kernel"]}
+    cpu = efficiency.kernel_paths(model, info, torch.device("cpu"))
+    assert cpu["scan_kernel"] == cpu["conv_kernel"] == "pure-torch reference (CPU)" and not records.unrepresentative_paths(cpu)
+
+
+def test_the_generation_benchmark_on_a_hybrid_measures_the_kv_cache_the_schedule_removes(tmp_path):
+    from conftest import compose_config
+    from ssmcompress import runner
+
+    cfg = compose_config(["benchmark=generation", "model=hybrid-tiny", "method=ours", "ratio=0.3", "logger=none",
+                          f"results_dir={tmp_path}", "benchmark.measure.repeats=1", "benchmark.measure.warmup=0",
+                          "benchmark.measure.shape.cpu.length=96", "benchmark.measure.shape.cpu.new_tokens=2"])
+    gen = runner.run(cfg, run_dir=tmp_path / "run")["generation"]
+    per_token = 2 * 2 * 2 * 32 * 4  # 2 rows, keys and values, 2 KV heads of 32, float32
+    assert gen["dense_kv_cache_mib"] * 2 ** 20 == per_token * 96 * 2  # two attention layers
+    assert 0.2 < gen["expected_kv_cache_saving"] < 0.5
+    for name in ("reduced", "ceiling"):  # the same counts: the cache holds what the schedule keeps
+        assert 1 - gen[f"{name}_kv_cache_mib"] / gen["dense_kv_cache_mib"] == pytest.approx(
+            gen["expected_kv_cache_saving"])
+    assert gen["bound"] == pytest.approx(gen["ceiling_speedup"])  # a hybrid decodes faster from a shorter cache
+    decode = gen["dense_generation_ms"] - gen["dense_prefill_ms"]
+    assert gen["prefill_bound"] == pytest.approx(gen["dense_generation_ms"] / (gen["ceiling_prefill_ms"] + decode))

@@ -10,12 +10,37 @@ from ssmcompress.config import ConfigError
 from ssmcompress.reduction import budget
 from reduction_fixtures import ALL_METHODS, compose, mamba2, one_thread  # noqa: F401
 
-MAMBA2_2_7B = dict(generation=2, d_model=2560, n_layer=64, vocab_size=50288, d_inner=5120, d_state=128, d_conv=4,
+MAMBA2_2_7B = dict(mamba_version=2, d_model=2560, n_layer=64, vocab_size=50288, d_inner=5120, d_state=128, d_conv=4,
                    nheads=80, headdim=64, ngroups=1, chunk_size=256)
-MAMBA_1_4B = dict(generation=1, d_model=2048, n_layer=48, vocab_size=50280, d_inner=4096, d_state=16, d_conv=4,
+MAMBA_1_4B = dict(mamba_version=1, d_model=2048, n_layer=48, vocab_size=50280, d_inner=4096, d_state=16, d_conv=4,
                   dt_rank=128)
-TINY = dict(generation=2, d_model=128, n_layer=12, vocab_size=4096, d_inner=256, d_state=64, d_conv=4, nheads=8,
+TINY = dict(mamba_version=2, d_model=128, n_layer=12, vocab_size=4096, d_inner=256, d_state=64, d_conv=4, nheads=8,
             headdim=32, ngroups=1, chunk_size=64)
+
+
+# TINY with attention at layers 4 and 9 (as the bundled hybrid): a token's cost grows with the length
+HYBRID = dict(TINY, layers="MMMM*MMMM*MM", attn_heads=4, attn_kv_heads=4, attn_head_dim=32, ffn="-" * 12)
+
+
+def items(info: dict) -> tuple:
+    return tuple(sorted(info.items()))
+
+
+@pytest.mark.parametrize("ratio,layers", [(0.1, (2, 5, 8)), (0.3, (1, 3, 6, 7, 10)), (0.45, (0, 2))])
+def test_keep_rates_per_length_solved_together_equal_each_solved_alone(ratio, layers):
+    lengths = [1, 2, 3, 7, 63, 64, 65, 200, 2048]
+    together = budget.keep_rates_at(items(HYBRID), layers, ratio, 0.5, lengths)
+    for n, rate in zip(lengths, together.tolist()):
+        assert rate == budget.keep_rates_at(items(HYBRID), layers, ratio, 0.5, [n])[0]
+        try:
+            alone = budget.solve_keep_rate(HYBRID, list(layers), ratio, 0.5, n)
+        except ConfigError:  # the ratio is out of reach at n: the method's limit
+            assert rate == 0.5
+        else:
+            # the ratio (up to the jump a scan chunk's ceiling makes where a layer's count crosses it)
+            assert rate == alone and abs(budget.flops_ratio(HYBRID, list(layers), rate, n) - ratio) < 1e-3
+    # attention makes long rows' tokens dearer: the same ratio keeps more of them
+    assert together[-1] > together[-3]
 
 
 def test_default_layers():
@@ -124,7 +149,7 @@ def test_chunk_counts_are_the_closest_chunk_multiple_schedule_that_reaches_the_r
     assert achieved(TINY16, layers, n0, counts) == expected >= ratio
 
 
-MAMBA1_TINY = dict(generation=1, d_model=64, n_layer=12, vocab_size=4096, d_inner=128, d_state=8, d_conv=4, dt_rank=4)
+MAMBA1_TINY = dict(mamba_version=1, d_model=64, n_layer=12, vocab_size=4096, d_inner=128, d_state=8, d_conv=4, dt_rank=4)
 
 
 @pytest.mark.parametrize("layers,n0,ratio", [((2, 3, 4, 5, 6, 7, 8), 100, 0.2), ((1, 5, 9), 87, 0.1),

@@ -201,7 +201,7 @@ def test_every_method_removes_exactly_what_is_asked_within_its_limit(name):
     """What the planned widths rely on: for an unpadded, unprotected row of c tokens, asked for r <= the limit
     its min_keep_rate implies (budget.predicted_counts), a method removes exactly r."""
     entry = METHODS[name]
-    params = {**entry.defaults, **entry.fixed}
+    params = {**reduction.method_defaults(name), **entry.fixed}
     min_keep = entry.min_keep_rate(params)
     generator = torch.Generator().manual_seed(6)
     for c in (1, 2, 3, 4, 5, 7, 8, 13, 20, 33):

@@ -346,7 +346,7 @@ def test_ceiling_beside_a_method_runs_at_its_schedule(mamba2, method):
 
 def method_call(name, tokens, n_remove):
     entry = METHODS[name]
-    return entry.function(tokens, n_remove, **{**entry.defaults, **entry.fixed})
+    return entry.function(tokens, n_remove, **{**reduction.method_defaults(name), **entry.fixed})
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -12,7 +12,7 @@ They are lm-eval's own backends, `mamba_ssm` (`MambaLMWrapper`, itself an `HFLM`
     right padding is not reduced as if it were text and a padded batch scores as batch size 1 does.
   * `paper`: the shortened logits are returned as they are, and lm-eval's unchanged slicing
     (`ctx_len = inplen + (L' - padded_len)`) assumes every removed token lay before the continuation: exactly the
-    official ToR_SSM evaluation (shared/reference paper-utr.md section 4), padding reduced like text. Where that
+    official ToR_SSM evaluation (github.com/wuyushuwys/ToR_SSM, its lm-eval harness), padding reduced like text. Where that
     slice would start before position 0 (a short row in a batch with a long one) the official code sliced with a
     negative start; here the row reads the first positions instead and the count of such rows is reported.
 - `_loglikelihood_tokens` only records, per distinct input row, how many trailing positions are scored, so

@@ -38,7 +38,8 @@ from ssmcompress.models import (check_settings, check_tokenizer, load_tokenizer,
                                 resolve_device, resolve_dtype, source_config)
 
 WEIGHTS = "pytorch_model.bin"
-FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")
+CUDA_GRAPHS = True  # its decoding on a GPU replays CUDA graphs (mamba_ssm.utils.generation.decode, cg=True)
+FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")  # mixer flags of fused kernels that skip the mixer's submodules
 # mamba-ssm 2.3.2's defaults: MambaConfig (models/config_mamba.py), Mamba2.__init__, Mamba.__init__, MHA.__init__
 CONFIG_DEFAULTS = dict(d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=8)
 MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, d_ssm=None, ngroups=1, chunk_size=256)
@@ -63,7 +64,7 @@ def is_model(model) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- architecture
 
-def generation(config: dict) -> int:
+def mamba_version(config: dict) -> int:
     """2 for a Mamba-2 config (`ssm_cfg.layer: Mamba2`), 1 otherwise (mamba-ssm's default layer is Mamba1)."""
     return 2 if (config.get("ssm_cfg") or {}).get("layer", "Mamba1") == "Mamba2" else 1
 
@@ -83,9 +84,9 @@ def info_from_config(config: dict) -> dict:
     ssm = dict(config.get("ssm_cfg") or {})
     d_model, n_layer = int(top["d_model"]), int(top["n_layer"])
     attention = sorted(int(i) for i in (config.get("attn_layer_idx") or []))
-    info = dict(host="mamba", model_type="mamba_ssm", generation=generation(config), d_model=d_model,
+    info = dict(host="mamba", model_type="mamba_ssm", mamba_version=mamba_version(config), d_model=d_model,
                 n_layer=n_layer, vocab_size=padded_vocab(int(top["vocab_size"]), int(top["pad_vocab_size_multiple"])))
-    if info["generation"] == 2:
+    if info["mamba_version"] == 2:
         s = {**MAMBA2_DEFAULTS, **ssm}
         d_inner = int(s["expand"] * d_model)
         d_ssm = d_inner if s["d_ssm"] is None else int(s["d_ssm"])
@@ -188,13 +189,31 @@ def check_config(cfg) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- models
 
+def kernel_config(config: dict) -> dict:
+    """A copy of a config dict that runs with the kernels available here (compat's flags).
+
+    Mamba-2's default `use_mem_eff_path` fuses conv, scan, norm and out_proj in one kernel that needs the compiled
+    causal-conv1d; without it the unfused path runs (Triton scan on a GPU, reference on a CPU), which also calls
+    `out_proj` as a module, so that the reducer's importance hooks see its input. Mamba-1's fused path
+    (`mamba_inner_fn`) calls both compiled extensions.
+    """
+    config = dict(config)
+    ssm_cfg = dict(config.get("ssm_cfg") or {})
+    if mamba_version(config) == 2 and not compat.HAS_CAUSAL_CONV1D:
+        ssm_cfg["use_mem_eff_path"] = False
+    if mamba_version(config) == 1 and not (compat.HAS_SELECTIVE_SCAN_CUDA and compat.HAS_CAUSAL_CONV1D):
+        ssm_cfg["use_fast_path"] = False
+    config["ssm_cfg"] = ssm_cfg
+    return config
+
+
 def build_model(config: dict, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
                 seed: int | None = 0):
     """A randomly initialised `MambaLMHeadModel` (mamba-ssm's own init, drawn from `seed`) for a config dict."""
     MambaConfig, MambaLMHeadModel = mamba_ssm()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    fields = {k: v for k, v in compat.adapt_config(config).items() if k in MambaConfig.__dataclass_fields__}
+    fields = {k: v for k, v in kernel_config(config).items() if k in MambaConfig.__dataclass_fields__}
     if seed is not None:
         torch.manual_seed(seed)
     model = MambaLMHeadModel(MambaConfig(**fields), device=device, dtype=dtype)
@@ -312,12 +331,26 @@ def prefill(model, begin, settle) -> list:
             model.register_forward_hook(after, with_kwargs=True)]
 
 
-def prefill_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The prompt's forward into a fresh inference cache, as mamba-ssm's decode prefills: last-position logits."""
+def prefill_cache(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """The prompt's forward into a fresh inference cache, as mamba-ssm's decode prefills: last-position logits and
+    the cache (InferenceParams)."""
     from mamba_ssm.utils.generation import InferenceParams
 
     params = InferenceParams(max_seqlen=input_ids.shape[1] + 1, max_batch_size=input_ids.shape[0])
-    return model(input_ids, inference_params=params, num_last_tokens=1).logits
+    return model(input_ids, inference_params=params, num_last_tokens=1).logits, params
+
+
+def prefill_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return prefill_cache(model, input_ids)[0]
+
+
+def kv_cache_bytes(model, cache) -> int:
+    """Bytes of the keys and values the attention layers of a prefill's cache hold. mamba-ssm's MHA allocates its
+    cache for `max_seqlen` tokens up front (MHA.allocate_inference_cache), so a reduced prefill fills fewer slots
+    of the same bytes."""
+    attention = set(architecture.attention_layers(architecture_of(model)))
+    entries = [cache.key_value_memory_dict[i] for i in attention if i in cache.key_value_memory_dict]
+    return sum(kv.numel() * kv.element_size() for kv, *_ in entries)
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, sampling, eos_token_id: int | None,

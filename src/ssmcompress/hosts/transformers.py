@@ -47,6 +47,7 @@ from ssmcompress.errors import ConfigError, ModelSourceError
 from ssmcompress.models import (check_settings, check_tokenizer, load_tokenizer, needs_tokenizer,  # noqa: F401
                                 resolve_device, resolve_dtype, source_config)
 
+CUDA_GRAPHS = False  # transformers' generate decodes step by step without CUDA graphs (launch-bound on a GPU)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 # layer_types / layers_block_type values -> architecture's kinds (older and newer transformers spellings)
@@ -85,7 +86,7 @@ def _mamba2(c, prefix: str, expand: str, heads: str, head_dim: str, groups: str,
         return getattr(c, f"{prefix}{name}")
 
     d_inner = int(get(expand) * c.hidden_size) if expand else int(get(heads) * get(head_dim))
-    return dict(generation=2, d_inner=d_inner, d_state=int(get(state)), d_conv=int(get(conv)), nheads=int(get(heads)),
+    return dict(mamba_version=2, d_inner=d_inner, d_state=int(get(state)), d_conv=int(get(conv)), nheads=int(get(heads)),
                 headdim=int(get(head_dim)), ngroups=int(get(groups)), chunk_size=int(get(chunk)), gated_norm=1)
 
 
@@ -97,7 +98,7 @@ def _attention(c) -> dict:
 
 
 def describe_mamba(c) -> dict:
-    return dict(generation=1, d_inner=int(c.intermediate_size), d_state=int(c.state_size), d_conv=int(c.conv_kernel),
+    return dict(mamba_version=1, d_inner=int(c.intermediate_size), d_state=int(c.state_size), d_conv=int(c.conv_kernel),
                 dt_rank=int(c.time_step_rank))
 
 
@@ -148,7 +149,7 @@ def describe_jamba(c) -> dict:
     n = int(c.num_hidden_layers)
     experts = int(getattr(c, "num_experts", 1) or 1)
     moe = [experts > 1 and i % int(c.expert_layer_period) == int(c.expert_layer_offset) for i in range(n)]
-    info = dict(generation=1, d_inner=int(c.mamba_expand * c.hidden_size), d_state=int(c.mamba_d_state),
+    info = dict(mamba_version=1, d_inner=int(c.mamba_expand * c.hidden_size), d_state=int(c.mamba_d_state),
                 d_conv=int(c.mamba_d_conv), dt_rank=int(c.mamba_dt_rank), **_attention(c),
                 ffn="".join(architecture.FFN_MOE if m else architecture.FFN_GATED for m in moe),
                 mlp_size=int(c.intermediate_size), mlp_gated=1)
@@ -306,14 +307,16 @@ def route_kernels(model) -> None:
 
 def build_model(config: dict, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
                 seed: int | None = 0):
-    """A randomly initialised causal LM (transformers' own init) for a config dict."""
+    """A randomly initialised causal LM (transformers' own init) for a config dict, built on `device` (as mamba-ssm's
+    models are: a billion parameters initialise in seconds on a GPU, minutes on its host's CPU)."""
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if seed is not None:
         torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(transformers_config(config), dtype=dtype)
+    with device:
+        model = AutoModelForCausalLM.from_config(transformers_config(config), dtype=dtype)
     route_kernels(model)
     return model.to(device).eval()
 
@@ -508,9 +511,24 @@ def prefill(model, begin, settle) -> list:
             model.register_forward_hook(after, with_kwargs=True)]
 
 
+def prefill_cache(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """The prompt's forward into a fresh cache, as generate prefills: last-position logits and the cache."""
+    out = model(input_ids, use_cache=True, logits_to_keep=1)
+    return out.logits, out.past_key_values
+
+
 def prefill_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The prompt's forward into a fresh cache, as generate prefills: last-position logits."""
-    return model(input_ids, use_cache=True, logits_to_keep=1).logits
+    return prefill_cache(model, input_ids)[0]
+
+
+def kv_cache_bytes(model, cache) -> int:
+    """Bytes of the keys and values the attention layers of a prefill's cache hold. transformers' caches grow with
+    the tokens each layer saw, so a reduced prefill's attention layers hold only the kept tokens."""
+    if hasattr(cache, "layers"):  # DynamicCache: one entry per layer, `keys` / `values` on attention layers
+        tensors = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
+    else:  # the hybrid caches of older releases: per-layer lists, empty tensors on SSM layers
+        tensors = [*getattr(cache, "key_cache", []), *getattr(cache, "value_cache", [])]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, sampling, eos_token_id: int | None,

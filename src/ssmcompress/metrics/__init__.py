@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from ssmcompress import hosts, mixer_slices, models, records, reduction
+from ssmcompress import architecture, hosts, mixer_slices, models, records, reduction
 from ssmcompress import flops as analytic
 from ssmcompress.config import integer, to_dict
 from ssmcompress.errors import ConfigError
@@ -100,7 +100,7 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
     sections = {"flops": flops_report(model, reducer, info, input_ids, forwards, settings["fvcore"])} \
         if described else {}
     if cfg.benchmark.kind == "generation":
-        sections["generation"] = generation_report(model, reducer, input_ids, settings)
+        sections["generation"] = generation_report(model, reducer, info, input_ids, settings)
     elif settings["efficiency"]:
         ceiling = reducer.ceiling() if settings["ceiling"] and hasattr(reducer, "ceiling") else None
         try:
@@ -117,7 +117,7 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
             if ceiling is not None:
                 ceiling.remove()  # before the reducer: it restores what the reducer's hooks set
         if described:
-            sections["efficiency"]["scan_kernel"] = efficiency.scan_kernel(info, device)
+            sections["efficiency"].update(efficiency.kernel_paths(model, info, device))
         if reducer is not None and hasattr(reducer, "stopwatch"):
             eff = sections["efficiency"]
             eff["reduction_kernels"] = efficiency.reduction_kernels(device)
@@ -145,7 +145,7 @@ def sliced_memory(model, reducer, forwards: dict, input_ids, stages, mixer_rows:
             **{f"sliced_{key}": value for key, value in report.items()}}
 
 
-def generation_report(model, reducer, input_ids, settings: dict) -> dict:
+def generation_report(model, reducer, info: dict, input_ids, settings: dict) -> dict:
     """benchmark=generation: metrics.generation.measure for dense, the reducer and its ceiling."""
     ceiling = reducer.ceiling() if reducer is not None and settings["ceiling"] else None
     variants = {"dense": None, **({"reduced": reducer} if reducer is not None else {}),
@@ -153,10 +153,21 @@ def generation_report(model, reducer, input_ids, settings: dict) -> dict:
     try:
         new_tokens = settings["shape"][input_ids.device.type].get("new_tokens", settings["new_tokens"])
         return generation_lib.measure(model, variants, input_ids, new_tokens, settings["warmup"],
-                                      settings["repeats"], efficiency.weight_bytes(model))
+                                      settings["repeats"], efficiency.weight_bytes(model),
+                                      expected_kv_saving=expected_kv_saving(reducer, info, input_ids.shape[1]))
     finally:
         if ceiling is not None:
             ceiling.remove()  # before the reducer: it restores what the reducer's hooks set
+
+
+def expected_kv_saving(reducer, info: dict, length: int) -> float | None:
+    """The share of the attention layers' cached tokens a prompt of `length` loses under the reducer's schedule:
+    1 - (tokens entering the attention layers) / (length x attention layers); None without attention or reducer."""
+    attention = architecture.attention_layers(info)
+    if reducer is None or not attention or not hasattr(reducer, "schedule"):
+        return None
+    entering = reducer.schedule.tokens_entering(length)
+    return 1 - sum(entering[i] for i in attention) / (length * len(attention))
 
 
 def flops_report(model, reducer, info: dict, input_ids, forwards: dict, use_fvcore: bool = True) -> dict:
@@ -246,14 +257,19 @@ def summary_lines(record: dict) -> list[str]:
                      f" ({gen['device']}{', CUDA graphs' if gen['cuda_graphs'] else ''})")
         for part, key, unit in (("prefill", "prefill_ms", "ms"), ("generation", "generation_ms", "ms"),
                                 ("decode / token", "decode_ms_per_token", "ms"), ("tokens/s", "tokens_per_s", ""),
-                                ("peak memory", "peak_mib", "MiB")):
+                                ("peak memory", "peak_mib", "MiB"), ("KV cache", "kv_cache_mib", "MiB")):
             if all(f"{n}_{key}" in gen for n in names):
                 lines.append(f"{'  ' + part + (' ' + unit if unit else ''):<28}"
                              + "  ".join(f"{n} {gen[f'{n}_{key}']:.4g}" for n in names))
         if "speedup" in gen:
             lines.append(f"{'  speed-up':<28}generation {gen['speedup']:.3f}  prefill {gen['prefill_speedup']:.3f}"
-                         + (f"  bound {gen['bound']:.3f} (ceiling prefill + dense decoding)  of bound "
+                         + (f"  bound {gen['bound']:.3f}  of bound "
                             f"{100 * gen['of_bound']:.1f}%" if "bound" in gen else ""))
+        if "kv_cache_saving" in gen:
+            expected = gen["expected_kv_cache_saving"]
+            lines.append(f"{'  KV cache saved':<28}{100 * gen['kv_cache_saving']:.1f}%"
+                         + (f" (the schedule removes {100 * expected:.1f}% of the attention layers' tokens)"
+                            if expected is not None else ""))
     eff = record.get("efficiency")
     if eff:
         names = [n for n in ("dense", "reduced", "ceiling") if f"{n}_latency_ms" in eff]

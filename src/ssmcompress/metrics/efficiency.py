@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
+import importlib.util
 import itertools
 import re
 import statistics
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ssmcompress import compat
+from ssmcompress import architecture, compat
 from ssmcompress.records import NOT_REPRESENTATIVE
 from ssmcompress.reduction import kernels
 from ssmcompress.timing import Stopwatch
@@ -40,6 +42,55 @@ def synthetic_batch(vocab_size: int, batch_size: int, length: int, device, seed:
     return torch.randint(1, vocab_size, (batch_size, length), generator=generator).to(device)
 
 
+def kernel_paths(model, info: dict, device: torch.device) -> dict:
+    """The implementation each op of the forwards ran, as record keys: `scan_kernel`, `conv_kernel` and, on hybrids,
+    `attention_kernel` (a pure-torch path on a GPU carries NOT_REPRESENTATIVE)."""
+    paths = dict(scan_kernel=scan_kernel(info, device))
+    if info.get("family") == "hf":
+        paths.update(transformers_paths(model, info, device))
+    elif device.type == "cuda":
+        paths["conv_kernel"] = ("causal-conv1d CUDA" if compat.HAS_CAUSAL_CONV1D else
+                                "torch conv1d (cuDNN depthwise; mamba-ssm's path without causal-conv1d)")
+    if device.type == "cuda" and info.get("family") != "hf" and architecture.attention_layers(info):
+        paths["attention_kernel"] = ("flash-attn" if importlib.util.find_spec("flash_attn") else
+                                     "torch SDPA (mamba-ssm's MHA without flash-attn)")
+    return paths
+
+
+def transformers_paths(model, info: dict, device: torch.device) -> dict:
+    """Per op, what a transformers model's routed kernel functions ran on `device` (compat.route_transformers), and
+    its attention implementation (`config._attn_implementation`)."""
+    module = importlib.import_module(type(model).__module__)
+    paths = {}
+    for key, names in (("scan_kernel", ("mamba2_chunk_scan", "mamba_selective_scan")),
+                       ("conv_kernel", ("causal_conv1d_fn",))):
+        for name in names:
+            found = compat.transformers_kernel(module, name)
+            if found is not None:
+                paths[key] = _describe(found, name, device)
+                break
+    if architecture.attention_layers(info):
+        implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+        paths["attention_kernel"] = ATTENTION.get(implementation, implementation) + (
+            f": {NOT_REPRESENTATIVE}" if device.type == "cuda" and implementation == "eager" else "")
+    return paths
+
+
+ATTENTION = {"sdpa": "torch SDPA", "eager": "eager (pure-torch matmul and softmax)",
+             "flash_attention_2": "flash-attn 2", "flash_attention_3": "flash-attn 3", "flex_attention": "torch flex"}
+
+
+def _describe(found: tuple, name: str, device: torch.device) -> str:
+    resolved, pure = found
+    if device.type != "cuda":
+        return "pure-torch reference (CPU)"
+    if resolved is pure and name == "causal_conv1d_fn":  # the convolution mamba-ssm's modules run without causal-conv1d
+        return "torch conv1d (cuDNN depthwise; transformers' path without causal-conv1d)"
+    if resolved is pure:
+        return f"transformers' pure-torch {name}: {NOT_REPRESENTATIVE}"
+    return f"{resolved.__module__}.{resolved.__qualname__}"
+
+
 def scan_kernel(info: dict, device: torch.device) -> str:
     """Which scan implementation the forwards ran (compat.py routes per device): latency means little without a
     kernel, e.g. Mamba-1 on mamba-ssm's reference scan runs a Python loop over tokens."""
@@ -47,7 +98,7 @@ def scan_kernel(info: dict, device: torch.device) -> str:
         return "pure-torch reference (CPU)"
     if info.get("family") == "hf":
         return "transformers' own kernel choice (mamba-ssm's where it imports)"
-    if info["generation"] == 2:
+    if info["mamba_version"] == 2:
         return "mamba-ssm Triton SSD"
     return {"cuda": "mamba-ssm CUDA selective scan",
             "triton": "ssmcompress Triton selective scan",

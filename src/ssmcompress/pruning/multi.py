@@ -1,5 +1,5 @@
 """Multi-removal pruning: *Pruning Foundation Models for High Accuracy without Retraining* (Zhao et al., Findings
-of EMNLP 2024), reconstructed from its problem statement (shared/reference/paper-prune.md §1; no official code).
+of EMNLP 2024), reconstructed from its problem statement (arXiv 2410.15567, Sec. 3; its code is not public).
 
 For one row w and a set Q of its weights removed at once, the error δw H δwᵀ / 2 (H = 2XXᵀ) subject to
 δw_Q = -w_Q is minimised by

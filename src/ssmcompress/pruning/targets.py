@@ -14,19 +14,16 @@ A block's calibration inputs are `(hidden_states, residual)` per batch, as Mixer
 """
 from __future__ import annotations
 
-import inspect
-import math
 from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ssmcompress import compat
+from ssmcompress import compat, hosts
 
 # forward order inside a mixer: with true-sequential pruning a target sees the already pruned earlier ones
 TARGETS = {1: ("in_proj", "x_proj", "dt_proj", "out_proj"), 2: ("in_proj", "out_proj")}
-FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")
 
 
 def _mamba_classes():
@@ -38,7 +35,7 @@ def _mamba_classes():
     return Mamba, Mamba2
 
 
-def generation(mixer: nn.Module) -> int:
+def mamba_version(mixer: nn.Module) -> int:
     _, Mamba2 = _mamba_classes()
 
     return 2 if isinstance(mixer, Mamba2) else 1
@@ -63,7 +60,7 @@ def observe_mixer(mixer: nn.Module, target: str,
 @contextmanager
 def unfused(mixer_list):
     """Take the unfused forward path (where every target's input is visible) for the duration."""
-    saved = [(mixer, flag, getattr(mixer, flag)) for mixer in mixer_list for flag in FUSED_FLAGS
+    saved = [(mixer, flag, getattr(mixer, flag)) for mixer in mixer_list for flag in hosts.mamba_ssm.FUSED_FLAGS
              if hasattr(mixer, flag)]
     try:
         for mixer, flag, _ in saved:
@@ -74,29 +71,14 @@ def unfused(mixer_list):
             setattr(mixer, flag, value)
 
 
-def _mixer_default(layer: str, name: str):
-    Mamba, Mamba2 = _mamba_classes()
-    cls = Mamba2 if layer == "Mamba2" else Mamba
-    return inspect.signature(cls.__init__).parameters[name].default
-
-
 def input_widths(model_config: dict) -> dict[str, int]:
-    """{target: input width} from a config dict (config.json), before any model is built; defaults are
-    read from mamba-ssm's own constructors."""
-    ssm_cfg = dict(model_config.get("ssm_cfg") or {})
-    layer = ssm_cfg.get("layer", "Mamba1")
-    d_model = int(model_config["d_model"])
-    expand = ssm_cfg.get("expand", _mixer_default(layer, "expand"))
-    d_inner = int(expand * d_model)
-    if layer == "Mamba2":
-        return {"in_proj": d_model, "out_proj": d_inner}
-    dt_rank = ssm_cfg.get("dt_rank", _mixer_default(layer, "dt_rank"))
-    dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-    return {"in_proj": d_model, "x_proj": d_inner, "dt_proj": dt_rank, "out_proj": d_inner}
-
-
-def config_generation(model_config: dict) -> int:
-    return 2 if (model_config.get("ssm_cfg") or {}).get("layer", "Mamba1") == "Mamba2" else 1
+    """{target: input width} from a config dict (config.json), before any model is built (the mamba-ssm host's
+    architecture description)."""
+    info = hosts.mamba_ssm.info_from_config(model_config)
+    if info["mamba_version"] == 2:
+        return {"in_proj": info["d_model"], "out_proj": info["d_inner"]}
+    return {"in_proj": info["d_model"], "x_proj": info["d_inner"], "dt_proj": info["dt_rank"],
+            "out_proj": info["d_inner"]}
 
 
 # ------------------------------------------------------------------------------------ the pruning core's adapter
@@ -112,11 +94,11 @@ def block_prefix(model, index: int) -> str:
 
 def prunable(block) -> tuple[str, ...]:
     """Every target of the block's mixer, in forward order."""
-    return TARGETS[generation(block.mixer)]
+    return TARGETS[mamba_version(block.mixer)]
 
 
 def kind(block) -> str:
-    return f"Mamba-{generation(block.mixer)} mixers"
+    return f"Mamba-{mamba_version(block.mixer)} mixers"
 
 
 def sequential_groups(block, names: list[str]) -> list[list[str]]:
@@ -165,6 +147,6 @@ def config_widths(model_config: dict) -> tuple[str, dict[str, int]]:
     """(kind, {target: input width} in forward order) from a config dict, before any model is built."""
     if model_config.get("attn_layer_idx"):
         raise ValueError("hybrid models with attention layers are not supported by the pruners")
-    generation_ = config_generation(model_config)
+    version = hosts.mamba_ssm.mamba_version(model_config)
     widths = input_widths(model_config)
-    return f"Mamba-{generation_} mixers", {name: widths[name] for name in TARGETS[generation_]}
+    return f"Mamba-{version} mixers", {name: widths[name] for name in TARGETS[version]}

@@ -22,8 +22,8 @@ itself), which the efficiency benchmark times beside it.
 
 Layout: `merge` (shared matching, merging, compaction), `methods` (one function per method), `budget`
 (ratio -> keep rate, FLOPs bookkeeping), `patch` (the Reducer: state and bookkeeping; the hooks are each host's). The
-registry below names each method's function, parameters and defaults (the keys of conf/method/<name>.yaml), budget
-rule and limits.
+registry below names each method's function, budget rule and limits; its parameters and their defaults are the keys
+of conf/method/<name>.yaml (`method_defaults`), their one home.
 
 `reduce_at` (top-level key): which layers may reduce. `ssm` (the default): layers with an SSM mixer, whose output is
 the signal the paper scores; `all`: attention layers too, scored by the same metric on their output before `o_proj`
@@ -40,11 +40,13 @@ streams cut to the budget's counts, keeping each row's first tokens: no importan
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Callable
 
 from ssmcompress import architecture, hosts
-from ssmcompress.config import ConfigError
+from ssmcompress.config import CONF_DIR, ConfigError
 from ssmcompress.reduction import budget, methods
 from ssmcompress.reduction.patch import Reducer, Schedule, Setup
 
@@ -59,8 +61,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Method:
+    """What the registry adds to conf/method/<name>.yaml, which holds the method's parameters and their defaults."""
+
     function: Callable
-    defaults: dict  # the parameters conf/method/<name>.yaml may set, with their defaults
     fixed: dict = field(default_factory=dict)  # parameters implied by the name (prune_only: both streams prune)
     min_keep_rate: Callable[[dict], float] = lambda params: 0.5  # bipartite: at most half removed per layer
     rule: str = "cumulative"  # budget.removals
@@ -77,31 +80,39 @@ def pumer_min_keep(params: dict) -> float:
 POSITIONAL = dict(min_keep_rate=lambda params: 0.0, overhead="none", uses_importance=False)
 
 METHODS = {
-    "ours": Method(methods.utr, dict(importance="clip", hidden="hybrid", residual="merge", q=0.5, hidden_q=None,
-                                     residual_q=None, prune_links="most_similar", sizes="reset")),
-    "prune_only": Method(methods.utr, dict(importance="clip"), fixed=dict(hidden="prune", residual="prune")),
-    "merge_only": Method(methods.utr, dict(importance="clip", sizes="reset"), fixed=dict(hidden="merge",
-                                                                                        residual="merge")),
-    "official": Method(methods.official, dict(importance="clip", hidden="hybrid", residual="merge",
-                                              reduce_ratio=None), rule="ceil"),
-    "evit": Method(methods.evit, dict(importance="clip", fuse_token=False), min_keep_rate=lambda p: 0.0,
-                   overhead="none"),
-    "tome": Method(methods.tome, dict(sizes="carry")),
-    "pumer": Method(methods.pumer, dict(importance="clip", prune_r=0.1, merge_r=0.3, sizes="reset"),
-                    min_keep_rate=pumer_min_keep),
-    "random": Method(methods.random_prune, dict(seed=0), min_keep_rate=lambda p: 0.0, overhead="none"),
+    "ours": Method(methods.utr),
+    "prune_only": Method(methods.utr, fixed=dict(hidden="prune", residual="prune")),
+    "merge_only": Method(methods.utr, fixed=dict(hidden="merge", residual="merge")),
+    "official": Method(methods.official, rule="ceil"),
+    "evit": Method(methods.evit, min_keep_rate=lambda p: 0.0, overhead="none"),
+    "tome": Method(methods.tome),
+    "pumer": Method(methods.pumer, min_keep_rate=pumer_min_keep),
+    "random": Method(methods.random_prune, min_keep_rate=lambda p: 0.0, overhead="none"),
     # positional baselines: where tokens go, not which (methods.py)
-    "utr_early": Method(methods.utr_early, dict(importance="clip", window=2.0, hidden="hybrid", residual="merge",
-                                                q=0.5, hidden_q=None, residual_q=None, prune_links="most_similar",
-                                                sizes="reset")),  # overhead FLOPs: UTR's (an upper bound)
-    "early": Method(methods.early, {}, **POSITIONAL),
-    "early_merge": Method(methods.early_merge, dict(sizes="reset"), **POSITIONAL),
-    "strided": Method(methods.strided, {}, **POSITIONAL),
-    "late": Method(methods.late, {}, **POSITIONAL),
+    "utr_early": Method(methods.utr_early),  # overhead FLOPs: UTR's (an upper bound)
+    "early": Method(methods.early, **POSITIONAL),
+    "early_merge": Method(methods.early_merge, **POSITIONAL),
+    "strided": Method(methods.strided, **POSITIONAL),
+    "late": Method(methods.late, **POSITIONAL),
     # the measuring device: `late`'s cut (each row keeps its first tokens), refused for accuracy unless allowed
-    "ceiling": Method(methods.late, dict(allow_accuracy=False), **POSITIONAL),
+    "ceiling": Method(methods.late, **POSITIONAL),
 }
-COMMON = dict(strict=False)  # every method: strict=true makes a sequence too short for the budget an error
+
+
+@lru_cache(maxsize=None)
+def method_defaults(name: str) -> dict:
+    """The method's parameters and their defaults: conf/method/<name>.yaml without its name, their one home. An
+    interpolation of a top-level key (`random`'s seed: ${seed}) takes conf/config.yaml's value."""
+    from omegaconf import OmegaConf
+
+    given = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml"), resolve=False)
+    top = OmegaConf.load(CONF_DIR / "config.yaml")
+    defaults = {}
+    for key, value in given.items():
+        found = re.fullmatch(r"\$\{(\w+)\}", value) if isinstance(value, str) else None
+        defaults[key] = top[found.group(1)] if found else value
+    defaults.pop("name", None)
+    return defaults
 
 
 def method_params(name: str, given: dict) -> dict:
@@ -109,7 +120,7 @@ def method_params(name: str, given: dict) -> dict:
     if name not in METHODS:
         raise ConfigError(f"unknown reduction method {name!r}: choose one of dense, {', '.join(METHODS)}")
     entry = METHODS[name]
-    allowed = {**COMMON, **entry.defaults}
+    allowed = method_defaults(name)
     unknown = sorted(set(given) - set(allowed) - {"name"})
     if unknown:
         raise ConfigError(f"method {name} has no parameter {unknown[0]!r} (it takes: {', '.join(allowed)})")

@@ -1,6 +1,6 @@
 """The FLOPs budget: from `ratio` (fraction of the forward FLOPs removed) and the reduction layers to a keep rate.
 
-Conventions (README: Token reduction, The budget):
+Conventions (docs/reduction.md: Budget):
 - FLOPs are the analytic model of `ssmcompress.flops` (blocks + lm_head), the ruler the evaluator uses.
   The budget counts the model's own work, identical for every method, so at one `ratio` every method removes
   the same number of tokens per layer. The reduction's own work (similarity matrices) is `overhead_flops`,
@@ -10,7 +10,7 @@ Conventions (README: Token reduction, The budget):
   max_length), with fractional token counts: block i sees n·ρ^(reduction layers before i) tokens, the lm_head
   n·ρ^(all of them). For n ≥ the Mamba-2 chunk size the per-token cost is constant, so ρ does not depend on n.
   Attention layers break that (a token's cost grows with the tokens before it): on models with attention ρ is
-  solved per row length (`keep_rate_at`), so that every row removes the ratio, short or long.
+  solved per row length (`keep_rates_at`), so that every row removes the ratio, short or long.
 - Tokens are a row's real tokens; padding is never counted.
 - Per row, integer counts follow `removals`: `cumulative` (every method but `official`) keeps
   round(n0·ρ^j) tokens after the j-th reduction layer (round half up, at least 1), so rounding never drifts;
@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from ssmcompress.config import ConfigError
@@ -49,15 +50,16 @@ def fractions(layers: list[int], keep_rate: float, n_layer: int) -> tuple[list[f
     for index in range(n_layer):
         entering.append(current)
         if index in layers:
-            current *= keep_rate
+            current = current * keep_rate  # not *=: an array's in-place product would change those entered
     return entering, current
 
 
-def flops_ratio(info: dict, layers: list[int], keep_rate: float, n_tokens: float) -> float:
-    """Fraction of the dense forward FLOPs removed at keep rate ρ, fractional token counts."""
+def flops_ratio(info: dict, layers: list[int], keep_rate: float, n_tokens: float, dense: float | None = None) -> float:
+    """Fraction of the dense forward FLOPs removed at keep rate ρ, fractional token counts (`dense`: the dense
+    FLOPs at n_tokens, where the caller has them). Numbers or arrays (elementwise)."""
     entering, leaving = fractions(layers, keep_rate, info["n_layer"])
     reduced = flops.forward_flops(info, [n_tokens * f for f in entering], logits_tokens=n_tokens * leaving)
-    return 1.0 - reduced["total"] / flops.dense_flops(info, n_tokens)
+    return 1.0 - reduced["total"] / (flops.dense_flops(info, n_tokens) if dense is None else dense)
 
 
 def token_fraction(layers: list[int], keep_rate: float, n_layer: int) -> float:
@@ -66,10 +68,24 @@ def token_fraction(layers: list[int], keep_rate: float, n_layer: int) -> float:
     return 1.0 - sum(entering) / n_layer
 
 
+def bisect_keep_rate(info: dict, layers: list[int], ratio: float, min_keep_rate: float, n_tokens):
+    """The keep rate ρ ∈ [min_keep_rate, 1] at which `ratio` of the FLOPs of n_tokens tokens is removed, by
+    bisection (the ratio falls monotonically with ρ); n_tokens a number, or an array of lengths each solved alone
+    (numpy's elementwise float64 arithmetic is Python's, so each equals its own scalar solve bit for bit)."""
+    dense = flops.dense_flops(info, n_tokens)
+    low, high = np.full(np.shape(n_tokens), min_keep_rate), np.full(np.shape(n_tokens), 1.0)
+    for _ in range(60):
+        middle = (low + high) / 2
+        above = flops_ratio(info, layers, middle, n_tokens, dense) > ratio
+        low, high = np.where(above, middle, low), np.where(above, high, middle)
+    rate = (low + high) / 2
+    return float(rate) if rate.ndim == 0 else rate
+
+
 def solve_keep_rate(info: dict, layers: list[int], ratio: float, min_keep_rate: float, n_tokens: float,
                     what: str = "") -> float:
-    """The keep rate ρ ∈ [min_keep_rate, 1] at which `ratio` of the FLOPs is removed (bisection; the ratio
-    falls monotonically with ρ). Raises ConfigError, with the largest reachable ratio, when none exists."""
+    """`bisect_keep_rate` at one length. Raises ConfigError, with the largest reachable ratio, when no keep rate
+    the method allows removes `ratio`."""
     reachable = flops_ratio(info, layers, min_keep_rate, n_tokens)
     if ratio > reachable:
         limit = ("removes at most half of the tokens per reduction layer" if min_keep_rate >= 0.5
@@ -77,26 +93,19 @@ def solve_keep_rate(info: dict, layers: list[int], ratio: float, min_keep_rate: 
         raise ConfigError(f"ratio={ratio} cannot be reached{what} with layers {layers} on this "
                           f"{info['n_layer']}-layer model: the method {limit}, so at most {reachable:.4f} of the "
                           f"forward FLOPs can be removed; lower ratio or use more or earlier layers")
-    low, high = min_keep_rate, 1.0
-    for _ in range(60):
-        middle = (low + high) / 2
-        if flops_ratio(info, layers, middle, n_tokens) > ratio:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2
+    return bisect_keep_rate(info, layers, ratio, min_keep_rate, n_tokens)
 
 
-@lru_cache(maxsize=16384)
-def keep_rate_at(info_items: tuple, layers: tuple[int, ...], ratio: float, min_keep_rate: float, n: int) -> float:
-    """The keep rate that removes `ratio` of the FLOPs of a row of n tokens (solve_keep_rate at n; the method's
-    limit where n cannot reach the ratio; cached: lm-eval repeats lengths). Where attention layers make a token's cost
-    grow with the length, one keep rate for every length would remove a smaller share of a short row than the ratio
-    says (and a larger one of a long row); the budget then solves it per length."""
-    try:
-        return solve_keep_rate(dict(info_items), list(layers), ratio, min_keep_rate, n)
-    except ConfigError:
-        return min_keep_rate
+def keep_rates_at(info_items: tuple, layers: tuple[int, ...], ratio: float, min_keep_rate: float,
+                  lengths) -> np.ndarray:
+    """The keep rate that removes `ratio` of the FLOPs of a row of n tokens, for each n of `lengths` (the method's
+    limit where n cannot reach the ratio). Where attention layers make a token's cost grow with the length, one
+    keep rate for every length would remove a smaller share of a short row than the ratio says (and a larger one
+    of a long row); the budget then solves it per length."""
+    info, n = dict(info_items), np.asarray(lengths, dtype=np.float64)
+    reachable = flops_ratio(info, list(layers), min_keep_rate, n)
+    solved = bisect_keep_rate(info, list(layers), ratio, min_keep_rate, n)
+    return np.where(ratio > reachable, min_keep_rate, solved)
 
 
 def removals(rule: str, keep_rate: float | torch.Tensor, n0: torch.Tensor, current: torch.Tensor, step: int,

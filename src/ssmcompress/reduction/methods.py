@@ -64,8 +64,8 @@ def utr_early(tokens: Tokens, n_remove: Tensor, *, window: float = 2.0, hidden: 
     round(window · n_remove) movable tokens of each row only (window >= 2, the least that lets the two halves
     remove n_remove). Motivated by the positional baselines: at the same budget, where tokens are removed (the
     start of the sequence, whose content the recurrent state of the earlier layers already carries) matters more
-    on the bundled models than which tokens importance and similarity pick (README: What drives the official
-    code's gain). window -> infinity is UTR."""
+    on the bundled models than which tokens importance and similarity pick (docs/results.md: What drives the
+    official code's gain). window -> infinity is UTR."""
     window_size = torch.ceil(n_remove.double() * window).long()
     early_movable = lowest(tokens.slots, window_size, tokens.movable)
     return utr_among(tokens, n_remove, early_movable, hidden, residual, q, hidden_q, residual_q, prune_links, sizes)

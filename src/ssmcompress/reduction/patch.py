@@ -96,14 +96,24 @@ class Schedule:
         self.setup = setup
         self.info_items = tuple(sorted((k, v) for k, v in info.items() if isinstance(v, (int, float, str))))
         self._min_length: int | None | bool = False  # computed on first use
+        self._keep_rates: dict[int, float] = {}  # per_length: each length's, as solved
 
     def keep_rate(self, n: int) -> float:
-        """The keep rate of a row of n real tokens: the setup's (solved at the reference length), or, where the cost of
-        a token depends on the length (attention), the one solved at n (budget.keep_rate_at)."""
+        """The keep rate of a row of n real tokens (`keep_rates`)."""
+        return self.keep_rates([n])[0]
+
+    def keep_rates(self, lengths) -> list[float]:
+        """The keep rate of a row of each length: the setup's (solved at the reference length), or, where the cost
+        of a token depends on the length (attention), the one solved at that length (budget.keep_rates_at: the
+        lengths not seen before in one solve; kept, as lm-eval repeats lengths)."""
         s = self.setup
         if not s.per_length or s.ratio is None or not s.layers:
-            return s.keep_rate
-        return budget.keep_rate_at(self.info_items, tuple(s.layers), s.ratio, s.min_keep_rate, n)
+            return [s.keep_rate] * len(lengths)
+        new = sorted(set(lengths) - self._keep_rates.keys())
+        if new:
+            rates = budget.keep_rates_at(self.info_items, tuple(s.layers), s.ratio, s.min_keep_rate, new)
+            self._keep_rates.update(zip(new, rates.tolist()))
+        return [self._keep_rates[n] for n in lengths]
 
     def chunk_counts(self, n: int) -> tuple[int, ...] | None:
         """schedule=chunk: the tokens a row of n real tokens keeps after each reduction layer (budget.chunk_counts),
@@ -131,11 +141,21 @@ class Schedule:
                                  f"{self.setup.layers} it reaches {reached:.4f}; {hint} (strict=false reduces it "
                                  f"as far as it goes and reports the achieved ratio)")
 
+    def predicted_counts(self, n: int) -> list[int]:
+        """Tokens an unprotected sequence of n real tokens keeps after each reduction layer."""
+        s = self.setup
+        return self.chunk_counts(n) or budget.predicted_counts(s.rule, self.keep_rate(n), n, len(s.layers),
+                                                               s.min_keep_rate)
+
+    def tokens_entering(self, n: int) -> list[int]:
+        """Tokens each layer of the model receives from an unprotected sequence of n real tokens."""
+        return budget.row_tokens(n, tuple(self.predicted_counts(n)), list(self.setup.layers),
+                                 dict(self.info_items)["n_layer"])[0]
+
     def predicted_ratio(self, n: int) -> float:
         """FLOPs ratio the integer schedule removes from an unprotected sequence of n real tokens."""
         s = self.setup
-        counts = self.chunk_counts(n) or budget.predicted_counts(s.rule, self.keep_rate(n), n, len(s.layers),
-                                                                 s.min_keep_rate)
+        counts = self.predicted_counts(n)
         dense, reduced, _ = budget.row_flops(self.info_items, tuple(s.layers), n, tuple(counts), s.overhead)
         return 1.0 - reduced / dense
 
@@ -145,8 +165,11 @@ class Schedule:
         ratio of short sequences jump up and down, so "the first length that reaches it" would mislead)."""
         if self._min_length is False:
             self._min_length = None
-            if self.setup.ratio is not None and self.setup.layers:
-                for n in range(self.setup.reference_length, 0, -1):
+            s = self.setup
+            if s.ratio is not None and s.layers:
+                lengths = range(s.reference_length, 0, -1)
+                self.keep_rates(lengths)  # per_length: every length's in one solve (each alone is a bisection)
+                for n in lengths:
                     if not self.chunk_reachable(n) and self.predicted_ratio(n) < self.setup.ratio - budget.TOLERANCE:
                         break
                     self._min_length = n
@@ -277,7 +300,7 @@ class Reducer:
             return None
         b, n = (int(size) for size in input_ids.shape)
         rows = [n] * b if lengths is None else torch.as_tensor(lengths).tolist()
-        return torch.tensor([self.schedule.keep_rate(length) for length in rows], dtype=torch.float64,
+        return torch.tensor(self.schedule.keep_rates(rows), dtype=torch.float64,
                             device=input_ids.device)
 
     def _settle(self, state: ForwardState, logits: Tensor | None, same_counts: bool = False) -> ReducedOutput:

@@ -84,7 +84,7 @@ def build_spec(df: pd.DataFrame, spec: Spec, experiments: list[Experiment], incl
 
     rows = []  # the records that belong to the table, each with why it stays out of its cell (None: it enters)
     for row in df.to_dict("records"):
-        if row["kind"] != spec.kind or not row[spec.section] or row["family"] != spec.family:
+        if row["kind"] != spec.kind or not row[spec.section] or spec.family not in (None, row["family"]):
             continue
         if (spec.shapes and row["shape"] not in spec.shapes) or row["shape"] in spec.other_shapes:
             continue
@@ -337,7 +337,7 @@ def provenance(name: str, listed: pd.DataFrame, context: dict) -> list[str]:
 def table_name(spec: Spec, split: dict) -> str:
     parts = [spec.name]
     for name, found in split.items():
-        if name == "generation":
+        if name == "mamba_version":
             parts.append({1: "mamba", 2: "mamba2"}.get(found, "other"))
         elif found is not None and found != spec.name and not (name == "protocol" and found == "exact"):
             parts.append("".join(c if c.isalnum() or c in "._-" else "-" for c in str(found)))
@@ -345,12 +345,12 @@ def table_name(spec: Spec, split: dict) -> str:
 
 
 def table_title(spec: Spec, experiments: list[Experiment], axes: tuple, split: dict) -> str:
-    number = spec.numbers.get(split.get("generation"), spec.numbers.get(None))
-    details = [{1: "Mamba", 2: "Mamba-2"}.get(split["generation"], "other")] if "generation" in split else []
+    number = spec.numbers.get(split.get("mamba_version"), spec.numbers.get(None))
+    details = [{1: "Mamba", 2: "Mamba-2"}.get(split["mamba_version"], "other")] if "mamba_version" in split else []
     fixed = experiments[0].fixed
     details += [f"{header(a)} {axis_label(a, v)}" for a, v in fixed.items()
                 if (a in ("method", "ratio") or a.startswith("method.")) and a not in axes]
-    details += [f"{name} {found}" for name, found in split.items() if name != "generation" and found is not None]
+    details += [f"{name} {found}" for name, found in split.items() if name != "mamba_version" and found is not None]
     return (f"{number} — " if number else "") + spec.title + (f" ({', '.join(details)})" if details else "")
 
 

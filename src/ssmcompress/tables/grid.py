@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from ssmcompress.config import EXPERIMENTS, RESULTS_VERSION
-from ssmcompress.tables.sources import (GROUPS, flatten, hashable, method_defaults, model_generation,
+from ssmcompress.tables.sources import (GROUPS, flatten, hashable, method_defaults, model_mamba_version,
                                         primary_defaults, value)
 
 SCALARS = ("ratio", "layers", "schedule", "reduce_at", "sparsity", "protocol", "seed")  # top-level settings a sweep may fix
@@ -203,5 +203,5 @@ def expected_keys(experiments: list[Experiment], axes: tuple, split: dict, model
 
 def base_split(experiment: Experiment, model: str) -> dict:
     """The split values a sweep's expected rows of `model` have before any record says more."""
-    return dict(benchmark=experiment.fixed.get("benchmark"), generation=model_generation(model),
+    return dict(benchmark=experiment.fixed.get("benchmark"), mamba_version=model_mamba_version(model),
                 protocol=experiment.fixed.get("protocol", "exact"), device=None, shape=None)

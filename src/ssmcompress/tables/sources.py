@@ -114,10 +114,12 @@ def method_defaults(name: str) -> dict:
             if k != "method.name" and not (isinstance(v, str) and "${" in v)}
 
 
-def model_generation(name: str) -> int | None:
-    """1 (Mamba) or 2 (Mamba-2) from conf/model/<name>; None for other families or unknown models."""
-    layer = (((group_option("model", name) or {}).get("config") or {}).get("ssm_cfg") or {}).get("layer")
-    return None if layer is None else (2 if layer == "Mamba2" else 1)
+def model_mamba_version(name: str) -> int | None:
+    """1 (Mamba) or 2 (Mamba-2) from conf/model/<name>'s mamba-ssm config; None for other families or models."""
+    group = group_option("model", name) or {}
+    if group.get("family", "mamba") != "mamba" or not group.get("config"):
+        return None
+    return hosts.mamba_ssm.mamba_version(group["config"])
 
 
 # ---------------------------------------------------------------------------------------------- record -> row
@@ -160,7 +162,7 @@ def to_row(stored: dict) -> dict:
                method=method, pruner=pruner, results_version=record.results_version,
                commit=commit_label(record.git), limit=benchmark.get("limit"),  # efficiency benchmarks have none
                device=measured.get("device_name") or record.env.get("gpu") or record.env.get("cpu"),
-               generation=record.model_info.get("generation"),
+               mamba_version=record.model_info.get("mamba_version"),
                family=record.model_info.get("family") or model.get("family", "mamba"))
     # a key other than its config's under this package: it ran on other contents of a bundled model or task
     row["stale_key"] = record.key != run_key(config, results_version=record.results_version)
@@ -184,7 +186,7 @@ def to_row(stored: dict) -> dict:
     row["main_metric"] = benchmark.get("main_metric") or {}
     for section in ("metrics", "stderr", "samples", "headline", "flops", "efficiency", "reduction"):
         row[section] = getattr(record, section) or {}
-    row["generation_speed"] = record.generation or {}  # the section; "generation" is the model's (Mamba 1 or 2)
+    row["generation_speed"] = record.generation or {}  # the section (text generation)
     return row
 
 

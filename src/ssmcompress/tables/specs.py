@@ -163,11 +163,18 @@ GENERATION_COLUMNS = [
     Column("paper speed-up", "num", None, _paper("generation_speedup"), from_key=True),
     Column("prefill speed-up", "num", "higher", _dense_default("generation_speed", "prefill_speedup", 1.0),
            can_be_best=lambda row: (number(row["generation_speed"].get("prefill_speedup")) or 0.0) > 1.0),
-    # the most a prefill-only reduction can give: dense generation / (ceiling prefill + dense decoding)
+    # the most a reduction can give: dense generation / (ceiling prefill + dense decoding) on a pure SSM, / the
+    # ceiling's generation on a hybrid (its decoding runs over a shorter KV cache too)
     Column("bound", "num", None, lambda row: number(row["generation_speed"].get("bound"))),
     Column("of bound", "pct", "higher", lambda row: number(row["generation_speed"].get("of_bound")),
            can_be_best=_faster("generation_speed")),
     Column("peak MiB", "num", "lower", _measured("generation_speed", "peak_mib")),
+    # the attention layers' keys and values after the prefill (hybrids); expected: the share of the attention
+    # layers' tokens the schedule removes
+    Column("KV cache MiB", "num", "lower", _measured("generation_speed", "kv_cache_mib")),
+    Column("KV saved", "pct", None, lambda row: number(row["generation_speed"].get("kv_cache_saving"))),
+    Column("KV saved, expected", "pct", None,
+           lambda row: number(row["generation_speed"].get("expected_kv_cache_saving"))),
 ]
 
 # "sliced": the same forwards with every mixer run on `mixer_rows` rows at a time (ssmcompress.mixer_slices)
@@ -194,8 +201,8 @@ class Spec:
     axes: tuple | None = None          # row axes, outer to inner (None: model, ratio, then what the sweeps vary)
     block: int = 2                     # leading axes forming a block, for best-per-column highlighting
     split: tuple = ("benchmark", "protocol")
-    numbers: dict = field(default_factory=dict)  # the paper's numbering: {generation: "Table 1"} or {None: ...}
-    family: str = "mamba"              # the model family of its records (mamba-ssm or hf: transformers)
+    numbers: dict = field(default_factory=dict)  # the paper's numbering: {mamba_version: "Table 1"} or {None: ...}
+    family: str | None = "mamba"       # the model family of its records (mamba-ssm or hf: transformers; None: any)
     columns: list[Column] | None = None  # None: the benchmark's accuracy columns
     shapes: tuple = ()                 # only records measured at these shapes (row "shape"; empty: any)
     other_shapes: tuple = ()           # shapes whose records are another table's (the memory protocol's batch 96)
@@ -211,22 +218,24 @@ class Spec:
 EFFICIENCY = ("Single measurements (medians of the timed repeats, dense and reduced interleaved in one process): "
               "best per block in bold, no test; nothing slower than dense (speed-up <= 1) is marked.",)
 SPECS = [
-    Spec("main", "Main accuracy", ("main",), split=("benchmark", "protocol", "generation"),
+    Spec("main", "Main accuracy", ("main",), split=("benchmark", "protocol", "mamba_version"),
          numbers={2: "Table 1", 1: "Table 2"}),
     Spec("importance", "Importance metric", ("ablation_importance",), numbers={None: "Table 3"}),
     Spec("location", "Reduction location", ("ablation_location", "ablation_location_hub"), numbers={None: "Table 4"}),
     Spec("design", "Hidden-state / residual design", ("ablation_design",), numbers={None: "Table 5"}),
     Spec("share", "Prune vs merge share", ("ablation_share",)),
-    Spec("efficiency", "Efficiency", ("efficiency",), kind="efficiency", split=("device", "shape"),
+    Spec("efficiency", "Efficiency", ("efficiency",), kind="efficiency", family=None, split=("device", "shape"),
          axes=("model", "ratio", "method", "schedule"), optional_axes=("schedule",), columns=EFFICIENCY_COLUMNS,
          other_shapes=("batch 96 x 2048",), notes=EFFICIENCY),
-    Spec("generation", "Generation speed", ("generation",), kind="generation", split=("device", "shape"),
+    Spec("generation", "Generation speed", ("generation",), kind="generation", family=None, split=("device", "shape"),
          axes=("model", "ratio", "method", "schedule"), optional_axes=("schedule",), columns=GENERATION_COLUMNS,
          notes=EFFICIENCY + ("paper speed-up: the paper's generation throughput speed-up for UTR (Rethinking Token "
                              "Reduction for SSMs, EMNLP 2024, Sec. 5.4: batch 16, prompt 2048, 100 new tokens); "
-                             "bound: dense generation / (ceiling prefill + dense decoding), the most a prefill-only "
-                             "reduction can give.",)),
-    Spec("memory", "Peak memory", ("memory",), kind="efficiency", split=("device", "shape"),
+                             "bound: the most the reduction can give: dense generation / (ceiling prefill + dense "
+                             "decoding) on a pure SSM, dense generation / the ceiling's generation on a hybrid (its "
+                             "decoding runs over a shorter KV cache too). KV saved, expected: the share of the "
+                             "attention layers' tokens the schedule removes.",)),
+    Spec("memory", "Peak memory", ("memory",), kind="efficiency", family=None, split=("device", "shape"),
          axes=("model", "ratio", "method", "schedule"), optional_axes=("schedule",), columns=MEMORY_COLUMNS,
          shapes=("batch 96 x 2048",),  # the efficiency table's other_shapes
          notes=("Peak memory of one forward (torch.cuda.max_memory_allocated), reduced against dense in the same "
@@ -238,11 +247,11 @@ SPECS = [
                 "so that the full-length blocks before the first reduction layer no longer set the peak. Best per "
                 "block in bold, no test.",)),
     Spec("schedule", "Smooth vs chunk-multiple token counts", ("schedule",)),
-    Spec("positional", "Positional baselines", ("positional",), split=("benchmark", "protocol", "generation")),
+    Spec("positional", "Positional baselines", ("positional",), split=("benchmark", "protocol", "mamba_version")),
     Spec("hybrid", "Token reduction on an SSM-attention hybrid", ("hybrid",), family="hf",
          axes=("model", "reduce_at", "ratio", "method"), block=3,
-         notes=("reduce_at: ssm reduces at layers with an SSM mixer only, all at the attention layers too (README: "
-                "Token reduction on hybrids).",)),
+         notes=("reduce_at: ssm reduces at layers with an SSM mixer only, all at the attention layers too (docs/reduction.md: "
+                "Hybrids).",)),
     Spec("pruning", "Weight pruning", ("pruning",), axes=("model", "sparsity", "pruner")),
     Spec("pruning_hf", "Weight pruning (transformer)", ("pruning_hf",), axes=("model", "sparsity", "pruner"),
          family="hf"),

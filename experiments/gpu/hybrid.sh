@@ -1,0 +1,72 @@
+#!/bin/bash
+# What token reduction buys on an SSM-attention hybrid, on one GPU in one call (random weights, bf16), at the size of
+# a public checkpoint (granite-4.0-h-1b: transformers' GraniteMoeHybrid, 36 Mamba-2 and 4 attention layers):
+# 1. the transformers host's kernels against transformers' own pure-torch code, and where a forward spends its time
+#    (experiments/gpu/check_transformers_kernels.py);
+# 2. benchmark=efficiency: dense, each method and the ceiling at one schedule, interleaved, batch 8 x 2048;
+#    `ours` also at batch 1 and 8 x 2048 and 8192;
+# 3. the hosts side by side: mamba2-2.7b on mamba-ssm and the same architecture in transformers (mamba2-2.7b-hf);
+# 4. benchmark=generation, the paper's protocol (batch 16, 2048 + 100 tokens): prefill, decode, KV cache, bound.
+#   bash experiments/gpu/hybrid.sh                      # wheels as in experiments/gpu/efficiency.sh, plus
+#   pip download --no-deps -d .whl transformers==5.23.0  (the version the transformers host is tested with)
+# Records: $OUT/eff/records.jsonl, $OUT/gen/records.jsonl (tags gpu-efficiency, gpu-gen: the committed tables'),
+# $OUT/check/*; logs beside them. METHODS, RATIO, MODEL override the defaults below; STAGES (default
+# "check eff hosts gen") runs some of the steps, e.g. in two calls of a machine that stops a command at 10 minutes
+# (STAGES=check, STAGES=eff, then STAGES="hosts gen"). Each step's first forward compiles and autotunes mamba-ssm's Triton
+# kernels (about a minute per dtype and shape family, then cached on disk), so a step's timeout must allow for it.
+set -u
+OUT=${OUT:-$PWD/outputs/hybrid}
+mkdir -p "$OUT"
+. "$(dirname "$0")/environment.sh"
+MODEL=${MODEL:-granite-4.0-h-1b}
+METHODS=${METHODS:-random,tome,pumer,evit,official,ours}
+RATIO=${RATIO:-0.3}
+common=(model.random_init=true model.device=cuda model.dtype=bfloat16 skip_existing=true logger=none)
+sweep() {  # name tag timeout overrides...
+  local name=$1 tag=$2 limit=$3; shift 3
+  timeout "$limit" "$PYTHON" run.py -m "${common[@]}" "$@" results_dir="$OUT/$name" tag="$tag" \
+    hydra.sweep.dir="${WORK:-/tmp/hybrid}/$name" >> "$OUT/$name.log" 2>&1
+  echo "$name $*: exit $?"; grep -E "Error|Traceback" "$OUT/$name.log" | tail -n 5
+}
+shape() { echo benchmark.measure.shape.cuda.batch_size=$1 benchmark.measure.shape.cuda.length=$2; }
+
+STAGES=" ${STAGES:-check eff hosts gen} "
+eff=(benchmark=efficiency benchmark.measure.fvcore=false)
+if [[ $STAGES == *" check "* ]]; then
+  timeout "${CHECK_TIMEOUT:-240}" "$PYTHON" experiments/gpu/check_transformers_kernels.py "$OUT/check" \
+    > "$OUT/check.log" 2>&1; echo "check: exit $?"; grep -E "^\{|Error" "$OUT/check.log" | cut -c1-600
+fi
+if [[ $STAGES == *" eff "* ]]; then
+  sweep eff gpu-efficiency "${EFF_TIMEOUT:-300}" "${eff[@]}" model="$MODEL" method="$METHODS" ratio="$RATIO" $(shape 8 2048)
+  for s in "1 2048" "1 8192" "8 8192"; do
+    sweep eff gpu-efficiency 90 "${eff[@]}" model="$MODEL" method=ours ratio="$RATIO" $(shape $s)
+  done
+fi
+if [[ $STAGES == *" hosts "* ]]; then
+  sweep eff gpu-efficiency 240 "${eff[@]}" model=mamba2-2.7b,mamba2-2.7b-hf method=ours ratio="$RATIO" $(shape 8 2048)
+fi
+if [[ $STAGES == *" gen "* ]]; then
+  sweep gen gpu-gen "${GEN_TIMEOUT:-330}" benchmark=generation model="$MODEL" method="$METHODS" ratio="$RATIO" $(shape 16 2048)
+fi
+
+"$PYTHON" - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for name in ("eff", "gen"):
+    store = out / name / "records.jsonl"
+    for line in (store.read_text().splitlines() if store.exists() else []):
+        r = json.loads(line)
+        e, g = r.get("efficiency") or {}, r.get("generation") or {}
+        if e:
+            print(f"eff {r['model']:<18}{r['method']:<9}{e['batch_size']}x{e['length']:<6} dense {e['dense_latency_ms']:.2f} ms"
+                  f" speedup {e.get('speedup', 1):.3f} ceiling {e.get('ceiling_speedup', 0):.3f} of ceiling "
+                  f"{e.get('of_ceiling', 0):.3f} overhead {100 * e.get('reduction_overhead', 0):.2f} % "
+                  f"paths {e.get('scan_kernel')} | {e.get('conv_kernel')} | {e.get('attention_kernel')}")
+        if g:
+            print(f"gen {r['model']:<18}{r['method']:<9}speedup {g.get('speedup', 1):.3f} prefill "
+                  f"{g.get('prefill_speedup', 1):.3f} bound {g.get('bound', 0):.3f} of bound {g.get('of_bound', 0):.3f}"
+                  f" decode/token {g['dense_decode_ms_per_token']:.2f}/{g.get('reduced_decode_ms_per_token', 0):.2f} ms"
+                  f" KV {g.get('dense_kv_cache_mib', 0):.0f}/{g.get('reduced_kv_cache_mib', 0):.0f} MiB saved "
+                  f"{100 * (g.get('kv_cache_saving') or 0):.1f} % expected {100 * (g.get('expected_kv_cache_saving') or 0):.1f} %")
+PY
+find "$OUT" -name .claims -type d -prune -exec rm -rf {} +
