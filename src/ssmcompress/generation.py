@@ -49,16 +49,17 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, reducer=None, sampli
 def prefill(model, input_ids: Tensor, reducer=None) -> Tensor:
     """The prompt's forward into a fresh cache, as the library's generation prefills (reduced with a reducer): the
     last position's logits."""
-    with torch.no_grad(), (reducer.prefilling() if reducer is not None else contextlib.nullcontext()):
-        return hosts.of_model(model).prefill_logits(model, input_ids)
+    return _prefilled(model, input_ids, reducer)[0]
 
 
 def prefill_kv_cache_bytes(model, input_ids: Tensor, reducer=None) -> int:
     """Bytes of the attention keys and values the prompt's prefill (reduced with a reducer) leaves in the cache."""
-    host = hosts.of_model(model)
+    return hosts.of_model(model).kv_cache_bytes(model, _prefilled(model, input_ids, reducer)[1])
+
+
+def _prefilled(model, input_ids: Tensor, reducer) -> tuple[Tensor, object]:
     with torch.no_grad(), (reducer.prefilling() if reducer is not None else contextlib.nullcontext()):
-        _, cache = host.prefill_cache(model, input_ids)
-        return host.kv_cache_bytes(model, cache)
+        return hosts.of_model(model).prefill_cache(model, input_ids)
 
 
 def generate_each(model, prompts: list[list[int]], max_new_tokens: int, reducer=None, batch_size: int = 16,

@@ -18,8 +18,7 @@ loading beside it, so that a new library is one file):
   streams, `reduce(hidden, residual) -> (hidden, residual)`; `attach_context(model, first, state)`, hooks that give
   every layer after the first reduction layer the positions, masks and caches of the kept tokens; `prefill(model,
   begin, settle)`, hooks on the forwards that start a generation; `prefill_cache(model, input_ids)`, such a forward
-  (last-position logits and the cache), `prefill_logits` its logits, `kv_cache_bytes(model, cache)` what the cache's
-  attention layers hold; `generate(...)`, the library's own decoding.
+  (last-position logits and the cache), `kv_cache_bytes(model, cache)` what the cache's attention layers hold; `generate(...)`, the library's own decoding.
 
 A model config's `family` names its host as the records store it (`mamba`: mamba-ssm, `hf`: transformers); without
 one (`model=local`) the checkpoint's config.json decides: a `model_type` is transformers' mark, mamba-ssm has none.

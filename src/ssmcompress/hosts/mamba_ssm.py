@@ -340,10 +340,6 @@ def prefill_cache(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, object]
     return model(input_ids, inference_params=params, num_last_tokens=1).logits, params
 
 
-def prefill_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    return prefill_cache(model, input_ids)[0]
-
-
 def kv_cache_bytes(model, cache) -> int:
     """Bytes of the keys and values the attention layers of a prefill's cache hold. mamba-ssm's MHA allocates its
     cache for `max_seqlen` tokens up front (MHA.allocate_inference_cache), so a reduced prefill fills fewer slots

@@ -517,10 +517,6 @@ def prefill_cache(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, object]
     return out.logits, out.past_key_values
 
 
-def prefill_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    return prefill_cache(model, input_ids)[0]
-
-
 def kv_cache_bytes(model, cache) -> int:
     """Bytes of the keys and values the attention layers of a prefill's cache hold. transformers' caches grow with
     the tokens each layer saw, so a reduced prefill's attention layers hold only the kept tokens."""
