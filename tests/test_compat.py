@@ -107,7 +107,32 @@ def test_transformers_kernels_run_mamba_ssms_on_cuda_whatever_transformers_resol
     scan, scan_pure = compat.transformers_kernel(module, "mamba2_chunk_scan")
     assert scan is ssd.mamba_chunk_scan_combined and scan_pure is not scan
     assert compat.transformers_kernel(module, "mamba2_selective_state_update")[0] is state_update.selective_state_update
-    conv, conv_pure = compat.transformers_kernel(module, "causal_conv1d_fn")  # no causal-conv1d here: torch's conv1d
-    assert conv is conv_pure and compat.transformers_kernel(module, "no_such_kernel") is None
-    x = torch.randn(1, 6, 5)  # CPU tensors take transformers' own function
-    assert torch.equal(module.causal_conv1d_fn(x, torch.ones(6, 4)), conv_pure(x, torch.ones(6, 4)))
+    conv, conv_pure = compat.transformers_kernel(module, "causal_conv1d_fn")  # no causal-conv1d here: ours
+    assert conv.__module__ == "ssmcompress.causal_conv" and conv is not conv_pure
+    assert compat.transformers_kernel(module, "no_such_kernel") is None
+    x, weight, bias = torch.randn(1, 6, 5), torch.randn(6, 4), torch.randn(6)
+    # CPU tensors take transformers' own function; the kernel (run here by Triton's interpreter) computes the same
+    assert torch.equal(module.causal_conv1d_fn(x, weight), conv_pure(x, weight))
+    for activation in (None, "silu"):
+        expected = conv_pure(x, weight, bias, activation=activation)
+        torch.testing.assert_close(conv(x, weight, bias, activation=activation, seq_idx=None), expected)
+    gelu = conv_pure(x, weight, bias, activation="gelu")  # an activation the kernel lacks: transformers' own conv
+    assert torch.equal(conv(x, weight, bias, activation="gelu"), gelu)
+
+
+def test_mamba_ssm_modules_run_the_causal_conv_through_the_router_and_compute_what_they_did_without_it():
+    import mamba_ssm.modules.mamba2 as m2
+    import mamba_ssm.modules.mamba_simple as m1
+
+    assert m1.causal_conv1d_fn is compat.causal_conv1d and m2.causal_conv1d_fn is compat.causal_conv1d
+    for generation, module in ((2, m2), (1, m1)):
+        model = tiny_model(generation)
+        ids = torch.randint(0, 4096, (2, 21))
+        with torch.no_grad():
+            routed = model(ids).logits
+            module.causal_conv1d_fn = None  # the modules' own path without causal-conv1d: torch's conv1d, then SiLU
+            try:
+                own = model(ids).logits
+            finally:
+                module.causal_conv1d_fn = compat.causal_conv1d
+        assert torch.equal(routed, own), generation  # on a CPU the router runs that same computation

@@ -3,6 +3,7 @@ one dense and one reduced forward of a random-weight model, per method, after wa
 
     python experiments/gpu/profile_reduction.py OUT.txt [model] [methods] [batch] [length]
     python experiments/gpu/profile_reduction.py profile.txt mamba2-2.7b ours,random 8 2048     # on a GPU
+    python experiments/gpu/profile_reduction.py profile.txt granite-4.0-h-1b ours 8 2048       # a transformers hybrid
 
 Prints, per forward: the latency, the reduction's own time (the reducer's stopwatch), the number of host-device
 synchronisations inside the reduction hooks, the operators ranked by device time (self), so that the time
@@ -17,9 +18,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
-from ssmcompress import reduction
-from ssmcompress.hosts import mamba_ssm
-from ssmcompress.config import CONF_DIR, register_resolvers
+from ssmcompress import hosts, reduction
+from ssmcompress.config import CONF_DIR, register_resolvers, to_dict
 from ssmcompress.metrics import efficiency
 from ssmcompress.timing import Stopwatch
 
@@ -35,8 +35,9 @@ def main() -> None:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         base = compose("config", overrides=[f"model={model_name}", "model.random_init=true"])
     dtype = "bfloat16" if device == "cuda" else "float32"
-    model = mamba_ssm.load_model(base.model.path, device, dtype, True, config=base.model.get("config")).eval()
-    info = mamba_ssm.model_info(model)
+    host = hosts.of(base.model)  # any model config: mamba-ssm's models and transformers' SSMs and hybrids alike
+    model = host.load_model(base.model.path, device, dtype, True, config=to_dict(base.model).get("config")).eval()
+    info = host.model_info(model)
     ids = efficiency.synthetic_batch(info["vocab_size"], batch, length, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
@@ -47,7 +48,7 @@ def main() -> None:
                 cfg = compose("config", overrides=[f"model={model_name}", "model.random_init=true",
                                                    f"method={method}", "ratio=0.3"])
             reducer = reduction.from_config(model, cfg, info)
-        forward = (lambda x: model(x).logits) if reducer is None else (lambda x: reducer(x).logits)
+        forward = (lambda x: host.logits(model, x)) if reducer is None else (lambda x: reducer(x).logits)
         times = efficiency.time_forwards({method: forward}, ids, warmup=2, repeats=3, progress=False)[method]
         lines.append(f"== {model_name} {method}@0.3 ({batch}x{length}, {dtype}, {device}): median "
                      f"{1000 * statistics.median(times):.1f} ms")

@@ -8,7 +8,9 @@ not compiled. mamba-ssm also ships pure-torch reference versions of every kernel
 kernel entry point, per call, to the fast kernel when the tensors live on a CUDA device that can run it and
 to mamba-ssm's own reference otherwise; its MHA's attention without flash-attn gets the causal alignment decoding
 needs (`decoding_attention`). Mamba-1's selective scan, which mamba-ssm has only as compiled CUDA,
-runs on a GPU without it on our Triton port (`ssmcompress.selective_scan`); `MAMBA1_SCAN` picks the scan.
+runs on a GPU without it on our Triton port (`ssmcompress.selective_scan`); `MAMBA1_SCAN` picks the scan. The causal
+conv, which mamba-ssm has only in the compiled causal-conv1d, runs on a GPU without it on our Triton kernel
+(`ssmcompress.causal_conv`, conv and SiLU in one pass).
 The model code itself is never copied or changed. `route_transformers(module)` does the same for the kernel functions
 of a transformers SSM modeling module (Mamba, Mamba2, the hybrids): pure torch on a CPU, kernels on a GPU.
 
@@ -26,6 +28,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ssmcompress import causal_conv
 from ssmcompress import selective_scan as triton_scan
 from ssmcompress.config import ConfigError
 
@@ -43,6 +46,14 @@ HAS_CAUSAL_CONV1D = False  # compiled causal-conv1d (fused paths of both Mamba g
 # without the compiled scan (hosts.mamba_ssm.kernel_config), so every forward goes through `selective_scan_fn`.
 MAMBA1_SCANS = ("auto", "cuda", "triton", "ref", "parallel")
 MAMBA1_SCAN = os.environ.get("SSMCOMPRESS_MAMBA1_SCAN", "auto")
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None):
+    """The causal conv of mamba-ssm's and transformers' Mamba layers: our Triton kernel on CUDA tensors, else the
+    computation those layers do without causal-conv1d (ssmcompress.causal_conv)."""
+    if _triton_runs_on(x.device):
+        return causal_conv.causal_conv1d_fn(x, weight, bias, activation, seq_idx)
+    return causal_conv.causal_conv1d_reference(x, weight, bias, activation, seq_idx)
 
 
 def _triton_runs_on(device: torch.device) -> bool:
@@ -181,6 +192,8 @@ def install() -> None:
 
     m1.selective_scan_fn = selective_scan_fn
     m2.mamba_chunk_scan_combined = chunk_scan
+    if not HAS_CAUSAL_CONV1D:  # both Mamba modules then call torch's conv1d and a separate SiLU
+        m1.causal_conv1d_fn = m2.causal_conv1d_fn = causal_conv1d
     for module in (block, mixer_seq, m1, ln):
         module.layer_norm_fn = layer_norm_fn
     for module in (mixer_seq, m1, ln):
@@ -205,9 +218,10 @@ def install() -> None:
 # route_transformers() makes the choice per call instead, as install() does for mamba-ssm's own modules: on CPU
 # tensors the module's pure-torch function; on CUDA tensors mamba-ssm's kernel for the scans and state updates
 # (MAMBA_SSM_KERNELS, whatever transformers resolved at import; the Mamba-1 scan through install()'s router: our
-# Triton scan where the compiled extension is missing), what transformers resolved for the others (the causal conv:
-# causal-conv1d where it is installed, else torch's conv1d), and transformers' unfused Mamba-1 code where mamba-ssm's
-# fused Mamba-1 path would need the compiled extension.
+# Triton scan where the compiled extension is missing), for the causal conv causal-conv1d where transformers found it,
+# else our Triton kernel (ssmcompress.causal_conv) in place of torch's conv1d, what transformers resolved for the
+# others, and transformers' unfused Mamba-1 code where mamba-ssm's fused Mamba-1 path would need the compiled
+# extension.
 TRANSFORMERS_KERNELS = ("causal_conv1d_fn", "causal_conv1d_update", "mamba_inner_fn", "mamba_selective_state_update",
                         "mamba_selective_scan", "mamba2_split_conv1d_scan_combined", "mamba2_selective_state_update",
                         "mamba2_chunk_scan")
@@ -233,11 +247,25 @@ def _cuda_kernel(name: str, resolved, pure):
     """What a routed function runs on CUDA tensors (see above)."""
     if name == "mamba_inner_fn" and not HAS_SELECTIVE_SCAN_CUDA:
         return pure  # transformers' stand-in returns None: the unfused path runs
+    if name == "causal_conv1d_fn" and _implementation(resolved) is pure:  # transformers' torch conv: our kernel
+        return _triton_conv_or(pure)
     if name not in MAMBA_SSM_KERNELS:
         return resolved
     install()
     module, attribute = MAMBA_SSM_KERNELS[name]
     return getattr(importlib.import_module(module), attribute)
+
+
+def _triton_conv_or(pure):
+    """Our Triton causal conv with transformers' signature, or transformers' own torch conv for what the kernel does
+    not do (another activation; transformers' torch conv ignores packed sequences, so the call does too)."""
+    def conv(hidden_states, weight, bias=None, activation=None, **kwargs):
+        if activation not in causal_conv.ACTIVATIONS:
+            return pure(hidden_states, weight, bias, activation=activation, **kwargs)
+        return causal_conv.causal_conv1d_fn(hidden_states, weight, bias, activation)
+
+    conv.__module__, conv.__qualname__ = causal_conv.__name__, "causal_conv1d_fn"  # what the records name
+    return conv
 
 
 def _routed(name: str, resolved, pure):

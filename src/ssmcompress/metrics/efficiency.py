@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ssmcompress import architecture, compat
+from ssmcompress import architecture, causal_conv, compat
 from ssmcompress.records import NOT_REPRESENTATIVE
 from ssmcompress.reduction import kernels
 from ssmcompress.timing import Stopwatch
@@ -49,8 +49,7 @@ def kernel_paths(model, info: dict, device: torch.device) -> dict:
     if info.get("family") == "hf":
         paths.update(transformers_paths(model, info, device))
     elif device.type == "cuda":
-        paths["conv_kernel"] = ("causal-conv1d CUDA" if compat.HAS_CAUSAL_CONV1D else
-                                "torch conv1d (cuDNN depthwise; mamba-ssm's path without causal-conv1d)")
+        paths["conv_kernel"] = "causal-conv1d CUDA" if compat.HAS_CAUSAL_CONV1D else TRITON_CONV
     if device.type == "cuda" and info.get("family") != "hf" and architecture.attention_layers(info):
         paths["attention_kernel"] = ("flash-attn" if importlib.util.find_spec("flash_attn") else
                                      "torch SDPA (mamba-ssm's MHA without flash-attn)")
@@ -76,6 +75,7 @@ def transformers_paths(model, info: dict, device: torch.device) -> dict:
     return paths
 
 
+TRITON_CONV = "ssmcompress Triton causal conv (conv and SiLU in one kernel)"
 ATTENTION = {"sdpa": "torch SDPA", "eager": "eager (pure-torch matmul and softmax)",
              "flash_attention_2": "flash-attn 2", "flash_attention_3": "flash-attn 3", "flex_attention": "torch flex"}
 
@@ -84,8 +84,8 @@ def _describe(found: tuple, name: str, device: torch.device) -> str:
     resolved, pure = found
     if device.type != "cuda":
         return "pure-torch reference (CPU)"
-    if resolved is pure and name == "causal_conv1d_fn":  # the convolution mamba-ssm's modules run without causal-conv1d
-        return "torch conv1d (cuDNN depthwise; transformers' path without causal-conv1d)"
+    if resolved.__module__ == causal_conv.__name__:
+        return TRITON_CONV
     if resolved is pure:
         return f"transformers' pure-torch {name}: {NOT_REPRESENTATIVE}"
     return f"{resolved.__module__}.{resolved.__qualname__}"

@@ -224,10 +224,10 @@ SPECS = [
     Spec("location", "Reduction location", ("ablation_location", "ablation_location_hub"), numbers={None: "Table 4"}),
     Spec("design", "Hidden-state / residual design", ("ablation_design",), numbers={None: "Table 5"}),
     Spec("share", "Prune vs merge share", ("ablation_share",)),
-    Spec("efficiency", "Efficiency", ("efficiency",), kind="efficiency", family=None, split=("device", "shape"),
+    Spec("efficiency", "Efficiency", ("efficiency", "hybrid_efficiency"), kind="efficiency", family=None, split=("device", "shape"),
          axes=("model", "ratio", "method", "schedule"), optional_axes=("schedule",), columns=EFFICIENCY_COLUMNS,
          other_shapes=("batch 96 x 2048",), notes=EFFICIENCY),
-    Spec("generation", "Generation speed", ("generation",), kind="generation", family=None, split=("device", "shape"),
+    Spec("generation", "Generation speed", ("generation", "hybrid_generation"), kind="generation", family=None, split=("device", "shape"),
          axes=("model", "ratio", "method", "schedule"), optional_axes=("schedule",), columns=GENERATION_COLUMNS,
          notes=EFFICIENCY + ("paper speed-up: the paper's generation throughput speed-up for UTR (Rethinking Token "
                              "Reduction for SSMs, EMNLP 2024, Sec. 5.4: batch 16, prompt 2048, 100 new tokens); "
