@@ -150,7 +150,8 @@ def execute(cfg: DictConfig, key: str, run_dir: Path) -> dict:
         step = time.perf_counter()
         benchmark = resolved["benchmark"]
         evaluation = harness.evaluate(model, prepared.tokenizer, benchmark, reducer=reducer, protocol=cfg.protocol,
-                                      seed=cfg.seed, samples_dir=run_dir, max_length=cfg.model.max_length)
+                                      seed=cfg.seed, samples_dir=run_dir,
+                                      max_length=benchmark.get("max_length") or cfg.model.max_length)
         record.update(metrics=evaluation.metrics, stderr=evaluation.stderr, samples=evaluation.samples,
                       headline=harness.headline(evaluation.metrics, benchmark))
         timings["eval_s"] = time.perf_counter() - step

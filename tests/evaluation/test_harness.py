@@ -179,3 +179,18 @@ def test_generation_tasks_run_with_reduction_and_do_not_depend_on_the_batch(sing
     assert set(scores[0].metrics) == {"mqar_gen", "story_qa_gen"}
     assert scores[0].samples["mqar_gen"]["doc_id"] == list(range(6))
     assert reducer.describe()["observed"]["achieved_ratio"] > 0.25
+
+
+def test_ruler_is_lm_evals_own_tasks_given_the_models_tokenizer_and_the_lengths():
+    """benchmark=ruler names lm-eval's RULER tasks; the harness hands them the benchmark's metadata with the model's
+    tokenizer (by name, as lm-eval's command line passes model_args), which RULER's generators load."""
+    cfg = compose_config(["benchmark=ruler"])
+    benchmark = to_dict(cfg.benchmark)
+    tokenizer = models.load_tokenizer(str(TOKENIZER_DIR))
+    metadata = harness.task_metadata(benchmark, tokenizer)
+    assert yaml.safe_load(metadata) == {"max_seq_lengths": [4096, 8192], "tokenizer": str(TOKENIZER_DIR)}
+    manager = harness.task_manager(None, metadata)  # lm-eval's whole index, as the evaluation builds it
+    assert set(benchmark["tasks"]) <= set(manager.all_tasks) and manager.metadata["max_seq_lengths"] == [4096, 8192]
+    given = dict(benchmark, metadata={"tokenizer": "EleutherAI/gpt-neox-20b", "max_seq_lengths": [1024]})
+    assert yaml.safe_load(harness.task_metadata(given, tokenizer))["tokenizer"] == "EleutherAI/gpt-neox-20b"
+    assert harness.task_metadata(to_dict(compose_config([]).benchmark), tokenizer) is None  # offline: none

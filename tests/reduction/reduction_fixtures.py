@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 # the methods for accuracy (every registry entry but the `ceiling` measuring device, refused on lm-eval benchmarks)
 ALL_METHODS = ["ours", "official", "evit", "tome", "pumer", "random", "prune_only", "merge_only", "early",
-               "early_merge", "strided", "late", "utr_early"]
+               "early_merge", "strided", "late", "utr_early", "decimamba"]
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,8 @@ import torch
 
 from ssmcompress import reduction
 from ssmcompress.reduction import METHODS, budget, methods, patch
-from reduction_fixtures import compose, make_tokens, mamba2, one_thread  # noqa: F401
+from reduction_fixtures import compose, make_tokens, mamba1, mamba2, one_thread  # noqa: F401
+from ssmcompress.config import ConfigError
 
 # six tokens, two channels: A = {0, 2, 4} by importance; 0 ~ 1 and 2 ~ 3 are near-duplicates
 HIDDEN = [[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.1, 1.0], [1.0, 1.0], [-1.0, 0.2]]
@@ -416,3 +417,66 @@ def test_utr_early_decides_as_utr_among_the_earliest_movable_tokens():
     # a window over every movable token is UTR
     wide = methods.utr_early(tokens, n_remove, window=100.0)
     assert torch.equal(wide.hidden, methods.utr(tokens, n_remove).hidden)
+
+
+def decimamba_side(model, layer: int, ids: torch.Tensor, kept: int, resp_len: int, delta_of) -> list[int]:
+    """DeciMamba's own selection (tests/reduction/decimamba_reference.py) at `layer` of the dense model, keeping
+    `kept` tokens besides the protected tail: its L_base with beta 1 and layer `layer` its first decimating layer."""
+    from decimamba_reference import get_non_decimated_indices
+
+    seen = {}
+    mixer = model.backbone.layers[layer].mixer
+    handle = mixer.register_forward_pre_hook(lambda module, args: seen.setdefault("input", args[0]))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    delta, bias = delta_of(mixer, seen["input"])
+    config = dict(activate=True, type="max_p", beta=1.0, min_seq_len=min(20, kept), L_base=kept,
+                  decimating_layers=[layer])
+    return get_non_decimated_indices(delta, bias, resp_len, layer_num=layer, decimation_config=config).tolist()
+
+
+@pytest.mark.parametrize("generation", [1, 2])
+def test_decimamba_keeps_the_tokens_deciMambas_own_code_keeps(mamba1, mamba2, generation):
+    """Same model, same input, same count: the positions DeciMamba's get_non_decimated_indices keeps (Mamba-1: its
+    score from MambaInnerFn; Mamba-2: the same rule on the per-head Δ, as LongMamba's port of DeciMamba to Mamba-2),
+    the protected last tokens as its response_length."""
+    from decimamba_reference import mamba1_delta
+
+    model, info = mamba1 if generation == 1 else mamba2
+    layer, resp_len = 3, 2
+    torch.manual_seed(generation)
+    ids = torch.randint(0, info["vocab_size"], (1, 57))
+    protect = torch.zeros_like(ids, dtype=torch.bool)
+    protect[:, -resp_len:] = True
+    reducer = reduction.from_config(model, compose("decimamba", 0.2, f"layers=[{layer}]"), info)
+    try:
+        with torch.no_grad():
+            out = reducer(ids, protect=protect)
+    finally:
+        reducer.remove()
+    ours = out.positions[0].tolist()
+    assert 0 < len(ours) - resp_len < ids.shape[1] - resp_len  # tokens were removed at that layer
+
+    def mamba2_delta(mixer, hidden):  # in_proj's dt columns, (1, nheads, L)
+        return (hidden @ mixer.in_proj.weight.t())[..., -mixer.nheads:].transpose(1, 2)
+
+    delta_of = ((lambda m, h: (mamba1_delta(m, h), m.dt_proj.bias)) if generation == 1 else
+                (lambda m, h: (mamba2_delta(m, h), m.dt_bias)))
+    assert ours == decimamba_side(model, layer, ids, len(ours) - resp_len, resp_len, delta_of)
+
+
+def test_importance_delta_is_refused_where_no_ssm_delta_is_read():
+    from conftest import compose_config
+    from ssmcompress.hosts import transformers as hf
+
+    jamba = hf.info_from_config(dict(model_type="jamba", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                     attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                     expert_layer_offset=1, num_experts=1))
+    with pytest.raises(ConfigError, match="importance=delta is not read on jamba models: it normalises dt"):
+        reduction.resolve(compose_config(["method=decimamba", "ratio=0.3", "layers=[0]"]), jamba)
+    hybrid = hf.info_from_config(dict(model_type="nemotron_h", vocab_size=64, hidden_size=32,
+                                      hybrid_override_pattern="M*M", mamba_num_heads=2, mamba_head_dim=16, n_groups=1,
+                                      ssm_state_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    with pytest.raises(ConfigError, match="importance=delta needs an SSM mixer at every reduction layer; layer 1"):
+        reduction.resolve(compose_config(["method=decimamba", "ratio=0.3", "layers=[0,1]", "reduce_at=all"]), hybrid)

@@ -96,14 +96,27 @@ def data_files(config: dict, folder: Path) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=4)
-def task_manager(include_path: str | None):
-    """lm-eval's task index (built once per process: the checks and the evaluation share it)."""
+def task_manager(include_path: str | None, metadata: str | None = None):
+    """lm-eval's task index (built once per process: the checks and the evaluation share it); `metadata`, a JSON
+    object, is what lm-eval hands every task's dataset builder (RULER's tokenizer and lengths)."""
     from lm_eval.tasks import TaskManager
 
+    extra = json.loads(metadata) if metadata else None
     # include_defaults=False skips indexing lm-eval's ~15k built-in tasks (about 9 s) when we only need ours
     if include_path:
-        return TaskManager(include_path=include_path, include_defaults=False)
-    return TaskManager()
+        return TaskManager(include_path=include_path, include_defaults=False, metadata=extra)
+    return TaskManager(metadata=extra)
+
+
+def task_metadata(benchmark: dict, tokenizer) -> str | None:
+    """The benchmark's `metadata` for lm-eval's tasks as a JSON object, with the model's tokenizer where it names
+    none: tasks that generate their documents to a token length (RULER's) load it by name, as lm-eval's command
+    line passes its model_args' `tokenizer` or `pretrained`."""
+    metadata = dict(benchmark.get("metadata") or {})
+    if not metadata:
+        return None
+    metadata.setdefault("tokenizer", getattr(tokenizer, "name_or_path", None))
+    return json.dumps(metadata, sort_keys=True)
 
 
 BOOTSTRAP_ITERS = 1000  # lm-eval's resamples for the standard errors of perplexities (means have a closed form)
@@ -147,7 +160,8 @@ def evaluate(model, tokenizer, benchmark: dict, reducer=None, protocol: str = "e
         lm = backend_for(model)(model, tokenizer, reducer=reducer, protocol=protocol,
                                 batch_size=benchmark["batch_size"], max_length=max_length)
     output = simple_evaluate(model=lm, tasks=tasks,
-                             task_manager=task_manager(benchmark.get("include_path")),
+                             task_manager=task_manager(benchmark.get("include_path"),
+                                                       task_metadata(benchmark, tokenizer)),
                              num_fewshot=benchmark.get("num_fewshot", 0), limit=benchmark.get("limit"),
                              log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS, random_seed=seed,
                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)

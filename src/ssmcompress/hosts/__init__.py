@@ -67,4 +67,5 @@ def of_model(model) -> ModuleType:
 
 
 def of_info(info: dict) -> ModuleType:
-    return HOSTS[info.get("host", "mamba")]
+    # mamba-ssm's descriptions name their host (`host`), transformers' their family (`family`)
+    return HOSTS[info.get("host") or info.get("family") or "mamba"]

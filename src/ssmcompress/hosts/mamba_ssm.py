@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ssmcompress import architecture, compat, hub
 from ssmcompress.errors import ConfigError, ModelSourceError
@@ -295,6 +296,34 @@ def lm_head(model):
 def importance_site(model, index: int):
     """The module whose input is the signal the reducer scores: the mixer's (Mamba's or MHA's) `out_proj`."""
     return model.backbone.layers[index].mixer.out_proj
+
+
+def check_delta(info: dict) -> None:
+    """importance=delta: every mamba-ssm mixer computes Δ where attach_delta reads it."""
+
+
+def attach_delta(model, index: int, record) -> list:
+    """Hooks that hand `record` the SSM's Δ before its softplus, (batch, length, channels), each time layer `index`'s
+    mixer computes it: Mamba-1's per channel (dt_proj of x_proj's dt columns, bias included, as the scan adds it),
+    Mamba-2's per head (in_proj's dt columns plus dt_bias). The mixer computes it with the weights directly (Mamba-1)
+    or inside in_proj's output, so the hook computes it again from the module whose output holds it."""
+    mixer = model.backbone.layers[index].mixer
+    if hasattr(mixer, "dt_proj"):  # Mamba-1: x_proj takes the (batch·length, d_inner) rows
+        length = {}
+
+        def sequence(module, args, kwargs):
+            length["n"] = (args[0] if args else kwargs["hidden_states"]).shape[1]
+
+        def from_x_proj(module, args, out):
+            dt = F.linear(out[..., :mixer.dt_proj.in_features], mixer.dt_proj.weight, mixer.dt_proj.bias)
+            record(dt.reshape(-1, length["n"], dt.shape[-1]))
+
+        return [mixer.register_forward_pre_hook(sequence, with_kwargs=True),
+                mixer.x_proj.register_forward_hook(from_x_proj)]
+    if hasattr(mixer, "dt_bias"):  # Mamba-2: in_proj's last nheads columns are dt
+        return [mixer.in_proj.register_forward_hook(
+            lambda module, args, out: record(out[..., -mixer.nheads:] + mixer.dt_bias))]
+    raise ConfigError(f"layer {index} has no SSM mixer, so no Δ")
 
 
 def fused_flags(model, index: int) -> list[tuple[object, str]]:

@@ -400,6 +400,37 @@ def importance_site(model, index: int):
     raise ConfigError(f"layer {index} is {architecture.layer_name(kind)}: it has no token importance signal")
 
 
+# families whose mixers transform dt between the module whose output holds it and the scan
+NO_DELTA = {"falcon_mamba": "it normalises dt (rms_forward) before dt_proj",
+            "jamba": "it normalises dt (dt_layernorm) before dt_proj",
+            "falcon_h1": "it scales in_proj's output (mup_vector) before reading dt"}
+
+
+def check_delta(info: dict) -> None:
+    """importance=delta on this model: a ConfigError where the hooks of attach_delta would read another Δ."""
+    if info.get("model_type") in NO_DELTA:
+        raise ConfigError(f"importance=delta is not read on {info['model_type']} models: {NO_DELTA[info['model_type']]}")
+
+
+def attach_delta(model, index: int, record) -> list:
+    """Hooks that hand `record` the SSM's Δ before its softplus, (batch, length, channels), each time layer `index`'s
+    mixer computes it: a Mamba-1 mixer's per channel (dt_proj of x_proj's dt columns, bias included; transformers
+    applies dt_proj's weight directly), a Mamba-2 mixer's per head (in_proj's dt columns plus dt_bias)."""
+    check_delta(info_from_config(model.config.to_dict()))
+    family, layer, kind = family_of(model), layers(model)[index], layer_kinds(model)[index]
+    if not architecture.has_ssm(kind):
+        raise ConfigError(f"layer {index} is {architecture.layer_name(kind)}: it has no SSM Δ")
+    mixer = getattr(layer, family.mixer)
+    if hasattr(mixer, "dt_proj"):
+        def from_x_proj(module, args, out):
+            record(torch.nn.functional.linear(out[..., :mixer.time_step_rank], mixer.dt_proj.weight,
+                                              mixer.dt_proj.bias))
+
+        return [mixer.x_proj.register_forward_hook(from_x_proj)]
+    return [mixer.in_proj.register_forward_hook(
+        lambda module, args, out: record(out[..., -mixer.num_heads:] + mixer.dt_bias))]
+
+
 def fused_flags(model, index: int) -> list:
     """transformers' fused SSM path (`*_split_conv1d_scan_combined`, `mamba_inner_fn`) runs only in training."""
     return []

@@ -53,7 +53,7 @@ from ssmcompress.reduction.patch import Reducer, Schedule, Setup
 SCHEDULES = ("smooth", "chunk")
 REDUCE_AT = ("ssm", "all")
 STRATEGIES = ("prune", "merge", "hybrid")
-IMPORTANCE = ("clip", "raw", "l1", "l2")
+IMPORTANCE = ("clip", "raw", "l1", "l2", "delta")  # delta: the SSM's Δ (patch.delta_importance), not its output
 PRUNE_LINKS = ("most_similar", "least_similar", "least_important")
 SIZES = ("reset", "carry")
 log = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ METHODS = {
     "tome": Method(methods.tome),
     "pumer": Method(methods.pumer, min_keep_rate=pumer_min_keep),
     "random": Method(methods.random_prune, min_keep_rate=lambda p: 0.0, overhead="none"),
+    # DeciMamba's selection (without its fine-tuning): EViT's rule on DeciMamba's score, importance=delta
+    "decimamba": Method(methods.evit, min_keep_rate=lambda p: 0.0, overhead="none"),
     # positional baselines: where tokens go, not which (methods.py)
     "utr_early": Method(methods.utr_early),  # overhead FLOPs: UTR's (an upper bound)
     "early": Method(methods.early, **POSITIONAL),
@@ -235,6 +237,8 @@ def resolve(cfg, info: dict) -> Setup:
         raise ConfigError(f"method={name} needs ratio=<fraction of FLOPs removed>, e.g. ratio=0.3")
     if not direct and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1):
         raise ConfigError(f"ratio must be a number with 0 < ratio < 1 (fraction of FLOPs removed), got {ratio!r}")
+    if params.get("importance") == "delta":
+        check_delta(info, layers)
     if not layers:
         log.warning(f"layers=[] selects no reduction layer: method={name} runs the dense model (a control); "
                     f"use layers=null for the default layers")
@@ -259,6 +263,16 @@ def resolve(cfg, info: dict) -> Setup:
                   reference_length=reference_length, strict=params["strict"], schedule=schedule,
                   uses_importance=entry.uses_importance, per_length=bool(architecture.attention_layers(info)))
     return setup if name == "ceiling" else replace(setup, ceiling=ceiling_of(setup))
+
+
+def check_delta(info: dict, layers: list[int]) -> None:
+    """importance=delta reads the SSM's Δ where the host's mixers compute it: every reduction layer needs one."""
+    hosts.of_info(info).check_delta(info)
+    kinds = architecture.kinds(info)
+    without = [i for i in layers if not architecture.has_ssm(kinds[i])]
+    if without:
+        raise ConfigError(f"importance=delta needs an SSM mixer at every reduction layer; layer {without[0]} is "
+                          f"{architecture.layer_name(kinds[without[0]])}")
 
 
 def ceiling_of(setup: Setup) -> Setup:

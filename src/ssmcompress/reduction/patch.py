@@ -39,6 +39,13 @@ def importance_of(y: Tensor, metric: str) -> Tensor:
     raise ValueError(f"unknown importance metric {metric!r}")
 
 
+def delta_importance(delta: Tensor) -> Tensor:
+    """Per-token importance from the SSM's Δ before its softplus (..., channels): the L2 norm over the channels of
+    softplus(Δ), DeciMamba's decimation score (Ben-Kish et al., ICLR 2025; github.com/assafbk/DeciMamba,
+    `get_non_decimated_indices`: torch.norm(softplus(delta + delta_bias), p=2, dim=1))."""
+    return torch.linalg.vector_norm(torch.nn.functional.softplus(delta.float()), dim=-1)
+
+
 @dataclass
 class ReducedOutput:
     logits: Tensor  # (b, k, vocab); slots after a row's `counts` are fillers and hold NaN
@@ -199,8 +206,11 @@ class Reducer:
             self._handles += self.host.attach_streams(model, index, partial(self._reduce, index, step))
             if not setup.uses_importance:  # nothing to capture: the site and the fused paths stay as they are
                 continue
-            site = self.host.importance_site(model, index)
-            self._handles.append(site.register_forward_pre_hook(partial(self._capture, index)))
+            if setup.params.get("importance") == "delta":  # the SSM's Δ, read where the mixer computes it
+                self._handles += self.host.attach_delta(model, index, partial(self._capture_delta, index))
+            else:
+                site = self.host.importance_site(model, index)
+                self._handles.append(site.register_forward_pre_hook(partial(self._capture, index)))
             for owner, flag in self.host.fused_flags(model, index):
                 self._flags.append((owner, flag, getattr(owner, flag)))
                 setattr(owner, flag, False)
@@ -215,6 +225,11 @@ class Reducer:
                 # a mixer run in batch slices (ssmcompress.mixer_slices) calls out_proj once per slice, in row order
                 self._state.importance.setdefault(index, []).append(
                     importance_of(args[0], self.setup.params.get("importance", "clip")))
+
+    def _capture_delta(self, index: int, delta: Tensor):
+        if self._state is not None:
+            with timed(self.stopwatch, delta):
+                self._state.importance.setdefault(index, []).append(delta_importance(delta))
 
     def _reduce(self, index: int, step: int, hidden: Tensor, residual: Tensor):
         state = self._state
