@@ -112,7 +112,7 @@ PLACEHOLDER = re.compile(r"<[\w -]+>|=[A-Z]+$|^\[.*\]$|\.\.\.")
 QUICK = {"limit": 1, "measure.enabled": "false"}
 # a benchmark whose every task is slow on a CPU runs two of them (its whole task list is still composed and checked)
 QUICK_TASKS = {"long": "[niah_single_1024,niah_multikey_2048]"}
-FOREIGN = ("pip", "git", "cd", "export", "mkdocs", "pytest", "bash", "sbatch", "wandb", "huggingface-cli", "hf",
+FOREIGN = ("pip", "git", "accelerate", "cd", "export", "mkdocs", "pytest", "bash", "sbatch", "wandb", "huggingface-cli", "hf",
            "lm_eval", "nvidia-smi", "source", "uv", "conda", "jupyter", "python3 -m venv", "python -m venv",
            "python -m pytest", "python -m mkdocs", "ls", "cat", "tail", "du", "TRITON_INTERPRET=1", "CUDA_VISIBLE_DEVICES")
 

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from ssmcompress import config as config_lib
-from ssmcompress import hosts, metrics, models, pruning, records, reduction, tracking
+from ssmcompress import distributed, hosts, metrics, models, pruning, records, reduction, tracking
 from ssmcompress.evaluation import harness
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     timings, start = {}, time.perf_counter()
     resolved = config_lib.to_dict(cfg.model)
     family = hosts.of(cfg.model)
-    model = family.load_model(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.random_init,
+    model = family.load_model(cfg.model.path, distributed.device(cfg.model.device), cfg.model.dtype,
+                              cfg.model.random_init,
                               config=resolved.get("config"), seed=cfg.seed)
     info = family.model_info(model)
     tokenizer = family.load_tokenizer(cfg.model.tokenizer) if models.needs_tokenizer(cfg) else None
@@ -108,14 +109,22 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict | None:
     is running it."""
     validate(cfg)
     key = config_lib.run_key(cfg)
-    with tracking.claim(cfg.results_dir, key) if cfg.skip_existing else contextlib.nullcontext(True) as claimed:
+    # a data-parallel launch (distributed.py): every process evaluates its shard, rank 0 alone claims and writes
+    distributed.start(models.resolve_device(cfg.model.device))
+    claims = cfg.skip_existing and distributed.is_main()
+    with tracking.claim(cfg.results_dir, key) if claims else contextlib.nullcontext(True) as claimed:
+        skip = None
         if not claimed:
-            log.info(f"skip: another job is running run {key} of the results store {cfg.results_dir}")
-            return None
-        if cfg.skip_existing and tracking.has_key(cfg.results_dir, key):
-            log.info(f"skip: results store {cfg.results_dir} already holds run {key}")
+            skip = f"another job is running run {key} of the results store {cfg.results_dir}"
+        elif claims and tracking.has_key(cfg.results_dir, key):
+            skip = f"results store {cfg.results_dir} already holds run {key}"
+        skip = distributed.broadcast(skip)
+        if skip is not None:
+            log.info(f"skip: {skip}")
             return None
         record = execute(cfg, key, Path(run_dir) if run_dir is not None else output_dir())
+        if record is None:  # another process of the launch: rank 0 has the whole record
+            return None
         path = tracking.append(record, cfg.results_dir)
     log.info(summary_table(record))
     log.info(f"record {record['run_id']} (key {key}) appended to {path}")
@@ -152,11 +161,20 @@ def execute(cfg: DictConfig, key: str, run_dir: Path) -> dict:
         evaluation = harness.evaluate(model, prepared.tokenizer, benchmark, reducer=reducer, protocol=cfg.protocol,
                                       seed=cfg.seed, samples_dir=run_dir,
                                       max_length=benchmark.get("max_length") or cfg.model.max_length)
-        record.update(metrics=evaluation.metrics, stderr=evaluation.stderr, samples=evaluation.samples,
-                      headline=harness.headline(evaluation.metrics, benchmark))
+        if reducer is not None and distributed.world_size() > 1:  # every process's token counts, added up on rank 0
+            shards = distributed.gather(reducer.totals)
+            if distributed.is_main():
+                reducer.add_totals(shards[1:])
+        if evaluation is not None:
+            record.update(metrics=evaluation.metrics, stderr=evaluation.stderr, samples=evaluation.samples,
+                          headline=harness.headline(evaluation.metrics, benchmark))
         timings["eval_s"] = time.perf_counter() - step
         if reducer is not None:
             record["reduction"] = reducer.describe()  # now with the token counts seen during evaluation
+    if not distributed.is_main():  # another process of a data-parallel launch: rank 0 measures and writes
+        if reducer is not None:
+            reducer.remove()  # its hooks hold the model in a reference cycle
+        return None
     step = time.perf_counter()
     record.update(metrics.from_config(model, reducer, cfg, prepared.info))
     timings["measure_s"] = time.perf_counter() - step

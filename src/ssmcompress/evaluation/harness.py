@@ -132,10 +132,11 @@ class Evaluation:
 
 
 def evaluate(model, tokenizer, benchmark: dict, reducer=None, protocol: str = "exact", seed: int = 0,
-             samples_dir: str | Path | None = None, max_length: int = 2048) -> Evaluation:
+             samples_dir: str | Path | None = None, max_length: int = 2048) -> Evaluation | None:
     """lm-eval on the benchmark's tasks: metrics, their standard errors and the per-document values of the
     benchmark's main and extra metrics (for paired tests between runs); lm-eval's per-sample outputs are also
-    written to samples_dir."""
+    written to samples_dir. In a data-parallel launch each process scores its shard and rank 0 gets the whole
+    evaluation; the other processes get None."""
     # lm-eval's models (transformers, accelerate) take seconds to import: here, after every config check, not at the top
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -165,6 +166,8 @@ def evaluate(model, tokenizer, benchmark: dict, reducer=None, protocol: str = "e
                              num_fewshot=benchmark.get("num_fewshot", 0), limit=benchmark.get("limit"),
                              log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS, random_seed=seed,
                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    if output is None:  # another process of a data-parallel launch: lm-eval gathered its results on rank 0
+        return None
     for task in tasks:
         values = output["results"].get(task)
         if values is None:

@@ -28,7 +28,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.mamba_lm import MambaLMWrapper
 
-from ssmcompress import generation, hosts
+from ssmcompress import distributed, generation, hosts
 
 PAD_ID = 0  # lm-eval's pad_and_concat right-pads input rows with zeros
 logger = logging.getLogger(__name__)
@@ -36,6 +36,25 @@ logger = logging.getLogger(__name__)
 
 class Reduction:
     """The overrides both backends share (module docstring); `self.reducer`, `self.protocol` are set by them."""
+
+    # Data parallel: lm-eval's hf backend shards the requests over the processes of `accelerate launch` only for a
+    # model it loads itself onto several GPUs, and assumes one process for a model object; these two calls give our
+    # backends the same sharding for the model we built, on GPUs and on a CPU (where the process group is gloo).
+    def _begin_processes(self, device: torch.device) -> None:
+        """Before lm-eval's __init__: the launch's process group (distributed.start), which lm-eval's Accelerator
+        joins."""
+        distributed.start(device)
+
+    def _join_processes(self) -> None:
+        """After lm-eval's __init__: this process's rank among the launch's, so that lm-eval evaluates its shard of
+        the requests and gathers every shard's results on rank 0."""
+        if distributed.world_size() <= 1:
+            return
+        from accelerate import Accelerator
+
+        if getattr(self, "accelerator", None) is None:
+            self.accelerator = Accelerator()
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
 
     def get_model_info(self) -> dict:
         """What lm-eval records about the model, without asking the hub about `pretrained` (HFLM's version looks up
@@ -107,9 +126,11 @@ class ReducedMambaLM(Reduction, MambaLMWrapper):
         self._built_model, self.reducer, self.protocol = model, reducer, protocol
         self._scored: dict[tuple, dict[int, int]] = {}
         self.clamped_rows = 0  # paper protocol: rows whose official slice would have started before position 0
-        device = str(next(model.parameters()).device)
+        device = next(model.parameters()).device
+        self._begin_processes(device)
         super().__init__(pretrained=source, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                         device=device, **kwargs)
+                         device=str(device), **kwargs)
+        self._join_processes()
 
     def _get_config(self, pretrained, **kwargs) -> None:
         self._config = self._built_model.config
@@ -127,9 +148,11 @@ class ReducedHFLM(Reduction, HFLM):
         self._built_model, self.reducer, self.protocol = model, reducer, protocol
         self._scored: dict[tuple, dict[int, int]] = {}
         self.clamped_rows = 0
+        self._begin_processes(next(model.parameters()).device)
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                          **kwargs)
         self.pretrained = source  # what get_model_info records (HFLM keeps the model object here)
+        self._join_processes()
 
 
 def backend_for(model) -> type:

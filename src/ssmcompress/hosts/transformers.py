@@ -409,7 +409,8 @@ NO_DELTA = {"falcon_mamba": "it normalises dt (rms_forward) before dt_proj",
 def check_delta(info: dict) -> None:
     """importance=delta on this model: a ConfigError where the hooks of attach_delta would read another Δ."""
     if info.get("model_type") in NO_DELTA:
-        raise ConfigError(f"importance=delta is not read on {info['model_type']} models: {NO_DELTA[info['model_type']]}")
+        model_type = info["model_type"]
+        raise ConfigError(f"importance=delta is not read on {model_type} models: {NO_DELTA[model_type]}")
 
 
 def attach_delta(model, index: int, record) -> list:

@@ -399,6 +399,13 @@ class Reducer:
             self._account(n0, counts)
         return self._totals
 
+    def add_totals(self, others: list[dict]) -> None:
+        """Add other reducers' totals to this one's (the processes of a data-parallel evaluation)."""
+        totals = self.totals
+        for other in others:
+            for key, value in other.items():
+                totals[key] += value
+
     def _account(self, n0: Tensor, counts: Tensor | None) -> None:
         """Add one call's real tokens and FLOPs (dense, reduced, overhead) to the running totals."""
         per_row = counts.tolist() if counts is not None else [[] for _ in range(len(n0))]

@@ -43,7 +43,8 @@ SEEDS = {kind: 100 + i for i, kind in enumerate(KINDS)}  # the short suite's see
 PAIRS = {1024: 8, 2048: 16, 4096: 32, 8192: 64}  # mqar_long (synthetic.KEYS has 68 distinct keys)
 MIN_FILL = 0.9
 QUESTION = "\nQuestion: What is the magic number for {key}?\nAnswer: The magic number for {key} is"
-ALL_QUESTION = "\nQuestion: What are all the magic numbers for {key}, in order?\nAnswer: The magic numbers for {key} are"
+ALL_QUESTION = ("\nQuestion: What are all the magic numbers for {key}, in order?\n"
+                "Answer: The magic numbers for {key} are")
 
 
 def task_name(kind: str, length: int) -> str:
