@@ -11,7 +11,7 @@ model_args are the main job's settings, built through the same code (`runner.val
 `device`, `max_length`, `method`, `ratio`, `layers` (`layers=[2;5;8]`: lm-eval splits model_args at commas),
 `protocol`, `pruner`, `sparsity`, `seed`, `schedule`, `reduce_at`, and any dotted key of the config (`method.q=0.8`,
 `pruner.calibration.samples=64`). lm-eval's own --batch_size and --device apply. Launched by `accelerate launch -m
-ssmcompress.lmeval ...` (or torchrun), each process evaluates its shard on its own GPU (lm_backend, distributed).
+ssmcompress.lmeval ...` (or torchrun), each process evaluates its shard on its own GPU (runner.prepare places the model, lm_backend shards).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from ssmcompress import distributed, hosts, models, runner
+from ssmcompress import hosts, models, runner
 from ssmcompress.config import CONF_DIR, available
 from ssmcompress.errors import ConfigError
 from ssmcompress.evaluation.lm_backend import ReducedMambaLM, backend_for
@@ -120,8 +120,6 @@ class SsmcompressLM(ReducedMambaLM):
         args = dict(arg_dict)
         if "device" in extra and "device" not in args:
             args["device"] = lm_eval_device(str(extra["device"]))
-        if distributed.world_size() > 1:  # a data-parallel launch: a GPU per process
-            args["device"] = distributed.device(str(args.get("device", "auto")))
         cfg = compose_config(overrides_from_args(args))
         runner.validate_model(cfg)
         prepared = runner.prepare(cfg)

@@ -38,13 +38,9 @@ class Reduction:
     """The overrides both backends share (module docstring); `self.reducer`, `self.protocol` are set by them."""
 
     # Data parallel: lm-eval's hf backend shards the requests over the processes of `accelerate launch` only for a
-    # model it loads itself onto several GPUs, and assumes one process for a model object; these two calls give our
-    # backends the same sharding for the model we built, on GPUs and on a CPU (where the process group is gloo).
-    def _begin_processes(self, device: torch.device) -> None:
-        """Before lm-eval's __init__: the launch's process group (distributed.start), which lm-eval's Accelerator
-        joins."""
-        distributed.start(device)
-
+    # model it loads itself onto several GPUs, and assumes one process for a model object. Our backends start the
+    # launch's process group before lm-eval's __init__ (distributed.start: gloo on a CPU), which lm-eval's
+    # Accelerator joins, and take the process's rank after it, so that lm-eval shards the model we built as well.
     def _join_processes(self) -> None:
         """After lm-eval's __init__: this process's rank among the launch's, so that lm-eval evaluates its shard of
         the requests and gathers every shard's results on rank 0."""
@@ -127,7 +123,7 @@ class ReducedMambaLM(Reduction, MambaLMWrapper):
         self._scored: dict[tuple, dict[int, int]] = {}
         self.clamped_rows = 0  # paper protocol: rows whose official slice would have started before position 0
         device = next(model.parameters()).device
-        self._begin_processes(device)
+        distributed.start(device)
         super().__init__(pretrained=source, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                          device=str(device), **kwargs)
         self._join_processes()
@@ -148,7 +144,7 @@ class ReducedHFLM(Reduction, HFLM):
         self._built_model, self.reducer, self.protocol = model, reducer, protocol
         self._scored: dict[tuple, dict[int, int]] = {}
         self.clamped_rows = 0
-        self._begin_processes(next(model.parameters()).device)
+        distributed.start(next(model.parameters()).device)
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                          **kwargs)
         self.pretrained = source  # what get_model_info records (HFLM keeps the model object here)

@@ -416,12 +416,9 @@ def check_delta(info: dict) -> None:
 def attach_delta(model, index: int, record) -> list:
     """Hooks that hand `record` the SSM's Δ before its softplus, (batch, length, channels), each time layer `index`'s
     mixer computes it: a Mamba-1 mixer's per channel (dt_proj of x_proj's dt columns, bias included; transformers
-    applies dt_proj's weight directly), a Mamba-2 mixer's per head (in_proj's dt columns plus dt_bias)."""
-    check_delta(info_from_config(model.config.to_dict()))
-    family, layer, kind = family_of(model), layers(model)[index], layer_kinds(model)[index]
-    if not architecture.has_ssm(kind):
-        raise ConfigError(f"layer {index} is {architecture.layer_name(kind)}: it has no SSM Δ")
-    mixer = getattr(layer, family.mixer)
+    applies dt_proj's weight directly), a Mamba-2 mixer's per head (in_proj's dt columns plus dt_bias). The reducer
+    asks for it where reduction.check_delta allowed it (check_delta above, an SSM mixer at the layer)."""
+    mixer = getattr(layers(model)[index], family_of(model).mixer)
     if hasattr(mixer, "dt_proj"):
         def from_x_proj(module, args, out):
             record(torch.nn.functional.linear(out[..., :mixer.time_step_rank], mixer.dt_proj.weight,
