@@ -24,15 +24,6 @@ MODEL=${MODEL:-granite-4.0-h-1b}
 METHODS=${METHODS:-random,tome,pumer,evit,official,ours}
 SHAPE_METHODS=${SHAPE_METHODS:-evit,ours}
 RATIO=${RATIO:-0.3}
-common=(model.random_init=true model.device=cuda model.dtype=bfloat16 skip_existing=true logger=none)
-sweep() {  # name tag timeout overrides...
-  local name=$1 tag=$2 limit=$3; shift 3
-  timeout "$limit" "$PYTHON" run.py -m "${common[@]}" "$@" results_dir="$OUT/$name" tag="$tag" \
-    hydra.sweep.dir="${WORK:-/tmp/hybrid}/$name" >> "$OUT/$name.log" 2>&1
-  echo "$name $*: exit $?"; grep -E "Error|Traceback" "$OUT/$name.log" | tail -n 5
-}
-shape() { echo benchmark.measure.shape.cuda.batch_size=$1 benchmark.measure.shape.cuda.length=$2; }
-
 STAGES=" ${STAGES:-check eff profile hosts gen} "
 eff=(benchmark=efficiency benchmark.measure.fvcore=false)
 if [[ $STAGES == *" check "* ]]; then
@@ -59,24 +50,5 @@ if [[ $STAGES == *" gen "* ]]; then
     benchmark.measure.repeats="${GEN_REPEATS:-2}"
 fi
 
-"$PYTHON" - "$OUT" <<'PY'
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-for name in ("eff", "gen"):
-    store = out / name / "records.jsonl"
-    for line in (store.read_text().splitlines() if store.exists() else []):
-        r = json.loads(line)
-        e, g = r.get("efficiency") or {}, r.get("generation") or {}
-        if e:
-            print(f"eff {r['model']:<18}{r['method']:<9}{e['batch_size']}x{e['length']:<6} dense {e['dense_latency_ms']:.2f} ms"
-                  f" speedup {e.get('speedup', 1):.3f} ceiling {e.get('ceiling_speedup', 0):.3f} of ceiling "
-                  f"{e.get('of_ceiling', 0):.3f} overhead {100 * e.get('reduction_overhead', 0):.2f} % "
-                  f"paths {e.get('scan_kernel')} | {e.get('conv_kernel')} | {e.get('attention_kernel')}")
-        if g:
-            print(f"gen {r['model']:<18}{r['method']:<9}speedup {g.get('speedup', 1):.3f} prefill "
-                  f"{g.get('prefill_speedup', 1):.3f} bound {g.get('bound', 0):.3f} of bound {g.get('of_bound', 0):.3f}"
-                  f" decode/token {g['dense_decode_ms_per_token']:.2f}/{g.get('reduced_decode_ms_per_token', 0):.2f} ms"
-                  f" KV {g.get('dense_kv_cache_mib', 0):.0f}/{g.get('reduced_kv_cache_mib', 0):.0f} MiB saved "
-                  f"{100 * (g.get('kv_cache_saving') or 0):.1f} % expected {100 * (g.get('expected_kv_cache_saving') or 0):.1f} %")
-PY
+"$PYTHON" experiments/gpu/summary.py "$OUT/eff/records.jsonl" "$OUT/gen/records.jsonl"
 find "$OUT" -name .claims -type d -prune -exec rm -rf {} +

@@ -69,6 +69,9 @@ def run_key(cfg: DictConfig | dict, results_version: int = RESULTS_VERSION) -> s
         resolved.pop("schedule")
     if resolved.get("reduce_at") == "ssm":  # likewise
         resolved.pop("reduce_at")
+    measure = (resolved.get("benchmark") or {}).get("measure") or {}
+    if measure.get("capture") is False:  # likewise: eager forwards, as every record before the setting
+        measure.pop("capture")
     if resolved.get("pruner", {}).get("name") == "none":
         resolved["sparsity"] = None
     if isinstance(resolved.get("pruner"), dict):  # where the pruned weights are written does not change the numbers

@@ -23,9 +23,10 @@ from ssmcompress.config import RESULTS_VERSION, run_key
 from ssmcompress.errors import ConfigError
 
 SCHEMA = 4
-# efficiency keys naming the path a measurement's forwards took per op (metrics.efficiency.kernel_paths, reduction_kernels);
+# efficiency keys naming the path a measurement's forwards took per op (metrics.efficiency.kernel_paths, reduction_kernels,
+# forward_path: eager launches or CUDA graph replays);
 # a value carrying the marker is a pure-torch path on a GPU, whose latencies are not the kernels'
-PATH_KEYS = ("scan_kernel", "conv_kernel", "attention_kernel", "reduction_kernels")
+PATH_KEYS = ("scan_kernel", "conv_kernel", "attention_kernel", "reduction_kernels", "forward_path")
 NOT_REPRESENTATIVE = "not representative"
 
 

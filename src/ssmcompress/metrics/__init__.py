@@ -10,12 +10,13 @@ timed in the same interleaved loop, and the record says how much of the ceiling'
 from __future__ import annotations
 
 import copy
+import statistics
 
 from ssmcompress import architecture, hosts, mixer_slices, models, records, reduction
 from ssmcompress import flops as analytic
 from ssmcompress.config import integer, to_dict
 from ssmcompress.errors import ConfigError
-from ssmcompress.metrics import efficiency
+from ssmcompress.metrics import capture, efficiency
 from ssmcompress.metrics import forwards as forwards_lib
 from ssmcompress.metrics import generation as generation_lib
 
@@ -24,6 +25,7 @@ DEFAULT_MEASURE = dict(
     fvcore=True,  # also count with fvcore (one traced forward per model variant)
     efficiency=True,  # latency, throughput and peak memory
     ceiling=False,  # also time the reducer's ceiling (benchmark=efficiency turns it on)
+    capture=False,  # on a GPU, time CUDA graph replays of each forward (metrics.capture; benchmark=efficiency: on)
     warmup=1,
     repeats=3,
     new_tokens=100,  # benchmark=generation: tokens generated after each prompt
@@ -39,7 +41,7 @@ def check_config(cfg, model_config: dict) -> None:
     """The benchmark's `measure` block, before any work: positive shapes and repeats, and (strict reduction) a length
     long enough for the budget."""
     settings = measure_settings(to_dict(cfg.benchmark))
-    for name in ("enabled", "fvcore", "efficiency"):
+    for name in ("enabled", "fvcore", "efficiency", "ceiling", "capture"):
         if not isinstance(settings[name], bool):
             raise ConfigError(f"benchmark.measure.{name} must be true or false, got {settings[name]!r}")
     if not settings["enabled"]:
@@ -106,8 +108,11 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
         try:
             timed = forwards if ceiling is None else {**forwards, "ceiling": forwards_lib.reduced_forward(ceiling)}
             stages = [*host.layers(model), host.lm_head(model)] if described else None  # where each forward peaks
+            settle = {name: owner.settle_captured for name, owner in (("reduced", reducer), ("ceiling", ceiling))
+                      if hasattr(owner, "settle_captured")}
             sections["efficiency"] = efficiency.measure(timed, input_ids, settings["warmup"], settings["repeats"],
-                                                        efficiency.weight_bytes(model), stages=stages)
+                                                        efficiency.weight_bytes(model), stages=stages,
+                                                        capture=settings["capture"], settle=settle)
             if mamba and settings["mixer_rows"]:
                 sections["efficiency"].update(sliced_memory(model, reducer, forwards, input_ids, stages,
                                                             settings["mixer_rows"], settings["reduction_rows"]))
@@ -123,7 +128,12 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
             eff["reduction_kernels"] = efficiency.reduction_kernels(device)
             eff["reduction_ms"] = 1000 * efficiency.reduction_seconds(reducer, forwards["reduced"], input_ids,
                                                                       settings["repeats"])
-            eff["reduction_overhead"] = eff["reduction_ms"] / eff["dense_latency_ms"]
+            dense_ms = eff["dense_latency_ms"]
+            if eff["forward_path"] == capture.CUDA_GRAPH:  # the stopwatch times eager calls: a share of eager dense
+                times = efficiency.time_forwards({"dense": forwards["dense"]}, input_ids, 0, settings["repeats"],
+                                                 progress=False)["dense"]
+                dense_ms = eff["eager_dense_latency_ms"] = 1000 * statistics.median(times)
+            eff["reduction_overhead"] = eff["reduction_ms"] / dense_ms
     return sections
 
 
@@ -275,13 +285,15 @@ def summary_lines(record: dict) -> list[str]:
         names = [n for n in ("dense", "reduced", "ceiling") if f"{n}_latency_ms" in eff]
         lines.append(f"{'latency ms':<28}" + "  ".join(f"{n} {eff[f'{n}_latency_ms']:.4g}" for n in names)
                      + (f"  speedup {eff['speedup']:.3f}" if "speedup" in eff else "")
-                     + f"  ({eff['batch_size']}x{eff['length']}, {eff['device']})")
+                     + f"  ({eff['batch_size']}x{eff['length']}, {eff['device']}"
+                     + (", CUDA graph replays)" if eff.get("forward_path") == capture.CUDA_GRAPH else ")"))
         if "of_ceiling" in eff:
             lines.append(f"{'  of the ceiling':<28}{100 * eff['of_ceiling']:.1f}% of its speedup "
                          f"{eff['ceiling_speedup']:.3f} (the cut alone, same counts)")
         if "reduction_ms" in eff:
             lines.append(f"{'  reduction overhead':<28}{eff['reduction_ms']:.4g} ms = "
-                         f"{100 * eff['reduction_overhead']:.2f}% of dense latency (importance, matching, merging)")
+                         f"{100 * eff['reduction_overhead']:.2f}% of dense latency (importance, matching, merging; "
+                         f"eager calls)")
         for name, path in records.unrepresentative_paths(eff).items():
             lines.append(f"{'  ' + name.replace('_', ' '):<28}{path}")
         lines.append(f"{'tokens/s':<28}" + "  ".join(f"{n} {eff[f'{n}_tokens_per_s']:.4g}" for n in names))

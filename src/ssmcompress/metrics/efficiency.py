@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ssmcompress import architecture, causal_conv, compat
+from ssmcompress.metrics import capture as capture_lib
 from ssmcompress.records import NOT_REPRESENTATIVE
 from ssmcompress.reduction import kernels
 from ssmcompress.timing import Stopwatch
@@ -281,17 +282,28 @@ def reduction_seconds(reducer, forward, input_ids: torch.Tensor, repeats: int) -
 
 
 def measure(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int, weights: int,
-            progress: bool = True, stages=None) -> dict:
+            progress: bool = True, stages=None, capture: bool = False, settle: dict | None = None) -> dict:
     """Flat numbers for the record: per forward `<name>_latency_ms`, `<name>_tokens_per_s`, `<name>_peak_mib`,
     `<name>_activation_mib`, on a GPU with `stages` (stage_peaks' boundaries) also `<name>_stage_peak_mib` (from
     the same call) and `<name>_peak_stage` (the stage where the peak arises: with the blocks and the lm_head as
     boundaries, 0 embedding, i + 1 block i, the last the head), and, with both `dense` and `reduced`, `speedup`
     and `peak_memory_saving`; with a `ceiling` forward too, `ceiling_speedup` (dense / ceiling) and `of_ceiling`
-    (speedup / ceiling_speedup: the share of what the kernels allow at that schedule that the method keeps)."""
+    (speedup / ceiling_speedup: the share of what the kernels allow at that schedule that the method keeps).
+    `capture`: the latencies are those of CUDA graph replays (metrics.capture; `settle` as in capture.graph_all),
+    named by `forward_path`; memory is measured on eager calls after the graphs are freed (a graph's pool would count
+    in the next forward's "before")."""
     batch_size, length = input_ids.shape
-    times = time_forwards(forwards, input_ids, warmup, repeats, progress)
+    timed, paths = capture_lib.graph_all(forwards, input_ids, settle) if capture else (forwards, None)
+    times = time_forwards(timed, input_ids, warmup, repeats, progress)
+    del timed
+    if capture and input_ids.is_cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
     out = dict(device=str(input_ids.device), batch_size=batch_size, length=length, warmup=warmup, repeats=repeats,
-               memory_measure=memory_measure(input_ids.device), weights_mib=weights / MIB)
+               memory_measure=memory_measure(input_ids.device), weights_mib=weights / MIB,
+               forward_path=forward_path(paths))
+    if paths is not None:
+        out["forward_paths"] = paths
     if input_ids.is_cuda:
         out["device_name"] = torch.cuda.get_device_name(input_ids.device)
     for name, forward in forwards.items():
@@ -306,6 +318,19 @@ def measure(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int, 
             out["of_ceiling"] = out["speedup"] / out["ceiling_speedup"]
     out["latencies_ms"] = {name: [t * 1000 for t in values] for name, values in times.items()}
     return out
+
+
+def forward_path(paths: dict | None) -> str:
+    """One line for the record: how every timed forward ran. Some captured and some not: the latencies compare a
+    replay with eager launches, marked NOT_REPRESENTATIVE."""
+    if paths is None:
+        return capture_lib.EAGER
+    if len(set(paths.values())) == 1:  # all captured, or none for the same reason (no GPU)
+        return next(iter(paths.values()))
+    if all(path != capture_lib.CUDA_GRAPH for path in paths.values()):
+        return f"{capture_lib.EAGER} (no forward could be captured; see forward_paths)"
+    eager = ", ".join(name for name, path in paths.items() if path != capture_lib.CUDA_GRAPH)
+    return f"mixed (eager: {eager}; see forward_paths): {NOT_REPRESENTATIVE}"
 
 
 def memory_report(forwards: dict, input_ids: torch.Tensor, stages=None) -> dict:

@@ -200,6 +200,8 @@ class Reducer:
         self.prefill_entering: list[int] | None = None  # tokens entering each layer in the last reduced prefill
         self._pending = []  # (n0, counts) of calls not yet added to the totals
         self._planned: dict[int, list[int] | None] = {}  # planned_counts per input length
+        self._device_tables: dict[tuple, Tensor] = {}  # _on_device
+        self._captured: ForwardState | None = None  # a call captured in a CUDA graph, until `settle_captured`
         self._totals = dict(calls=0, rows=0, tokens=0, final_tokens=0, dense_flops=0.0, reduced_flops=0.0,
                            overhead_flops=0.0, token_layers=0.0, chunk_fallback_rows=0)
         for step, index in enumerate(setup.layers, start=1):
@@ -289,7 +291,20 @@ class Reducer:
             logits = self.host.logits(self.model, input_ids)
         finally:
             self._state = None
+        if capturing():
+            # inside a CUDA graph capture (metrics.capture) the checks, which wait for the GPU, cannot run: they run on
+            # the graph's own tensors after a replay (`settle_captured`)
+            self._captured = state
+            return ReducedOutput(logits, state.positions, state.valid.sum(1), state.trace)
         return self._settle(state, logits)
+
+    def settle_captured(self) -> None:
+        """After a replay of a CUDA graph that captured a call: that call's checks and bookkeeping, on the values the
+        replay left in the graph's tensors (a replay runs no Python, so each replay is not counted in the totals)."""
+        state, self._captured = self._captured, None
+        if state is None:
+            raise RuntimeError("no reducer call was captured in a CUDA graph")
+        self._settle(state, None)
 
     def _begin(self, input_ids: Tensor, lengths: Tensor | None, protect: Tensor | None, trace: bool) -> ForwardState:
         """The bookkeeping of one reduced forward, made active for the hooks."""
@@ -299,8 +314,8 @@ class Reducer:
         planned = self.planned_counts(int(input_ids.shape[1])) if lengths is None and protect is None else None
         valid, protect = check_inputs(input_ids, lengths, protect)
         n0 = valid.sum(1)
-        if self.setup.strict:
-            self.schedule.check_lengths(n0.tolist())
+        if self.setup.strict:  # the lengths from the host where they are known there: no wait for the GPU
+            self.schedule.check_lengths(n0.tolist() if lengths is not None else [int(input_ids.shape[1])])
         ones = torch.ones(valid.shape, device=valid.device)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         state = ForwardState(positions, valid, protect, ones, ones, n0, trace=[] if trace else None,
@@ -313,10 +328,20 @@ class Reducer:
         """Setup.per_length: each row's keep rate, from its length on the host (as `_chunk_table`)."""
         if not self.setup.per_length:
             return None
+        return self._on_device(input_ids, lengths, "keep_rates", lambda rows: self.schedule.keep_rates(rows),
+                               torch.float64)
+
+    def _on_device(self, input_ids: Tensor, lengths, what: str, per_rows, dtype=None) -> Tensor:
+        """A per-row table computed on the host from the row lengths, on the input's device. Without `lengths` (every
+        row real: the efficiency benchmarks) it is copied once per input shape, so that a forward of a shape seen
+        before copies nothing from the host (a CUDA graph cannot capture such a copy)."""
         b, n = (int(size) for size in input_ids.shape)
-        rows = [n] * b if lengths is None else torch.as_tensor(lengths).tolist()
-        return torch.tensor(self.schedule.keep_rates(rows), dtype=torch.float64,
-                            device=input_ids.device)
+        if lengths is not None:
+            return torch.tensor(per_rows(torch.as_tensor(lengths).tolist()), dtype=dtype, device=input_ids.device)
+        key = (what, b, n, input_ids.device)
+        if key not in self._device_tables:
+            self._device_tables[key] = torch.tensor(per_rows([n] * b), dtype=dtype, device=input_ids.device)
+        return self._device_tables[key]
 
     def _settle(self, state: ForwardState, logits: Tensor | None, same_counts: bool = False) -> ReducedOutput:
         """After a reduced forward: every check that needs the GPU's answer, in one synchronisation, and the
@@ -380,10 +405,8 @@ class Reducer:
         live there, as lm-eval's do)."""
         if self.setup.schedule != "chunk" or not self.setup.layers:
             return None
-        b, n = (int(size) for size in input_ids.shape)
-        rows = [n] * b if lengths is None else torch.as_tensor(lengths).tolist()
-        table = [self.chunk_counts(length) or (-1,) * len(self.setup.layers) for length in rows]
-        return torch.tensor(table, device=input_ids.device)
+        return self._on_device(input_ids, lengths, "chunk_table", lambda rows: [
+            self.chunk_counts(length) or (-1,) * len(self.setup.layers) for length in rows])
 
     def ceiling(self) -> Reducer | None:
         """The `ceiling` at this reducer's schedule, on the same model (remove it before this one); None for the
@@ -487,6 +510,11 @@ class Reducer:
         for mixer, flag, value in self._flags:
             setattr(mixer, flag, value)
         self._handles, self._flags = None, []
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph capture is under way on the current stream (metrics.capture)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_finite(nonfinite: list, flags: list) -> None:

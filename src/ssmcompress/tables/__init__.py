@@ -39,6 +39,7 @@ __all__ = ["BEST", "EXPERIMENTS", "METHODS", "MISSING", "PAPER", "SPECS", "TIED"
            "Table", "accuracy_columns", "build", "cli", "expected_keys", "fmt", "frame", "load_experiment",
            "load_records", "main", "matches", "normalize", "records_from_wandb", "sweep_jobs", "to_row", "write"]
 NUMERIC = ("ratio", "sparsity")  # rows in increasing order (0 = dense first); other axes in the sweep's order
+SPLIT_BY_SHAPE = "benchmark.measure.shape."  # a swept input shape makes tables (the `shape` split), not an ablation
 RECORD_COLUMNS = ["cell", "status", "run_id", "key", "time", "commit", "seed", "results_version", "limit"]
 
 
@@ -79,14 +80,16 @@ def build_spec(df: pd.DataFrame, spec: Spec, experiments: list[Experiment], incl
     swept = [k for e in experiments for k in e.swept if k not in ("model", "benchmark", "protocol", "ratio", "seed")
              and k not in grouped]
     axes = tuple(spec.axes or ("model", "ratio", *dict.fromkeys(swept)))
-    interesting = {k for e in experiments for k in e.swept} - {"model", "benchmark", "protocol", "method", "ratio",
-                                                               "seed"}
+    interesting = {k for e in experiments for k in e.swept if not k.startswith(SPLIT_BY_SHAPE)} - {
+        "model", "benchmark", "protocol", "method", "ratio", "seed"}
 
     rows = []  # the records that belong to the table, each with why it stays out of its cell (None: it enters)
     for row in df.to_dict("records"):
         if row["kind"] != spec.kind or not row[spec.section] or spec.family not in (None, row["family"]):
             continue
         if (spec.shapes and row["shape"] not in spec.shapes) or row["shape"] in spec.other_shapes:
+            continue
+        if row["captured"] != spec.captured:
             continue
         if not any(matches(row, e, axes) for e in experiments):
             continue

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from ssmcompress import hosts, records, tracking
 from ssmcompress.config import CONF_DIR, RESULTS_VERSION, register_resolvers, run_key
+from ssmcompress.metrics.capture import CUDA_GRAPH
 
 log = logging.getLogger(__name__)
 # the record sections tracking.WandbLogger writes into a run's summary ("<section>/<path>")
@@ -169,6 +170,7 @@ def to_row(stored: dict) -> dict:
     row["shape"] = f"batch {measured['batch_size']} x {measured['length']}" if measured else None
     if record.generation:
         row["shape"] += f" + {measured['new_tokens']} tokens"
+    row["captured"] = measured.get("forward_path") == CUDA_GRAPH  # replays and eager launches are tables apart
     row["ratio"] = 0.0 if dense or record.ratio is None else round(float(record.ratio), 6)
     row["layers"] = None if dense else hashable(record.layers)
     row["schedule"] = "smooth" if dense else config.get("schedule", "smooth")  # records older than the setting

@@ -206,6 +206,7 @@ class Spec:
     columns: list[Column] | None = None  # None: the benchmark's accuracy columns
     shapes: tuple = ()                 # only records measured at these shapes (row "shape"; empty: any)
     other_shapes: tuple = ()           # shapes whose records are another table's (the memory protocol's batch 96)
+    captured: bool = False             # only records whose forwards were CUDA graph replays (efficiency.forward_path)
     optional_axes: tuple = ()          # row axes shown only where the table's rows differ in them
     notes: tuple = ()                  # lines the table's footer always has
 
@@ -227,6 +228,12 @@ SPECS = [
     Spec("efficiency", "Efficiency", ("efficiency", "hybrid_efficiency"), kind="efficiency", family=None, split=("device", "shape"),
          axes=("model", "ratio", "method", "schedule"), optional_axes=("schedule",), columns=EFFICIENCY_COLUMNS,
          other_shapes=("batch 96 x 2048",), notes=EFFICIENCY),
+    Spec("efficiency_graph", "Efficiency, CUDA graph replays", ("efficiency_sizes", "hybrid_efficiency"),
+         kind="efficiency", family=None, split=("device", "shape"), axes=("model", "ratio", "method", "schedule"),
+         optional_axes=("schedule",), columns=EFFICIENCY_COLUMNS, captured=True,
+         notes=EFFICIENCY + ("Every forward (dense, reduced, ceiling) timed as replays of one CUDA graph capture "
+                             "(benchmark.measure.capture): the GPU's work without launch or host costs; overhead: "
+                             "the reduction's own time in eager calls, as a share of the eager dense forward.",)),
     Spec("generation", "Generation speed", ("generation", "hybrid_generation"), kind="generation", family=None, split=("device", "shape"),
          axes=("model", "ratio", "method", "schedule"), optional_axes=("schedule",), columns=GENERATION_COLUMNS,
          notes=EFFICIENCY + ("paper speed-up: the paper's generation throughput speed-up for UTR (Rethinking Token "
