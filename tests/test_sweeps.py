@@ -172,3 +172,14 @@ def test_the_same_sweep_launched_twice_at_once_writes_each_record_once(tmp_path)
     assert len(keys) == len(set(keys)) == 1 + 2 * len(ratios)  # dense once, two methods at two budgets
     skipped = sum(o.count("skip: another job is running") + o.count("skip: results store") for o in outputs)
     assert skipped == 2 * len(methods) * len(ratios) - len(keys)
+
+
+def test_the_gpus_launcher_runs_a_sweep_in_parallel_workers(tmp_path):
+    """hydra/launcher=gpus (joblib's worker processes, one GPU each where there are GPUs; gpu_pool): every job of the
+    sweep runs and writes its record, once."""
+    results = tmp_path / "results"
+    out = run(sweep_command(results, tmp_path / "multirun", ["dense", "ours"], (0.2, 0.3), "hydra/launcher=gpus",
+                            "hydra.launcher.n_jobs=2"))
+    keys = [record["key"] for record in tracking.load(results)]
+    assert len(keys) == len(set(keys)) == 3  # dense once, ours at two budgets
+    assert "Joblib.Parallel(n_jobs=2" in out.stdout

@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from ssmcompress import gpu_pool
+
 
 def world_size() -> int:
     """The processes of the launch (WORLD_SIZE, set by accelerate launch and torchrun); 1 without one."""
@@ -34,9 +36,14 @@ def start(device: torch.device) -> None:
 
 def device(requested: str) -> str:
     """The device a model of this process goes to: under a launch on GPUs, this process's own (LOCAL_RANK), as
-    lm-eval's hf backend places it; otherwise the one requested."""
-    if world_size() > 1 and torch.cuda.is_available() and str(requested) in ("auto", "cuda"):
+    lm-eval's hf backend places it; in a sweep that runs a job per GPU (gpu_pool), the GPU its worker holds;
+    otherwise the one requested."""
+    if str(requested) not in ("auto", "cuda") or not torch.cuda.is_available():
+        return requested
+    if world_size() > 1:
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if gpu_pool.pooled():
+        return gpu_pool.device()
     return requested
 
 
