@@ -136,3 +136,53 @@ def test_mamba_ssm_modules_run_the_causal_conv_through_the_router_and_compute_wh
             finally:
                 module.causal_conv1d_fn = compat.causal_conv1d
         assert torch.equal(routed, own), generation  # on a CPU the router runs that same computation
+
+
+@pytest.fixture
+def triton_mamba1(monkeypatch):
+    """Mamba-1 routed as on a GPU without the compiled scan (our Triton scan, here under Triton's interpreter)."""
+    monkeypatch.setattr(compat, "mamba1_scan", lambda device: "triton")
+
+
+def padded_lengths(model, monkeypatch) -> list[int]:
+    """The lengths the scan runs at, per mixer call."""
+    import ssmcompress.selective_scan as scan
+
+    seen, original = [], scan.selective_scan_fn
+    monkeypatch.setattr(scan, "selective_scan_fn", lambda u, *args: seen.append(u.shape[-1]) or original(u, *args))
+    return seen
+
+
+def test_mamba1_runs_its_mixers_on_aligned_lengths_and_computes_what_it_did(triton_mamba1, monkeypatch):
+    model = tiny_model(1, seed=1, n_layer=2, d_model=32)  # small: the scan runs under Triton's interpreter
+    ids = torch.randint(1, 4096, (2, 37))
+    with torch.no_grad():
+        aligned = model(ids).logits
+        seen = padded_lengths(model, monkeypatch)
+        model(ids)
+        assert seen == [48, 48]  # 37 tokens run as 48 in every mixer: no padding inside the scan
+        monkeypatch.setattr(compat, "MAMBA1_ALIGN", 1)
+        unpadded = model(ids).logits
+    assert aligned.shape == unpadded.shape == (2, 37, model.config.vocab_size)
+    assert torch.allclose(aligned, unpadded, atol=1e-5, rtol=1e-5)
+
+
+def test_a_reduced_mamba1_on_aligned_mixers_keeps_what_it_kept(triton_mamba1, monkeypatch):
+    """The importance of the padded rows is not a token's: the reducer keeps the same positions (ours, and
+    DeciMamba's Δ, read by another hook)."""
+    from conftest import compose_config
+    from ssmcompress import reduction
+    from ssmcompress.hosts import mamba_ssm
+
+    model = tiny_model(1, seed=1, n_layer=4, d_model=32)
+    ids = torch.randint(1, 4096, (1, 45))
+    for method in ("ours", "decimamba"):
+        reducer = reduction.from_config(model, compose_config([f"method={method}", "ratio=0.3"]),
+                                        mamba_ssm.model_info(model))
+        aligned = reducer(ids)
+        with monkeypatch.context() as unaligned:
+            unaligned.setattr(compat, "MAMBA1_ALIGN", 1)
+            plain = reducer(ids)
+        reducer.remove()
+        assert aligned.positions.shape[1] < 45 and torch.equal(aligned.positions, plain.positions), method
+        assert torch.allclose(aligned.logits, plain.logits, atol=1e-5, rtol=1e-5), method

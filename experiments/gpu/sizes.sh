@@ -4,7 +4,8 @@
 # each forward timed as CUDA graph replays (benchmark.measure.capture), after a check that the replays compute what
 # the eager forwards compute (experiments/gpu/check_capture.py, which also times eager against replayed).
 #   bash experiments/gpu/sizes.sh        # wheels as in experiments/gpu/efficiency.sh
-# STAGES ("check sizes"; "chunk": Mamba-1 with schedule=chunk, multiples of 16 tokens, at 8 x 2048), SHAPES ("1x2048 8x2048 1x8192 8x8192"), MODELS, METHODS (evit,ours), RATIOS (0.1,0.2,0.3),
+# STAGES ("check sizes"; "chunk": schedule=chunk, whole SSD chunks or multiples of 16 tokens, CHUNK_MODELS at
+# CHUNK_SHAPES), SHAPES ("1x2048 8x2048 1x8192 8x8192"), MODELS, METHODS (evit,ours), RATIOS (0.1,0.2,0.3),
 # SHAPE_TIMEOUT (s per shape) choose a part, for machines that stop a command at 10 minutes; finished jobs are
 # skipped, so the same command resumes. Records: $OUT/sizes/records.jsonl (tag gpu-efficiency), $OUT/check_capture.jsonl.
 set -u
@@ -23,9 +24,12 @@ if [[ $STAGES == *" sizes "* ]]; then
       ratio="${RATIOS:-0.1,0.2,0.3}" ${MODELS:+model=$MODELS} $(shape ${s/x/ })
   done
 fi
-if [[ $STAGES == *" chunk "* ]]; then  # Mamba-1 with counts in multiples of 16: no padded copies inside the scan
-  sweep sizes gpu-efficiency "${CHUNK_TIMEOUT:-200}" +experiment=efficiency_sizes schedule=chunk method=evit,ours \
-    ratio=0.3 model="${CHUNK_MODELS:-mamba-130m,mamba-1.4b,mamba-2.8b}" $(shape 8 2048)
+if [[ $STAGES == *" chunk "* ]]; then  # counts in whole SSD chunks / multiples of 16 tokens: aligned lengths
+  for s in ${CHUNK_SHAPES:-1x2048 8x2048}; do
+    sweep sizes gpu-efficiency "${CHUNK_TIMEOUT:-200}" +experiment=efficiency_sizes schedule=chunk \
+      method="${METHODS:-evit,ours}" ratio="${RATIOS:-0.1,0.2,0.3}" \
+      model="${CHUNK_MODELS:-mamba-130m,mamba-2.8b,mamba2-130m,mamba2-2.7b}" $(shape ${s/x/ })
+  done
 fi
 "$PYTHON" experiments/gpu/summary.py "$OUT/sizes/records.jsonl"
 find "$OUT" -name .claims -type d -prune -exec rm -rf {} +

@@ -309,16 +309,16 @@ def attach_delta(model, index: int, record) -> list:
     or inside in_proj's output, so the hook computes it again from the module whose output holds it."""
     mixer = model.backbone.layers[index].mixer
     if hasattr(mixer, "dt_proj"):  # Mamba-1: x_proj takes the (batch·length, d_inner) rows
-        length = {}
+        batch = {}
 
-        def sequence(module, args, kwargs):
-            length["n"] = (args[0] if args else kwargs["hidden_states"]).shape[1]
+        def rows(module, args, kwargs):  # the batch, not the length: the mixer may run padded (compat.aligned_mamba1)
+            batch["n"] = (args[0] if args else kwargs["hidden_states"]).shape[0]
 
         def from_x_proj(module, args, out):
             dt = F.linear(out[..., :mixer.dt_proj.in_features], mixer.dt_proj.weight, mixer.dt_proj.bias)
-            record(dt.reshape(-1, length["n"], dt.shape[-1]))
+            record(dt.reshape(batch["n"], -1, dt.shape[-1]))
 
-        return [mixer.register_forward_pre_hook(sequence, with_kwargs=True),
+        return [mixer.register_forward_pre_hook(rows, with_kwargs=True),
                 mixer.x_proj.register_forward_hook(from_x_proj)]
     if hasattr(mixer, "dt_bias"):  # Mamba-2: in_proj's last nheads columns are dt
         return [mixer.in_proj.register_forward_hook(

@@ -243,6 +243,8 @@ class Reducer:
     def _reduce_step(self, state: ForwardState, index: int, step: int, hidden: Tensor, residual: Tensor):
         slices = state.importance.pop(index, None)
         importance = None if slices is None else slices[0] if len(slices) == 1 else torch.cat(slices)
+        if importance is not None:  # a mixer run on its input padded at the end (compat.aligned_mamba1) scores the
+            importance = importance[:, :hidden.shape[1]]  # padding too: the tokens are the first rows
         if importance is None and self.setup.uses_importance:
             raise RuntimeError(f"layer {index}: the importance site (out_proj) did not run as a module, so the token "
                                f"importance could not be captured (a fused kernel path is active)")
