@@ -29,7 +29,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from ssmcompress import causal_conv
+from ssmcompress import causal_conv, mamba3_reference
 from ssmcompress import selective_scan as triton_scan
 from ssmcompress.config import ConfigError
 
@@ -230,6 +230,7 @@ def install() -> None:
     lng.rmsnorm_fn = gated_rmsnorm_fn
     m1.selective_state_update = state_update
     m2.selective_state_update = state_update
+    _route_mamba3()
     if not torch.cuda.is_available():
         import mamba_ssm.utils.generation as generation
 
@@ -238,6 +239,22 @@ def install() -> None:
 
     mha.F = _functional_with_decoding_attention()
     _installed = True
+
+
+def _route_mamba3() -> None:
+    """Mamba-3's SISO layer: mamba-ssm's Triton kernel where Triton runs, else the pure-torch layer
+    (ssmcompress.mamba3_reference). Skipped where mamba-ssm's Mamba-3 module does not import."""
+    try:
+        import mamba_ssm.modules.mamba3 as m3
+    except ImportError:
+        return
+    fast = m3.mamba3_siso_combined
+
+    def mamba3_siso_combined(*args, **kwargs):
+        values = kwargs["V"] if "V" in kwargs else args[2]
+        return (fast if _triton_runs_on(values.device) else mamba3_reference.mamba3_siso)(*args, **kwargs)
+
+    m3.mamba3_siso_combined = mamba3_siso_combined
 
 
 # transformers' SSM modules pick their kernels once, when imported (`use_kernel_func_from_hub_with_fallback`):
