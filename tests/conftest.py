@@ -24,6 +24,8 @@ TINY = {
     2: dict(d_model=64, n_layer=4, vocab_size=4096, pad_vocab_size_multiple=16,
             ssm_cfg=dict(layer="Mamba2", d_state=16, headdim=16, chunk_size=16)),
     1: dict(d_model=64, n_layer=4, vocab_size=4096, pad_vocab_size_multiple=16, ssm_cfg=dict(layer="Mamba1", d_state=8)),
+    3: dict(d_model=64, n_layer=4, vocab_size=4096, pad_vocab_size_multiple=16,
+            ssm_cfg=dict(layer="Mamba3", d_state=16, headdim=16, chunk_size=16)),
 }
 
 

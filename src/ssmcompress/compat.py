@@ -241,6 +241,27 @@ def install() -> None:
     _installed = True
 
 
+def _mamba3_blocks(create_block):
+    """mamba-ssm's `create_block`, which in 2.3.2 builds only Mamba1 and Mamba2 mixers, also building Mamba3 ones
+    (`ssm_cfg.layer: Mamba3`): the same block (norm, mixer, MLP) with `mamba_ssm.modules.mamba3.Mamba3` as its mixer,
+    built by create_block itself with Mamba2's place in its namespace lent to Mamba3 for that one call."""
+    import mamba_ssm.models.mixer_seq_simple as mixer_seq
+
+    def create(d_model, d_intermediate, ssm_cfg=None, *args, **kwargs):
+        if (ssm_cfg or {}).get("layer") != "Mamba3":
+            return create_block(d_model, d_intermediate, ssm_cfg, *args, **kwargs)
+        from mamba_ssm.modules.mamba3 import Mamba3
+
+        lent, mixer_seq.Mamba2 = mixer_seq.Mamba2, Mamba3
+        try:
+            return create_block(d_model, d_intermediate, {**ssm_cfg, "layer": "Mamba2"}, *args, **kwargs)
+        finally:
+            mixer_seq.Mamba2 = lent
+
+    create._ssmcompress_mamba3 = True
+    return create
+
+
 def _route_mamba3() -> None:
     """Mamba-3's SISO layer: mamba-ssm's Triton kernel where Triton runs, else the pure-torch layer
     (ssmcompress.mamba3_reference). Skipped where mamba-ssm's Mamba-3 module does not import."""
@@ -255,6 +276,10 @@ def _route_mamba3() -> None:
         return (fast if _triton_runs_on(values.device) else mamba3_reference.mamba3_siso)(*args, **kwargs)
 
     m3.mamba3_siso_combined = mamba3_siso_combined
+    import mamba_ssm.models.mixer_seq_simple as mixer_seq
+
+    if not getattr(mixer_seq.create_block, "_ssmcompress_mamba3", False):
+        mixer_seq.create_block = _mamba3_blocks(mixer_seq.create_block)
 
 
 # transformers' SSM modules pick their kernels once, when imported (`use_kernel_func_from_hub_with_fallback`):

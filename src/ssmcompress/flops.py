@@ -1,4 +1,4 @@
-"""Analytic forward FLOPs of Mamba / Mamba-2 language models and their hybrids with attention, per layer and token count.
+"""Analytic forward FLOPs of Mamba-1/2/3 language models and their hybrids with attention, per layer and token count.
 
 The token-reduction budget is solved with this model and the evaluator reports it, so every method is compared at
 the same FLOPs by the same ruler. `info` is a host's architecture description (`ssmcompress.architecture`).
@@ -70,6 +70,8 @@ def mixer_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
             norm=norm_flops(d + e * info.get("gated_norm", 1)),  # the block's add+RMSNorm, the gated RMSNorm of y
             out_proj=e * d,
         )
+    if info["mamba_version"] == 3:
+        return mamba3_flops_per_token(info, n_tokens)
     r = info["dt_rank"]
     return dict(
         in_proj=d * 2 * e,
@@ -78,6 +80,19 @@ def mixer_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
         dt_proj=r * e,
         scan=selective_scan_flops_per_token(e, n),
         norm=norm_flops(d),  # the block's add+RMSNorm
+        out_proj=e * d,
+    )
+
+
+def mamba3_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
+    """Mamba-3's SISO block per token: in_proj (z, x, B, C, dt, A, trapezoid, angles), the RMSNorms of B and C, the
+    scan, the optional gated RMSNorm of y, out_proj. The scan is SSD's contractions with per-head B and C (each head
+    adds its own bias and rotates them), plus each token's q·k (the trapezoid's correction, mamba3_reference)."""
+    d, e, n, g, h = info["d_model"], info["d_inner"], info["d_state"], info["ngroups"], info["nheads"]
+    return dict(
+        in_proj=d * (2 * e + 2 * g * n + 3 * h + info["n_angles"]),
+        scan=ssd_scan_flops_per_token(n_tokens, h, info["headdim"], h, n, info["chunk_size"]) + h * n,
+        norm=norm_flops(d + 2 * g * n + e * info["outproj_norm"]),  # the block's add+RMSNorm, B's and C's, y's
         out_proj=e * d,
     )
 

@@ -32,7 +32,7 @@ def ids(batch=2, length=40, seed=0):
     return torch.randint(1, 4000, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("generation", [2, 1])
+@pytest.mark.parametrize("generation", [2, 1, 3])
 def test_cpu_count_equals_the_analytic_model(generation):
     model = tiny_model(generation)
     counted, info = count(model, ids())
@@ -42,7 +42,8 @@ def test_cpu_count_equals_the_analytic_model(generation):
         assert layer / 2 == pytest.approx(analytic, rel=0.02)
     assert counted["lm_head"] / 2 == pytest.approx(expected["lm_head"])
     # the scan is one op per layer, counted exactly by the analytic formula; norms likewise
-    scan_op = "PythonOp.MambaChunkScanCombinedFn" if generation == 2 else "PythonOp.SelectiveScanFn"
+    scan_op = {1: "PythonOp.SelectiveScanFn", 2: "PythonOp.MambaChunkScanCombinedFn",
+               3: "PythonOp._Mamba3Function"}[generation]
     scan = flops.mixer_flops_per_token(info, 40)["scan"] * 40 * info["n_layer"]
     assert counted["by_operator"][scan_op] / 2 == pytest.approx(scan)
     norms = flops.mixer_flops_per_token(info, 40)["norm"] * 40 * info["n_layer"] + expected["final_norm"]

@@ -45,6 +45,9 @@ FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")  # mixer flags of fused kern
 CONFIG_DEFAULTS = dict(d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=8)
 MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, d_ssm=None, ngroups=1, chunk_size=256)
 MAMBA1_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto")
+MAMBA3_DEFAULTS = dict(d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=0.5, is_outproj_norm=False,
+                       is_mimo=False, mimo_rank=4, chunk_size=64)
+MAMBA_LAYERS = {"Mamba1": 1, "Mamba2": 2, "Mamba3": 3}
 MHA_DEFAULTS = dict(num_heads_kv=None, head_dim=None, mlp_dim=0, rotary_emb_dim=0, causal=False)
 GATED_MLP_MULTIPLE = 128  # GatedMLP rounds its hidden width up to this
 MHA_MLP_MULTIPLE = 256  # MHA rounds its fused MLP width up to this
@@ -66,8 +69,11 @@ def is_model(model) -> bool:
 # ---------------------------------------------------------------------------------------------------- architecture
 
 def mamba_version(config: dict) -> int:
-    """2 for a Mamba-2 config (`ssm_cfg.layer: Mamba2`), 1 otherwise (mamba-ssm's default layer is Mamba1)."""
-    return 2 if (config.get("ssm_cfg") or {}).get("layer", "Mamba1") == "Mamba2" else 1
+    """1, 2 or 3, from the config's `ssm_cfg.layer` (Mamba1, Mamba2, Mamba3; mamba-ssm's default layer is Mamba1)."""
+    layer = (config.get("ssm_cfg") or {}).get("layer", "Mamba1")
+    if layer not in MAMBA_LAYERS:
+        raise ConfigError(f"unknown ssm_cfg.layer {layer!r}: use one of {', '.join(MAMBA_LAYERS)}")
+    return MAMBA_LAYERS[layer]
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
@@ -94,6 +100,16 @@ def info_from_config(config: dict) -> dict:
         info.update(d_inner=d_inner, d_state=int(s["d_state"]), d_conv=int(s["d_conv"]),
                     nheads=d_ssm // int(s["headdim"]), headdim=int(s["headdim"]), ngroups=int(s["ngroups"]),
                     chunk_size=int(s["chunk_size"]))
+    elif info["mamba_version"] == 3:
+        s = {**MAMBA3_DEFAULTS, **ssm}
+        if s["is_mimo"]:
+            raise ConfigError("Mamba-3 MIMO (ssm_cfg.is_mimo) runs on mamba-ssm's TileLang kernels only, with no "
+                              "pure-torch path here: use the SISO layer (is_mimo: false)")
+        d_inner, d_state = int(s["expand"] * d_model), int(s["d_state"])
+        rotated = int(d_state * float(s["rope_fraction"]))  # Mamba3.__init__: the rotated state dimensions, even
+        info.update(d_inner=d_inner, d_state=d_state, d_conv=0, nheads=d_inner // int(s["headdim"]),
+                    headdim=int(s["headdim"]), ngroups=int(s["ngroups"]), chunk_size=int(s["chunk_size"]),
+                    n_angles=(rotated - rotated % 2) // 2, outproj_norm=int(bool(s["is_outproj_norm"])))
     else:
         s = {**MAMBA1_DEFAULTS, **ssm}
         dt_rank = math.ceil(d_model / 16) if s["dt_rank"] == "auto" else int(s["dt_rank"])
@@ -299,7 +315,10 @@ def importance_site(model, index: int):
 
 
 def check_delta(info: dict) -> None:
-    """importance=delta: every mamba-ssm mixer computes Δ where attach_delta reads it."""
+    """importance=delta: Mamba-1 and Mamba-2 mixers compute Δ where attach_delta reads it."""
+    if info["mamba_version"] == 3:
+        raise ConfigError("importance=delta reads Mamba-1's and Mamba-2's Δ; Mamba-3's (dd_dt, with its trapezoid "
+                          "and rotation) is not wired: use another importance")
 
 
 def attach_delta(model, index: int, record) -> list:

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from ssmcompress import compat, hosts
+from ssmcompress import compat, hosts, mamba3_reference
 from ssmcompress import flops as analytic
 
 # ---------------------------------------------------------------------------------------------------- handles
@@ -51,6 +51,16 @@ def selective_scan_handle(inputs, outputs) -> float:
     batch, d_inner, length = _shape(inputs[0])
     d_state = _shape(inputs[2])[-1]
     return batch * length * analytic.selective_scan_flops_per_token(d_inner, d_state)
+
+
+def mamba3_handle(chunk_size: int):
+    """`_Mamba3Function(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, ...)`: Q (b, l, g, n), V (b, l, h, p)."""
+    def handle(inputs, outputs) -> float:
+        d_state = _shape(inputs[0])[-1]
+        batch, length, nheads, headdim = _shape(inputs[2])
+        return batch * length * (analytic.ssd_scan_flops_per_token(length, nheads, headdim, nheads, d_state,
+                                                                    chunk_size) + nheads * d_state)
+    return handle
 
 
 def norm_handle(inputs, outputs) -> float:
@@ -111,6 +121,7 @@ def handles(info: dict) -> dict:
         "prim::PythonOp.SelectiveScanFn": selective_scan_handle,
         "prim::PythonOp.MambaInnerFn": mamba_inner_handle(info),
         "prim::PythonOp.LayerNormFn": norm_handle,
+        "prim::PythonOp._Mamba3Function": mamba3_handle(info.get("chunk_size", 64)),
         "aten::scaled_dot_product_attention": attention_handle,
         "aten::_grouped_mm": grouped_mm_handle,
     }
@@ -161,6 +172,15 @@ def kernels_as_ops():
                               is_rms_norm: gated_norm_ref(x, weight, bias, z=z, eps=eps, group_size=group_size,
                                                           norm_before_gate=norm_before_gate, upcast=True))
     selective_scan_op = _named_op("SelectiveScanFn", selective_scan_router)
+    mamba3_ref = mamba3_reference.mamba3_siso
+    mamba3_op = _named_op("_Mamba3Function", lambda Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, chunk_size:
+                          mamba3_ref(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=D, Z=Z, chunk_size=chunk_size))
+
+    def mamba3(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None, chunk_size=64,
+               return_final_states=False, cu_seqlens=None):
+        if Input_States is not None or return_final_states or cu_seqlens is not None:
+            raise NotImplementedError("fvcore counts plain forwards of whole sequences")
+        return mamba3_op.apply(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, chunk_size)
 
     def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
                    dt_limit=(0.0, float("inf")), return_final_states=False):
@@ -184,6 +204,7 @@ def kernels_as_ops():
 
     compat.chunk_scan_reference, compat.add_norm_reference = chunk_scan, add_norm
     lng.rms_norm_ref, m1.selective_scan_fn = gated_norm, selective_scan
+    mamba3_reference.mamba3_siso = mamba3
     # on a GPU too, route to the references while tracing: Triton kernels cannot run under torch.jit.trace (their
     # block sizes, computed from traced shapes, are no longer constants), and one route counts both devices alike
     try:
@@ -192,6 +213,7 @@ def kernels_as_ops():
     finally:
         compat.chunk_scan_reference, compat.add_norm_reference = chunk_scan_ref, add_norm_ref
         lng.rms_norm_ref, m1.selective_scan_fn = gated_norm_ref, selective_scan_router
+        mamba3_reference.mamba3_siso = mamba3_ref
 
 
 NORM_CLASSES = ("RMSNorm", "RMSNormGated", "LayerNorm")  # transformers' norm modules, by class-name suffix

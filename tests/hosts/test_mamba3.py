@@ -1,0 +1,76 @@
+"""Mamba-3 (mamba-ssm's `Mamba3` SISO mixer, `ssm_cfg.layer: Mamba3`) as a mamba-ssm model: built and run on a CPU
+(compat), described, counted, and reduced by every method, with the reducer's contract as on Mamba-2: a padded
+batch equals each sequence alone, the budget is met, removing the reducer restores the dense model bit for bit."""
+import pytest
+import torch
+
+from ssmcompress import flops, reduction
+from ssmcompress.errors import ConfigError
+from ssmcompress.hosts import mamba_ssm
+from conftest import TINY, compose_config, tiny_model
+
+METHODS = ["ours", "official", "evit", "tome", "pumer", "random", "early", "strided", "late", "utr_early"]
+
+
+@pytest.fixture(scope="module")
+def mamba3():
+    model = tiny_model(3, seed=1, n_layer=12)
+    return model, mamba_ssm.model_info(model)
+
+
+def batch_of(lengths, total, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 4000, (len(lengths), total), generator=generator)
+    lengths = torch.tensor(lengths)
+    ids[torch.arange(total) >= lengths[:, None]] = 0
+    protect = torch.zeros(ids.shape, dtype=torch.bool)
+    protect[torch.arange(len(lengths)), lengths - 1] = True
+    return ids, lengths, protect
+
+
+def test_a_mamba3_model_is_described_by_its_config(mamba3):
+    model, info = mamba3
+    assert type(model.backbone.layers[0].mixer).__name__ == "Mamba3"
+    assert info == {**mamba_ssm.info_from_config({**TINY[3], "n_layer": 12}), "params": info["params"]}
+    assert (info["mamba_version"], info["nheads"], info["n_angles"], info["d_conv"]) == (3, 8, 4, 0)
+    assert flops.mixer_flops_per_token(info, 64)["in_proj"] == 64 * (2 * 128 + 2 * 16 + 3 * 8 + 4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_reduces_mamba3_a_padded_batch_as_each_sequence_alone(mamba3, method):
+    model, info = mamba3
+    ids, lengths, protect = batch_of([48, 29], 48, seed=1)
+    reducer = reduction.from_config(model, compose_config([f"method={method}", "ratio=0.3"]), info)
+    try:
+        out = reducer(ids, lengths=lengths, protect=protect)
+        for row, length in enumerate(lengths.tolist()):
+            alone = reducer(ids[row:row + 1, :length], protect=protect[row:row + 1, :length])
+            kept = int(out.counts[row])
+            assert kept == alone.logits.shape[1] < length
+            assert torch.equal(out.positions[row, :kept], alone.positions[0])
+            assert torch.allclose(out.logits[row, :kept], alone.logits[0], atol=1e-5, rtol=1e-4)
+    finally:
+        reducer.remove()
+
+
+def test_the_budget_is_met_and_removal_restores_the_dense_model(mamba3):
+    model, info = mamba3
+    ids = torch.randint(1, 4000, (1, 400), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = model(ids).logits
+    reducer = reduction.from_config(model, compose_config(["method=ours", "ratio=0.2"]), info)
+    reducer(ids)
+    assert reducer.describe()["observed"]["achieved_ratio"] == pytest.approx(0.2, abs=0.01)
+    reducer.remove()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
+
+
+def test_what_mamba3_does_not_support_is_a_clear_error(mamba3):
+    model, info = mamba3
+    with pytest.raises(ConfigError, match="Mamba-3's"):
+        reduction.from_config(model, compose_config(["method=decimamba", "ratio=0.3"]), info)
+    with pytest.raises(ConfigError, match="MIMO"):
+        mamba_ssm.info_from_config(dict(TINY[3], ssm_cfg=dict(TINY[3]["ssm_cfg"], is_mimo=True)))
+    with pytest.raises(ConfigError, match="unknown ssm_cfg.layer 'Mamba4'"):
+        mamba_ssm.info_from_config(dict(TINY[3], ssm_cfg=dict(layer="Mamba4")))
