@@ -43,6 +43,19 @@ def tiny_model(generation: int = 2, seed: int = 0, **overrides):
     return mamba_ssm.build_model(config, "cpu", "float32", seed=seed)
 
 
+def batch_of(lengths, total, seed=0):
+    """A right-padded batch of random ids with rows of `lengths` real tokens (lm-eval pads with 0), and the
+    positions it protects: each row's last token, which is always scored, and one more."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 4000, (len(lengths), total), generator=generator)
+    lengths = torch.tensor(lengths)
+    ids[torch.arange(total) >= lengths[:, None]] = 0  # lm-eval right-pads with 0
+    protect = torch.zeros(ids.shape, dtype=torch.bool)
+    protect[torch.arange(len(lengths)), lengths - 1] = True  # the last token is always scored
+    protect[torch.arange(len(lengths)), lengths - 3] = True
+    return ids, lengths, protect
+
+
 def save_tiny(directory, generation: int = 2, seed: int = 0, **overrides):
     model = tiny_model(generation, seed, **overrides)
     mamba_ssm.save_model(model, directory, tokenizer=models.load_tokenizer(str(TOKENIZER_DIR)))

@@ -7,7 +7,7 @@ import torch
 from ssmcompress import flops, reduction
 from ssmcompress.errors import ConfigError
 from ssmcompress.hosts import mamba_ssm
-from conftest import TINY, compose_config, tiny_model
+from conftest import TINY, batch_of, compose_config, tiny_model
 
 METHODS = ["ours", "official", "evit", "tome", "pumer", "random", "early", "strided", "late", "utr_early"]
 
@@ -16,16 +16,6 @@ METHODS = ["ours", "official", "evit", "tome", "pumer", "random", "early", "stri
 def mamba3():
     model = tiny_model(3, seed=1, n_layer=12)
     return model, mamba_ssm.model_info(model)
-
-
-def batch_of(lengths, total, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 4000, (len(lengths), total), generator=generator)
-    lengths = torch.tensor(lengths)
-    ids[torch.arange(total) >= lengths[:, None]] = 0
-    protect = torch.zeros(ids.shape, dtype=torch.bool)
-    protect[torch.arange(len(lengths)), lengths - 1] = True
-    return ids, lengths, protect
 
 
 def test_a_mamba3_model_is_described_by_its_config(mamba3):

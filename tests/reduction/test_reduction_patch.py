@@ -4,7 +4,7 @@ import torch
 
 from ssmcompress import reduction
 from ssmcompress.reduction import budget, patch
-from conftest import tiny_model
+from conftest import batch_of, tiny_model
 from reduction_fixtures import ALL_METHODS, compose, mamba1, mamba2, one_thread  # noqa: F401
 
 
@@ -12,16 +12,6 @@ def dense_logits(model, input_ids):
     with torch.no_grad():
         return model(input_ids).logits
 
-
-def batch_of(lengths, total, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 4000, (len(lengths), total), generator=generator)
-    lengths = torch.tensor(lengths)
-    ids[torch.arange(total) >= lengths[:, None]] = 0  # lm-eval right-pads with 0
-    protect = torch.zeros(ids.shape, dtype=torch.bool)
-    protect[torch.arange(len(lengths)), lengths - 1] = True  # the last token is always scored
-    protect[torch.arange(len(lengths)), lengths - 3] = True
-    return ids, lengths, protect
 
 
 def test_no_reduction_layers_is_bit_identical_to_dense(mamba2):
