@@ -27,7 +27,7 @@ done
 for model in ${MEM_MODELS:-mamba2-2.7b mamba2-1.3b}; do
   [ "$model" = none ] || sweep mem "${MEM_TIMEOUT:-120}" benchmark=efficiency model="$model" \
     method="${MEM_METHODS:-random,tome,pumer,evit,official,ours}" ratio="${MEM_RATIOS:-0.1,0.2,0.3}" benchmark.measure.fvcore=false \
-    benchmark.measure.ceiling=false benchmark.measure.warmup=1 benchmark.measure.repeats=1 \
+    benchmark.measure.ceiling=false benchmark.measure.capture=false benchmark.measure.warmup=1 benchmark.measure.repeats=1 \
     benchmark.measure.mixer_rows="${MIXER_ROWS:-16}" benchmark.measure.reduction_rows="${REDUCTION_ROWS:-16}" \
     benchmark.measure.shape."$DEVICE".batch_size="${MEM_BATCH:-96}" benchmark.measure.shape."$DEVICE".length="${LENGTH:-2048}"
 done
