@@ -12,6 +12,7 @@
 #   pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
 #       fvcore==0.1.5.post20221221 iopath==0.1.10 yacs portalocker tabulate termcolor einops==0.8.2 tqdm
 #   pip download --no-deps -d .whl transformers==5.23.0     # the transformers host's tested version (hybrid.sh)
+#   pip download --no-deps -d .whl hydra-joblib-launcher==1.2.0     # hydra/launcher=gpus, a job per GPU of a machine
 #   MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip wheel --no-deps --no-build-isolation -w .whl mamba-ssm==2.3.2.post1
 # CPU check at a tiny size (no wheels needed in the project's venv):
 #   PYTHON=.venv/bin/python OUT=/tmp/eff MODELS=mamba2-tiny BATCH=1 LENGTH=64 DEVICE=cpu bash experiments/gpu/efficiency.sh
