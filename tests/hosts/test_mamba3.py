@@ -64,3 +64,21 @@ def test_what_mamba3_does_not_support_is_a_clear_error(mamba3):
         mamba_ssm.info_from_config(dict(TINY[3], ssm_cfg=dict(TINY[3]["ssm_cfg"], is_mimo=True)))
     with pytest.raises(ConfigError, match="unknown ssm_cfg.layer 'Mamba4'"):
         mamba_ssm.info_from_config(dict(TINY[3], ssm_cfg=dict(layer="Mamba4")))
+
+
+def test_keeping_each_rows_first_tokens_gives_the_prefix_logits(mamba3):
+    """What a removal means for the rotation and the trapezoid, at its simplest: cutting a sequence to its first
+    tokens (`late`) leaves every kept token's angles and previous token as they were, so the kept logits are the
+    dense model's on that prefix."""
+    model, info = mamba3
+    ids = torch.randint(1, 4000, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(ids).logits
+    reducer = reduction.from_config(model, compose_config(["method=late", "ratio=0.3"]), info)
+    try:
+        out = reducer(ids)
+    finally:
+        reducer.remove()
+    kept = out.logits.shape[1]
+    assert kept < 48 and torch.equal(out.positions, torch.arange(kept).expand(2, kept))
+    torch.testing.assert_close(out.logits, dense[:, :kept], atol=1e-5, rtol=1e-5)

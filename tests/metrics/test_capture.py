@@ -58,8 +58,9 @@ def host_reads(call, monkeypatch) -> list[str]:
 SSM_METHODS = ["ours", "evit", "tome", "pumer", "random", "official", "ceiling", "decimamba"]
 
 
-@pytest.mark.parametrize("generation", [1, 2])
-@pytest.mark.parametrize("method", SSM_METHODS)
+# Mamba-3 refuses importance=delta (tests/hosts/test_mamba3.py)
+@pytest.mark.parametrize("generation, method", [(g, m) for g in (1, 2, 3) for m in SSM_METHODS
+                                                if (g, m) != (3, "decimamba")])
 def test_a_planned_reduced_forward_reads_nothing_back(generation, method, monkeypatch):
     model = tiny_model(generation, seed=1, n_layer=6)
     info = mamba_ssm.model_info(model)
