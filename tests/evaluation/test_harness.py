@@ -194,3 +194,13 @@ def test_ruler_is_lm_evals_own_tasks_given_the_models_tokenizer_and_the_lengths(
     given = dict(benchmark, metadata={"tokenizer": "EleutherAI/gpt-neox-20b", "max_seq_lengths": [1024]})
     assert yaml.safe_load(harness.task_metadata(given, tokenizer))["tokenizer"] == "EleutherAI/gpt-neox-20b"
     assert harness.task_metadata(to_dict(compose_config([]).benchmark), tokenizer) is None  # offline: none
+
+
+def test_longbench_is_lm_evals_own_longbench_e():
+    """benchmark=longbench names lm-eval's LongBench-E tasks (the subset LongMamba evaluates), each scored by its
+    `score`, found in lm-eval's index without a download."""
+    benchmark = to_dict(compose_config(["benchmark=longbench"]).benchmark)
+    manager = harness.task_manager(None, None)
+    assert set(benchmark["tasks"]) <= set(manager.all_tasks)
+    assert set(benchmark["main_metric"]) == set(benchmark["tasks"]) and set(benchmark["main_metric"].values()) == {"score"}
+    assert len(benchmark["tasks"]) == 13 and all(task.endswith("_e") for task in benchmark["tasks"])
