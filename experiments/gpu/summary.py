@@ -1,5 +1,5 @@
-"""One line per efficiency or generation record of the stores named on the command line (what a GPU script prints
-at its end): speed-ups, the ceiling or the bound, own time, KV cache, and the kernel and forward paths."""
+"""One line per efficiency, memory or generation record of the stores named on the command line (what a GPU script
+prints at its end): speed-ups, the ceiling or the bound, own time, peak memory, KV cache, the kernel and forward paths."""
 import json
 import sys
 from pathlib import Path
@@ -11,6 +11,13 @@ def efficiency_line(r: dict, e: dict) -> str:
             f" of ceiling {e.get('of_ceiling', 0):.3f} overhead {100 * e.get('reduction_overhead', 0):.2f} % | "
             f"{e.get('forward_path', 'eager')} | {e.get('scan_kernel')} | {e.get('conv_kernel')} | "
             f"{e.get('attention_kernel', '-')}")
+
+
+def memory_line(r: dict, e: dict) -> str:
+    return (f"mem {r['model']:<18}{r['method']:<9}{r.get('ratio') or 0:<5} peak {e['dense_peak_mib']:.0f} -> "
+            f"{e.get('reduced_peak_mib', 0):.0f} MiB (saving {100 * e.get('peak_memory_saving', 0):.1f} %); mixers / "
+            f"reduction {e.get('mixer_rows')} / {e.get('reduction_rows')} rows: {e.get('sliced_dense_peak_mib', 0):.0f}"
+            f" -> {e.get('sliced_reduced_peak_mib', 0):.0f} MiB (saving {100 * e.get('sliced_peak_memory_saving', 0):.1f} %)")
 
 
 def generation_line(r: dict, g: dict) -> str:
@@ -26,7 +33,8 @@ def main(stores: list[str]) -> None:
         for line in store.read_text().splitlines() if store.exists() else []:
             r = json.loads(line)
             if r.get("efficiency"):
-                print(efficiency_line(r, r["efficiency"]))
+                sliced = "sliced_dense_peak_mib" in r["efficiency"]  # the memory protocol's runs
+                print((memory_line if sliced else efficiency_line)(r, r["efficiency"]))
             if r.get("generation"):
                 print(generation_line(r, r["generation"]))
 
