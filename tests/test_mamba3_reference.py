@@ -22,8 +22,9 @@ def inputs(batch=2, length=37, nheads=4, groups=1, dstate=16, headdim=8, n_angle
                 Angles=r(batch, length, nheads, n_angles), D=r(nheads), Z=r(batch, length, nheads, headdim).to(dtype))
 
 
-def recurrence(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z):
-    """The layer token by token: the state S (b, h, n, p) and the previous token's rotated k and v."""
+def recurrence(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, final=False):
+    """The layer token by token: the state S (b, h, n, p) and the previous token's rotated k and v. `final`: the
+    state and the angles after the last token instead of the outputs."""
     b, length, h, p = V.shape
     repeat = h // Q.shape[2]
     Q, K = Q.repeat_interleave(repeat, 2), K.repeat_interleave(repeat, 2)
@@ -43,6 +44,8 @@ def recurrence(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z):
         y = torch.einsum("bhnp,bhn->bhp", S, q) + D.double()[:, None] * v
         out.append(y * torch.nn.functional.silu(Z[:, t].double()))
         k_prev, v_prev = k, v
+    if final:
+        return S, torch.remainder(theta, 2 * math.pi)
     return torch.stack(out, 1)
 
 
@@ -70,8 +73,19 @@ def test_mamba_ssms_mamba3_module_runs_on_a_cpu_and_is_causal():
     assert not torch.allclose(a[:, 25:], b[:, 25:])
 
 
-def test_a_cache_or_packed_sequences_are_refused():
-    with pytest.raises(NotImplementedError, match="state cache"):
-        mamba3_reference.mamba3_siso(**inputs(), return_final_states=True)
+def test_the_final_states_are_where_the_recurrence_ends():
+    """What decoding continues from: the state after the last token, the angles, and its rotated k and its v."""
+    given = inputs(length=37)
+    expected_state, expected_theta = recurrence(**given, final=True)
+    y, theta, state, k, v = mamba3_reference.mamba3_siso(**given, chunk_size=16, return_final_states=True)
+    torch.testing.assert_close(state.double(), expected_state.transpose(-1, -2), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(theta.double(), expected_theta, atol=1e-5, rtol=1e-5)
+    assert torch.equal(v, given["V"][:, -1]) and k.shape == (2, 4, 16)
+    torch.testing.assert_close(y, mamba3_reference.mamba3_siso(**given, chunk_size=16))
+
+
+def test_a_cache_to_continue_from_or_packed_sequences_are_refused():
+    with pytest.raises(NotImplementedError, match="cached states"):
+        mamba3_reference.mamba3_siso(**inputs(), Input_States=(None, None, None, None))
     with pytest.raises(NotImplementedError, match="packed"):
         mamba3_reference.mamba3_siso(**inputs(batch=1), cu_seqlens=torch.tensor([0, 20, 37]))

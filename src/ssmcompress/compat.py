@@ -276,6 +276,15 @@ def _route_mamba3() -> None:
         return (fast if _triton_runs_on(values.device) else mamba3_reference.mamba3_siso)(*args, **kwargs)
 
     m3.mamba3_siso_combined = mamba3_siso_combined
+    fast_step = m3.Mamba3.step
+
+    def mamba3_step(self, u, *states, **kwargs):
+        return (fast_step(self, u, *states, **kwargs) if _triton_runs_on(u.device)
+                else mamba3_reference.step(self, u, *states))
+
+    if not getattr(m3.Mamba3.step, "_ssmcompress_routed", False):
+        mamba3_step._ssmcompress_routed = True
+        m3.Mamba3.step = mamba3_step
     import mamba_ssm.models.mixer_seq_simple as mixer_seq
 
     if not getattr(mixer_seq.create_block, "_ssmcompress_mamba3", False):

@@ -17,8 +17,9 @@ Mamba-2's SSD with B = k·w, C = q, X = v and log-decays adt (mamba-ssm's chunke
 contractions as the Triton kernel's chunks), minus the next token's share at j = t, (q_t·k_t)(1 - λ_{t+1}) dt_{t+1} v_t.
 Everything is computed in float32 and returned in V's dtype.
 
-Not covered: `Input_States` and `return_final_states` (the cache of a prefill, whose decoding steps need mamba-ssm's
-CuTe step kernel, a GPU anyway), and `cu_seqlens` (packed sequences): each raises NotImplementedError.
+`return_final_states` gives what decoding continues from (the angles, the state, the last token's k and v), and `step`
+is `Mamba3.step` (mamba-ssm's runs on its CuTe kernel only), so a Mamba-3 model generates on a CPU. Not covered:
+`Input_States` (a prefill continuing from a cache) and `cu_seqlens` (packed sequences): NotImplementedError.
 """
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def mamba3_siso(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     (b, h, l), Q_bias, K_bias (h, n), Angles (b, l, h, n_angles), D (h,). Returns y (b, l, h, p)."""
     from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
 
-    if Input_States is not None or return_final_states:
-        raise NotImplementedError("Mamba-3 with a state cache (decoding) runs on mamba-ssm's GPU kernels only")
+    if Input_States is not None:
+        raise NotImplementedError("a Mamba-3 prefill that continues from cached states is not supported by the "
+                                  "pure-torch layer (decoding steps are: `step`)")
     if cu_seqlens is not None:
         raise NotImplementedError("packed sequences (cu_seqlens) are not supported by the pure-torch Mamba-3 layer")
     batch, length, nheads, _ = V.shape
@@ -68,10 +70,49 @@ def mamba3_siso(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     pad = -length % chunk_size  # causal: tokens appended at the end change no earlier output
     along = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))  # noqa: E731
     v = V.float()
-    y, _ = ssd_minimal_discrete(along(v), along(ADT.float().transpose(1, 2)), along(k * weight), along(q), chunk_size)
+    y, state = ssd_minimal_discrete(along(v), along(ADT.float().transpose(1, 2)), along(k * weight), along(q),
+                                    chunk_size)
     y = y[:, :length] - ((q * k).sum(-1) * following.transpose(1, 2)).unsqueeze(-1) * v
     if D is not None:
         y = y + D.float()[:, None] * v
     if Z is not None:
         y = y * F.silu(Z.float())
-    return y.to(V.dtype)
+    if not return_final_states:
+        return y.to(V.dtype)
+    # what decoding continues from, as the kernel returns it: the angles, the state after the last token (the padded
+    # steps neither add to it nor decay it), and the last token's rotated k and its v, which the next step's
+    # trapezoid mixes in
+    return y.to(V.dtype), theta[:, -1], state, k[:, -1].to(V.dtype), V[:, -1]
+
+
+def step(layer, u, angle_state, ssm_state, k_state, v_state):
+    """mamba-ssm's `Mamba3.step` (SISO) in pure torch: one token per row, u (b, d_model) or (b, 1, d_model); the
+    states are updated in place and returned as the module's step returns them."""
+    if layer.is_mimo:
+        raise NotImplementedError("Mamba-3 MIMO decoding runs on mamba-ssm's GPU kernels only")
+    single = u.dim() == 3
+    z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(layer.in_proj(u.squeeze(1) if single else u), [
+        layer.d_inner, layer.d_inner, layer.d_state * layer.num_bc_heads, layer.d_state * layer.num_bc_heads,
+        layer.nheads, layer.nheads, layer.nheads, layer.num_rope_angles], dim=-1)
+    dt, B, C, x, z, share, A, angles = layer._preprocess(dd_A, dd_dt, B, C, x, z, trap, angles)
+    dt, share = dt.float(), share.float()
+    theta = angle_state + torch.tanh(angles.float()) * math.pi * dt.unsqueeze(-1)
+    theta = theta - 2 * math.pi * torch.floor(theta / (2 * math.pi))
+    q = rotate(C[:, 0].float() + layer.C_bias[:, 0].float(), theta)  # (b, h, n)
+    k = rotate(B[:, 0].float() + layer.B_bias[:, 0].float(), theta)
+    v = x.float()
+    decay = torch.exp(A * dt)[..., None, None]
+    state = decay * ssm_state + ((1 - share) * dt)[..., None, None] * decay * (
+        v_state.float().unsqueeze(-1) * k_state[:, 0].float().unsqueeze(-2)) + (share * dt)[..., None, None] * (
+        v.unsqueeze(-1) * k.unsqueeze(-2))  # (b, h, p, n)
+    y = torch.einsum("bhpn,bhn->bhp", state, q) + layer.D.float()[:, None] * v
+    if layer.is_outproj_norm:
+        y = layer.norm(y.flatten(1), z.flatten(1))
+    else:
+        y = (y * F.silu(z.float())).flatten(1)
+    out = layer.out_proj(y.to(x.dtype))
+    angle_state.copy_(theta)
+    ssm_state.copy_(state)
+    k_state.copy_(k.unsqueeze(1))
+    v_state.copy_(x)
+    return (out.unsqueeze(1) if single else out), angle_state, ssm_state, k_state, v_state

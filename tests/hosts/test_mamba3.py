@@ -82,3 +82,21 @@ def test_keeping_each_rows_first_tokens_gives_the_prefix_logits(mamba3):
     kept = out.logits.shape[1]
     assert kept < 48 and torch.equal(out.positions, torch.arange(kept).expand(2, kept))
     torch.testing.assert_close(out.logits, dense[:, :kept], atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_from_the_prefills_states_equals_running_the_whole_sequence(mamba3):
+    """A prefill that fills the cache (the layer's final angles, state, last k and v) and steps from it
+    (mamba3_reference.step, in place of mamba-ssm's CuTe kernel) give each new token the logits the full forward
+    gives it: the trapezoid's previous token and the rotation carry over the cache boundary."""
+    from mamba_ssm.utils.generation import InferenceParams
+
+    model, info = mamba3
+    ids = torch.randint(1, 4000, (2, 21), generator=torch.Generator().manual_seed(3))
+    cache = InferenceParams(max_seqlen=32, max_batch_size=2)
+    with torch.no_grad():
+        logits = model(ids, inference_params=cache).logits[:, -1]
+        for _ in range(5):
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            cache.seqlen_offset = ids.shape[1] - 1
+            logits = model(ids[:, -1:], inference_params=cache).logits[:, -1]
+            torch.testing.assert_close(logits, model(ids).logits[:, -1], atol=1e-4, rtol=1e-4)
