@@ -7,7 +7,6 @@ reference path.
     python experiments/gpu/check_causal_conv.py OUT.jsonl      # on a GPU; wheels as in experiments/gpu/efficiency.sh
 """
 import json
-import statistics
 import sys
 
 import torch
@@ -19,20 +18,6 @@ from ssmcompress.hosts import mamba_ssm
 from ssmcompress.metrics import efficiency
 
 SHAPES = {"granite-4.0-h-1b": 3072 + 2 * 128, "mamba2-2.7b": 5120 + 2 * 128}  # d_inner + 2 groups x d_state
-
-
-def median_ms(call, repeats: int = 20) -> float:
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def kernel_rows():
@@ -47,8 +32,10 @@ def kernel_rows():
             yield dict(check="kernel", shape=name, batch=batch, length=length, dtype=str(dtype),
                        triton_max_abs=(out.double() - exact).abs().max().item(),
                        torch_max_abs=(torch_out.double() - exact).abs().max().item(),
-                       triton_ms=median_ms(lambda: causal_conv.causal_conv1d_fn(x, weight, bias, "silu")),
-                       torch_ms=median_ms(lambda: causal_conv.causal_conv1d_reference(x, weight, bias, "silu")))
+                       triton_ms=efficiency.median_ms(
+                           lambda: causal_conv.causal_conv1d_fn(x, weight, bias, "silu"), x.device),
+                       torch_ms=efficiency.median_ms(
+                           lambda: causal_conv.causal_conv1d_reference(x, weight, bias, "silu"), x.device))
 
 
 def model_rows():

@@ -15,7 +15,6 @@ kept by both routes; no host synchronisation inside the reduction layers on the 
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,21 +36,7 @@ ROUTES = ("fused", "reference")
 
 def timed(call, repeats: int, cuda: bool) -> float:
     """Median milliseconds of call() after one warm-up (CUDA events on a GPU)."""
-    call()
-    spans = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            spans.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            call()
-            spans.append(1000 * (time.perf_counter() - began))
-    return statistics.median(spans)
+    return efficiency.median_ms(call, "cuda" if cuda else "cpu", repeats, warmup=1)
 
 
 def on_route(route, call):

@@ -18,7 +18,6 @@ import importlib.util
 import itertools
 import json
 import os
-import statistics
 import sys
 import tarfile
 import tempfile
@@ -61,20 +60,6 @@ def load_built(build_dir: str):
     return module
 
 
-def median_ms(call, repeats=20, warmup=3) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def scan_inputs(batch, length, dim=5120, dstate=16, dtype=torch.bfloat16, grad=False):
     """mamba-2.8b's mixer: d_inner 5120, d_state 16, B and C (b, n, l), D, z, delta bias, softplus."""
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -90,6 +75,7 @@ def scan_inputs(batch, length, dim=5120, dstate=16, dtype=torch.bfloat16, grad=F
 def time_scans(build_dir: str, out: str) -> None:
     load_built(build_dir)
     from ssmcompress import compat, selective_scan
+    from ssmcompress.metrics import efficiency
 
     compat.install()
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as compiled
@@ -107,7 +93,7 @@ def time_scans(build_dir: str, out: str) -> None:
                         y.float().sum().backward()
                     return y
                 with torch.set_grad_enabled(backward):
-                    row[f"{name}_ms"] = median_ms(call)
+                    row[f"{name}_ms"] = efficiency.median_ms(call, "cuda")
                     row[f"{name}_out"] = call().float()
             row["max_abs_diff"] = (row.pop("compiled_out") - row.pop("triton_out")).abs().max().item()
             row["triton_over_compiled"] = row["triton_ms"] / row["compiled_ms"]

@@ -82,7 +82,8 @@ def claim(count: int, lock_dir: Path | None = None, wait_s: float = 1.0) -> int:
 
 def device() -> str:
     """This worker's GPU (`claim`), made the current CUDA device, as a device string for the model."""
-    check(torch.cuda.device_count(), workers())
-    index = claim(torch.cuda.device_count())
+    count = torch.cuda.device_count()
+    check(count, workers())
+    index = claim(count)
     torch.cuda.set_device(index)
     return f"cuda:{index}"

@@ -44,7 +44,11 @@ def rotate(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 def cumulative_angles(angles: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     """θ (b, l, h, n_angles): the running sum of π·tanh(angles)·dt over the sequence, wrapped to [0, 2π) as the
     kernels wrap it. angles (b, l, h, n_angles) before the tanh; dt (b, h, l)."""
-    theta = torch.cumsum(torch.tanh(angles.float()) * math.pi * dt.transpose(1, 2).unsqueeze(-1), dim=1)
+    return wrapped(torch.cumsum(torch.tanh(angles.float()) * math.pi * dt.transpose(1, 2).unsqueeze(-1), dim=1))
+
+
+def wrapped(theta: torch.Tensor) -> torch.Tensor:
+    """Angles wrapped to [0, 2π), as the kernels keep them."""
     return theta - 2 * math.pi * torch.floor(theta / (2 * math.pi))
 
 
@@ -96,8 +100,7 @@ def step(layer, u, angle_state, ssm_state, k_state, v_state):
         layer.nheads, layer.nheads, layer.nheads, layer.num_rope_angles], dim=-1)
     dt, B, C, x, z, share, A, angles = layer._preprocess(dd_A, dd_dt, B, C, x, z, trap, angles)
     dt, share = dt.float(), share.float()
-    theta = angle_state + torch.tanh(angles.float()) * math.pi * dt.unsqueeze(-1)
-    theta = theta - 2 * math.pi * torch.floor(theta / (2 * math.pi))
+    theta = wrapped(angle_state + torch.tanh(angles.float()) * math.pi * dt.unsqueeze(-1))
     q = rotate(C[:, 0].float() + layer.C_bias[:, 0].float(), theta)  # (b, h, n)
     k = rotate(B[:, 0].float() + layer.B_bias[:, 0].float(), theta)
     v = x.float()

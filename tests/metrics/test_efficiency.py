@@ -41,6 +41,12 @@ def test_reduction_kernels_names_the_path_matching_takes(monkeypatch):
     assert "not representative" in efficiency.reduction_kernels(cuda)
 
 
+def test_median_ms_warms_up_then_times_each_call_with_gradients_on():
+    calls = []
+    ms = efficiency.median_ms(lambda: calls.append(torch.is_grad_enabled()), "cpu", repeats=4, warmup=2)
+    assert calls == [True] * 6 and ms >= 0
+
+
 def test_forwards_are_warmed_up_then_interleaved():
     calls = []
     forwards = {"dense": lambda x: calls.append("d"), "reduced": lambda x: calls.append("r")}

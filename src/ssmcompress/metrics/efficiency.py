@@ -136,6 +136,15 @@ def time_call(forward, input_ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def median_ms(call, device, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of `call()` over `repeats` calls after `warmup` ones, each timed as `time_call` times a
+    forward on `device` (the GPU scripts' kernel timings). Gradients stay on, so `call` may run a backward."""
+    like = torch.empty(0, device=device)
+    for _ in range(warmup):
+        call()
+    return 1000 * statistics.median(time_call(lambda _: call(), like) for _ in range(repeats))
+
+
 def time_forwards(forwards: dict, input_ids: torch.Tensor, warmup: int, repeats: int,
                   progress: bool = True) -> dict[str, list[float]]:
     """Per forward, the seconds of each of `repeats` calls, after `warmup` calls; calls interleaved."""
