@@ -167,6 +167,16 @@ def test_mamba1_runs_its_mixers_on_aligned_lengths_and_computes_what_it_did(trit
     assert torch.allclose(aligned, unpadded, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scan, runs_at", [("triton", 48), ("cuda", 48), ("ref", 37), ("parallel", 37)])
+def test_mamba1_mixers_are_padded_on_the_gpu_scans_only(scan, runs_at, monkeypatch):
+    monkeypatch.setattr(compat, "mamba1_scan", lambda device: scan)
+    seen = []
+    forward = compat.aligned_mamba1(lambda self, hidden_states, inference_params=None: seen.append(
+        hidden_states.shape[1]) or hidden_states * 2)
+    out = forward(None, torch.ones(2, 37, 8))
+    assert seen == [runs_at] and torch.equal(out, torch.full((2, 37, 8), 2.0))
+
+
 def test_a_reduced_mamba1_on_aligned_mixers_keeps_what_it_kept(triton_mamba1, monkeypatch):
     """The importance of the padded rows is not a token's: the reducer keeps the same positions (ours, and
     DeciMamba's Δ, read by another hook)."""

@@ -3,7 +3,9 @@ beside `ssmcompress.selective_scan` at mamba-2.8b's shapes, and mamba-ssm's own 
 
     python experiments/gpu/compiled_scan.py build SDIST BUILD_DIR     # mamba-ssm's sdist (.tar.gz): its csrc, its flags
     python experiments/gpu/compiled_scan.py time BUILD_DIR OUT.json   # forward and forward+backward, both scans
-    python experiments/gpu/compiled_scan.py tests TEST_FILE OUT.json  # mamba-ssm's tests/ops/test_selective_scan.py
+    python experiments/gpu/compiled_scan.py tests TEST_FILE OUT.json [--shard K/N] [--skip N] [--compiled BUILD_DIR]
+                                                                      # mamba-ssm's tests/ops/test_selective_scan.py
+    python experiments/gpu/compiled_scan.py merge OUT.json SHARD.json...  # the shards' reports in one
 
 `build` compiles the ten sources of mamba-ssm's setup.py with its nvcc flags, for this GPU's architecture only (the
 sdist builds seven; one takes minutes with ninja's parallel jobs, MAX_JOBS). `time` imports the built module first,
@@ -95,7 +97,9 @@ def time_scans(build_dir: str, out: str) -> None:
                 with torch.set_grad_enabled(backward):
                     row[f"{name}_ms"] = efficiency.median_ms(call, "cuda")
                     row[f"{name}_out"] = call().float()
-            row["max_abs_diff"] = (row.pop("compiled_out") - row.pop("triton_out")).abs().max().item()
+            compiled_out, triton_out = row.pop("compiled_out"), row.pop("triton_out")
+            row["max_abs_diff"] = (compiled_out - triton_out).abs().max().item()
+            row["max_abs_output"] = compiled_out.abs().max().item()  # bf16 outputs: the diff is in units of its ulp
             row["triton_over_compiled"] = row["triton_ms"] / row["compiled_ms"]
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -119,17 +123,36 @@ def cases():
                 yield dict(zip(SWEPT, values), **layout, **{option: option != off for option in OPTIONS})
 
 
-def run_tests(test_file: str, out: str) -> None:
+def run_tests(test_file: str, out: str, *options: str) -> None:
+    """mamba-ssm's test over the grid (`cases`), on our Triton scan; options: --shard K/N (every N-th case from the
+    K-th: processes side by side), --skip N (cases a cut run already did), --compiled BUILD_DIR (mamba-ssm's own
+    compiled kernel instead: does it pass the same cases?), --only FAILED.json (the failed cases of a report)."""
+    given = dict(zip(options[::2], options[1::2]))
+    shard, shards = map(int, given.get("--shard", "0/1").split("/"))
+    if "--compiled" in given:
+        load_built(given["--compiled"])
     from ssmcompress import compat, selective_scan
 
     compat.install()
     spec = importlib.util.spec_from_file_location("mamba_ssm_scan_tests", test_file)
     tests = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tests)
-    tests.selective_scan_fn = selective_scan.selective_scan_fn  # what the test calls its kernel
+    if "--compiled" not in given:
+        tests.selective_scan_fn = selective_scan.selective_scan_fn  # what the test calls its kernel
     test = getattr(tests.test_selective_scan, "__wrapped__", tests.test_selective_scan)
-    results = dict(passed=0, failed=[], refused=0)
-    for case in cases():
+    grid = list(cases())
+    if "--only" in given:
+        failed = [{k: v for k, v in f.items() if k != "error"} for f in json.loads(Path(given["--only"]).read_text())["failed"]]
+        grid = [case for case in grid if {k: str(v) for k, v in case.items()} in failed]
+    grid = grid[int(given.get("--skip", 0)):][shard::shards]
+    results = dict(kernel="mamba-ssm compiled" if "--compiled" in given else "ssmcompress Triton", shard=f"{shard}/{shards}",
+                   skipped=int(given.get("--skip", 0)), cases=len(grid), passed=0, failed=[], refused=0)
+    save = lambda: Path(out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), **results),  # noqa: E731
+                                                   indent=1))
+    for number, case in enumerate(grid):
+        if number % 50 == 0:  # what a cut run has done so far stays on disk
+            save()
+            print(f"{number} cases: {results['passed']} passed, {len(results['failed'])} failed", flush=True)
         try:
             test(**case)
             results["passed"] += 1
@@ -139,10 +162,22 @@ def run_tests(test_file: str, out: str) -> None:
                 continue
             results["failed"].append(dict({k: str(v) for k, v in case.items()}, error=traceback.format_exception_only(
                 type(error), error)[-1].strip()[:300]))
+    results["complete"] = True
+    save()
     print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in results.items()}))
-    Path(out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), **results), indent=1))
+
+
+def merge(out: str, *parts: str) -> None:
+    """One report from the shards' reports: counts added, failures listed, complete where every shard was."""
+    reports = [json.loads(Path(part).read_text()) for part in parts]
+    merged = dict(device=reports[0]["device"], kernel=reports[0]["kernel"], skipped=reports[0]["skipped"],
+                  shards=len(reports), complete=all(r.get("complete", False) for r in reports),
+                  **{key: sum(r[key] for r in reports) for key in ("cases", "passed", "refused")},
+                  failed=[f for r in reports for f in r["failed"]])
+    Path(out).write_text(json.dumps(merged, indent=1))
+    print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in merged.items()}))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count()))
-    {"build": build, "time": time_scans, "tests": run_tests}[sys.argv[1]](*sys.argv[2:])
+    {"build": build, "time": time_scans, "tests": run_tests, "merge": merge}[sys.argv[1]](*sys.argv[2:])

@@ -84,21 +84,22 @@ MAMBA1_ALIGN = 16  # tokens: the length Mamba-1's mixer runs at on the Triton sc
 
 
 def aligned_mamba1(forward):
-    """mamba-ssm's Mamba-1 mixer forward, run where our Triton scan serves it (CUDA tensors, no compiled scan) on its
+    """mamba-ssm's Mamba-1 mixer forward, run on CUDA tensors (our Triton scan or mamba-ssm's compiled one) on its
     input padded at the end to a multiple of MAMBA1_ALIGN tokens, its output cut back to the real ones.
 
-    Why: without the compiled extension mamba-ssm's Mamba-1 multiplies in_proj and dt_proj with the batch·length
-    tokens as the leading dimension of the result (`weight @ x.t()`); where that is not a multiple of 8, cuBLAS has no
-    tensor-core kernel for it, and the scan pads five inputs itself (`selective_scan._padding`). A reduced sequence
-    is almost never aligned: measured on an H100, mamba-2.8b at batch 1 x 2048 with 10 % of the FLOPs removed ran at
-    0.40x the dense model, the ceiling's cut alone at 0.40x, and 1.04x with counts in multiples of 16 (schedule=chunk).
+    Why: mamba-ssm's Mamba-1 multiplies in_proj (and, off its fused path, dt_proj) with the batch·length tokens as
+    the leading dimension of the result (`weight @ x.t()`); where that is not a multiple of 8, cuBLAS has no
+    tensor-core kernel for it, and our Triton scan pads five inputs itself (`selective_scan._padding`). A reduced
+    sequence is almost never aligned: measured on an H100, mamba-2.8b at batch 1 x 2048 with 10 % of the FLOPs
+    removed ran at 0.40x the dense model, the ceiling's cut alone at 0.40x, and 1.04x with counts in multiples of 16
+    (schedule=chunk); on the compiled scan, unpadded, at 0.84x at batch 8 x 2048 and 0.41x at 1 x 8192.
     Padding once at the mixer's input aligns every one of these. The mixer is causal, so tokens appended at the end
     change no earlier output; the path with a cache (inference_params) is left alone, since the padded steps would
     enter the cached states. Hooks on the mixer's modules see the padded rows (the reducer keeps the first ones)."""
     def forward_aligned(self, hidden_states, inference_params=None, **kwargs):
         length = hidden_states.shape[1]
         pad = -length % MAMBA1_ALIGN
-        if not pad or inference_params is not None or mamba1_scan(hidden_states.device) != "triton":
+        if not pad or inference_params is not None or mamba1_scan(hidden_states.device) not in ("triton", "cuda"):
             return forward(self, hidden_states, inference_params=inference_params, **kwargs)
         return forward(self, F.pad(hidden_states, (0, 0, 0, pad)), **kwargs)[:, :length]
 

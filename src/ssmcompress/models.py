@@ -94,6 +94,8 @@ def check_settings(cfg) -> dict:
     device = resolve_device(model.get("device", "auto"))
     resolve_dtype(model.get("dtype", "auto"), device)
     integer("model.max_length", model.get("max_length"), minimum=1)
+    if model.get("train_length") is not None:
+        integer("model.train_length", model["train_length"], minimum=2)
     if not isinstance(model.get("random_init"), bool):
         raise ModelSourceError(f"model.random_init must be true or false, got {model.get('random_init')!r}")
     if model["random_init"] and not isinstance(model.get("config"), dict):

@@ -68,14 +68,15 @@ def prepare(cfg: DictConfig) -> Prepared:
                               cfg.model.random_init,
                               config=resolved.get("config"), seed=cfg.seed)
     info = family.model_info(model)
-    tokenizer = family.load_tokenizer(cfg.model.tokenizer) if models.needs_tokenizer(cfg) else None
+    needs_text = models.needs_tokenizer(cfg) or reduction.calibrated(cfg)
+    tokenizer = family.load_tokenizer(cfg.model.tokenizer) if needs_text else None
     timings["load_s"] = time.perf_counter() - start
     pruning_stats = None
     if cfg.pruner.name != "none":
         step = time.perf_counter()
         pruning_stats = pruning.from_config(model, tokenizer, cfg)
         timings["prune_s"] = time.perf_counter() - step
-    reducer = reduction.from_config(model, cfg, info) if cfg.method.name != "dense" else None
+    reducer = reduction.from_config(model, cfg, info, tokenizer) if cfg.method.name != "dense" else None
     return Prepared(model, tokenizer, reducer, info, pruning_stats, timings)
 
 

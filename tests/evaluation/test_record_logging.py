@@ -20,7 +20,7 @@ def reduced_config(model_dir, results_dir, *extra):
 @pytest.fixture
 def fake_reduction(monkeypatch):
     """The runner builds the test reducer (2 tokens removed after block 1) instead of a real method."""
-    monkeypatch.setattr(reduction, "from_config", lambda model, cfg, info: DropTokens(model, 1, 2, match=True))
+    monkeypatch.setattr(reduction, "from_config", lambda model, cfg, info, tokenizer=None: DropTokens(model, 1, 2, match=True))
     monkeypatch.setattr(reduction, "check_config", lambda cfg, model_config: None, raising=False)
 
 

@@ -4,12 +4,16 @@ import pytest
 import torch
 
 from ssmcompress.hosts import mamba_ssm
+from ssmcompress.reduction import METHODS
 from ssmcompress.reduction.merge import Tokens
 from conftest import tiny_model
 
 # the methods for accuracy (every registry entry but the `ceiling` measuring device, refused on lm-eval benchmarks)
 ALL_METHODS = ["ours", "official", "evit", "tome", "pumer", "random", "prune_only", "merge_only", "early",
                "early_merge", "strided", "late", "utr_early", "decimamba"]
+
+# the registry's methods that remove tokens (longmamba sets Δ to 0 instead: test_longmamba.py)
+REMOVING = [name for name, entry in METHODS.items() if not entry.filters_delta]
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from ssmcompress import compat, reduction
 from ssmcompress.hosts import mamba_ssm
 from ssmcompress.reduction import METHODS, kernels, merge
 from conftest import tiny_model
-from reduction_fixtures import ALL_METHODS, compose, make_tokens, mamba2, one_thread  # noqa: F401
+from reduction_fixtures import ALL_METHODS, REMOVING, compose, make_tokens, mamba2, one_thread  # noqa: F401
 import test_reduction_merge
 from test_reduction_methods import method_call
 
@@ -196,7 +196,7 @@ def test_widths_from_the_budget_change_nothing(mamba2, method):
         reducer.remove()
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", REMOVING)
 def test_every_method_removes_exactly_what_is_asked_within_its_limit(name):
     """What the planned widths rely on: for an unpadded, unprotected row of c tokens, asked for r <= the limit
     its min_keep_rate implies (budget.predicted_counts), a method removes exactly r."""

@@ -345,6 +345,29 @@ def attach_delta(model, index: int, record) -> list:
     raise ConfigError(f"layer {index} has no SSM mixer, so no Δ")
 
 
+def ssm_decay(model, index: int) -> torch.Tensor:
+    """A = -exp(A_log) of layer `index`'s SSM: per head (Mamba-2), per channel and state (Mamba-1)."""
+    return -torch.exp(model.backbone.layers[index].mixer.A_log.float())
+
+
+def attach_delta_filter(model, index: int, keep) -> list:
+    """Hooks through which `keep(dt)` drops tokens from layer `index`'s Mamba-2 heads: dt is Δ before its softplus
+    (in_proj's dt columns plus dt_bias, (batch, length, heads)); where keep's mask is False, the mixer's Δ becomes 0
+    (architecture.ZERO_STEP_DT). keep returns None: nothing changes. In place: the reducer runs without gradients."""
+    mixer = model.backbone.layers[index].mixer
+    if not hasattr(mixer, "dt_bias"):
+        raise ConfigError(f"layer {index} has no Mamba-2 mixer, whose heads a Δ filter drops tokens from")
+
+    def hook(module, args, out):
+        dt = out[..., -mixer.nheads:]
+        mask = keep(dt + mixer.dt_bias)
+        if mask is not None:
+            dt.masked_fill_(~mask, architecture.ZERO_STEP_DT)
+        return out
+
+    return [mixer.in_proj.register_forward_hook(hook)]
+
+
 def fused_flags(model, index: int) -> list[tuple[object, str]]:
     mixer = model.backbone.layers[index].mixer
     return [(mixer, flag) for flag in FUSED_FLAGS if hasattr(mixer, flag)]

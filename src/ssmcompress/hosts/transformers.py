@@ -429,6 +429,29 @@ def attach_delta(model, index: int, record) -> list:
         lambda module, args, out: record(out[..., -mixer.num_heads:] + mixer.dt_bias))]
 
 
+def ssm_decay(model, index: int) -> torch.Tensor:
+    """A = -exp(A_log) of layer `index`'s SSM: per head (Mamba-2 mixers), per channel and state (Mamba-1)."""
+    return -torch.exp(getattr(layers(model)[index], family_of(model).mixer).A_log.float())
+
+
+def attach_delta_filter(model, index: int, keep) -> list:
+    """Hooks through which `keep(dt)` drops tokens from layer `index`'s Mamba-2 heads: dt is Δ before its softplus
+    (in_proj's dt columns plus dt_bias, (batch, length, heads)); where keep's mask is False, the mixer's Δ becomes 0
+    (architecture.ZERO_STEP_DT). keep returns None: nothing changes. In place: the reducer runs without gradients."""
+    mixer = getattr(layers(model)[index], family_of(model).mixer)
+    if not hasattr(mixer, "dt_bias"):
+        raise ConfigError(f"layer {index} has no Mamba-2 mixer, whose heads a Δ filter drops tokens from")
+
+    def hook(module, args, out):
+        dt = out[..., -mixer.num_heads:]
+        mask = keep(dt + mixer.dt_bias)
+        if mask is not None:
+            dt.masked_fill_(~mask, architecture.ZERO_STEP_DT)
+        return out
+
+    return [mixer.in_proj.register_forward_hook(hook)]
+
+
 def fused_flags(model, index: int) -> list:
     """transformers' fused SSM path (`*_split_conv1d_scan_combined`, `mamba_inner_fn`) runs only in training."""
     return []

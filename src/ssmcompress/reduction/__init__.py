@@ -46,8 +46,9 @@ from functools import lru_cache
 from typing import Callable
 
 from ssmcompress import architecture, hosts
-from ssmcompress.config import CONF_DIR, ConfigError
-from ssmcompress.reduction import budget, methods
+from ssmcompress.config import CONF_DIR, ConfigError, integer
+from ssmcompress.pruning import calibration
+from ssmcompress.reduction import budget, longmamba, methods
 from ssmcompress.reduction.patch import Reducer, Schedule, Setup
 
 SCHEDULES = ("smooth", "chunk")
@@ -69,6 +70,7 @@ class Method:
     rule: str = "cumulative"  # budget.removals
     overhead: str = "bipartite"  # budget.overhead_flops
     uses_importance: bool = True  # reads the importance signal (the out_proj pre-hook captures it)
+    filters_delta: bool = False  # removes no token: sets Δ to 0 in chosen heads (longmamba), calibrated on text
 
 
 def pumer_min_keep(params: dict) -> float:
@@ -90,6 +92,9 @@ METHODS = {
     "random": Method(methods.random_prune, min_keep_rate=lambda p: 0.0, overhead="none"),
     # DeciMamba's selection (without its fine-tuning): EViT's rule on DeciMamba's score, importance=delta
     "decimamba": Method(methods.evit, min_keep_rate=lambda p: 0.0, overhead="none"),
+    # LongMamba's Δ filter (reduction.longmamba): no token removed, so no method function and no budget
+    "longmamba": Method(None, min_keep_rate=lambda p: 1.0, overhead="none", uses_importance=False,
+                        filters_delta=True),
     # positional baselines: where tokens go, not which (methods.py)
     "utr_early": Method(methods.utr_early),  # overhead FLOPs: UTR's (an upper bound)
     "early": Method(methods.early, **POSITIONAL),
@@ -178,6 +183,30 @@ def check_params(name: str, p: dict) -> None:
         raise ConfigError(f"method {name}: seed must be an integer, got {p['seed']!r}")
     if "allow_accuracy" in p and not isinstance(p["allow_accuracy"], bool):
         raise ConfigError(f"method {name}: allow_accuracy must be true or false, got {p['allow_accuracy']!r}")
+    if METHODS[name].filters_delta:
+        check_filter_params(name, p)
+
+
+def check_filter_params(name: str, p: dict) -> None:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not (number(p["channel_threshold"]) and p["channel_threshold"] >= 0):
+        raise ConfigError(f"method {name}: channel_threshold must be a number >= 0, got {p['channel_threshold']!r}")
+    if not (number(p["scale"]) and p["scale"] > 0):
+        raise ConfigError(f"method {name}: scale must be a number > 0, got {p['scale']!r}")
+    fraction(name, "clamp_top", p["clamp_top"], low_open=True)
+    one_of(name, "aggregate", p["aggregate"], longmamba.AGGREGATES)
+    if p["min_length"] is not None:
+        integer(f"method {name}: min_length", p["min_length"], minimum=1)
+    given = p["calibration"]
+    if not isinstance(given, dict) or set(given) != {"source", "samples", "length", "seed", "batch_size"}:
+        raise ConfigError(f"method {name}: calibration takes source, samples, length, seed and batch_size, got "
+                          f"{given!r}")
+    if given["length"] is not None:
+        integer(f"method {name}: calibration.length", given["length"], minimum=2)
+    one_of(name, "calibration source", given["source"], calibration.SOURCES)
+    integer(f"method {name}: calibration.samples", given["samples"], minimum=1)
+    integer(f"method {name}: calibration.seed", given["seed"])
+    integer(f"method {name}: calibration.batch_size", given["batch_size"], minimum=1)
 
 
 def eligible_layers(info: dict, reduce_at: str) -> list[int]:
@@ -229,6 +258,8 @@ def resolve(cfg, info: dict) -> Setup:
     name = given.get("name")
     params = method_params(name, given)
     entry = METHODS[name]
+    if entry.filters_delta:
+        return resolve_filter(cfg, info, name, params)
     layers = reduction_layers(OmegaConf.to_container(cfg.layers) if OmegaConf.is_config(cfg.get("layers"))
                               else cfg.get("layers"), info, cfg.get("reduce_at", "ssm"))
     ratio = cfg.get("ratio")
@@ -263,6 +294,50 @@ def resolve(cfg, info: dict) -> Setup:
                   reference_length=reference_length, strict=params["strict"], schedule=schedule,
                   uses_importance=entry.uses_importance, per_length=bool(architecture.attention_layers(info)))
     return setup if name == "ceiling" else replace(setup, ceiling=ceiling_of(setup))
+
+
+def resolve_filter(cfg, info: dict, name: str, params: dict) -> Setup:
+    """A Δ filter's setup (longmamba): no reduction layer; the filtered layers (layers=null: every SSM layer), its
+    calibration window and the length from which it acts, resolved; refusals before any work."""
+    from omegaconf import OmegaConf
+
+    if cfg.get("ratio") is not None:
+        raise ConfigError(f"method={name} removes no token (it sets Δ to 0 in the global heads of long rows; the "
+                          f"FLOPs stay the dense model's): leave ratio unset")
+    hosts.of_info(info).check_delta(info)
+    if info.get("mamba_version") != 2:
+        raise ConfigError(f"method={name} filters the heads of Mamba-2 mixers; this model's SSM is Mamba-"
+                          f"{info.get('mamba_version')}")
+    layers = OmegaConf.to_container(cfg.layers) if OmegaConf.is_config(cfg.get("layers")) else cfg.get("layers")
+    layers = architecture.ssm_layers(info) if layers is None else reduction_layers(layers, info, "ssm")
+    model_cfg = cfg.get("model") or {}
+    window = params["calibration"]["length"] or model_cfg.get("train_length")
+    if window is None:
+        raise ConfigError(f"method={name} calibrates on windows of the model's training length: set "
+                          f"model.train_length or method.calibration.length")
+    params = dict(params, calibration=dict(params["calibration"], length=int(window)),
+                  min_length=params["min_length"] or -(-3 * int(window) // 2))
+    return Setup(name=name, function=None, params=params, layers=[], keep_rate=1.0, rule="cumulative",
+                 overhead="none", min_keep_rate=1.0, ratio=None,
+                 reference_length=int(model_cfg.get("max_length") or 2048), strict=params["strict"],
+                 uses_importance=False, filter_layers=tuple(layers))
+
+
+def calibrated(cfg) -> bool:
+    """The run's method calibrates on text (longmamba), so the run needs the model's tokenizer."""
+    return cfg.method.name in METHODS and METHODS[cfg.method.name].filters_delta
+
+
+def calibrate_filter(model, setup: Setup, tokenizer) -> Setup:
+    """The Δ filter's calibration (longmamba.calibrate) on `calibration.samples` windows of the configured text."""
+    given = setup.params["calibration"]
+    if tokenizer is None:
+        raise ConfigError(f"method={setup.name} calibrates on text: it needs the model's tokenizer")
+    windows = calibration.windows(given["source"], tokenizer, given["samples"], given["length"], given["seed"])
+    device = next(model.parameters()).device
+    found = longmamba.calibrate(model, hosts.of_model(model), windows.to(device), list(setup.filter_layers),
+                                setup.params["clamp_top"], setup.params["aggregate"], given["batch_size"])
+    return replace(setup, calibration=found)
 
 
 def check_delta(info: dict, layers: list[int]) -> None:
@@ -321,6 +396,10 @@ def check_lengths(cfg, model_config: dict, lengths) -> None:
             raise ConfigError(f"strict=true: {error}") from None
 
 
-def from_config(model, cfg, info: dict) -> Reducer:
-    """Wrap `model` for token reduction as cfg says (method, ratio, layers); see the module docstring."""
-    return Reducer(model, resolve(cfg, info), info)
+def from_config(model, cfg, info: dict, tokenizer=None) -> Reducer:
+    """Wrap `model` for token reduction as cfg says (method, ratio, layers); see the module docstring. `tokenizer`:
+    the model's, for a method that calibrates on text (`calibrated`)."""
+    setup = resolve(cfg, info)
+    if setup.filter_layers:
+        setup = calibrate_filter(model, setup, tokenizer)
+    return Reducer(model, setup, info)

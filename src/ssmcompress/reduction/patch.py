@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ssmcompress import hosts
-from ssmcompress.reduction import budget
+from ssmcompress.reduction import budget, longmamba
 from ssmcompress.timing import Stopwatch, timed
 from ssmcompress.reduction.merge import Reduced, Tokens, concat, rows_of
 
@@ -72,6 +72,8 @@ class ForwardState:
     planned: list[int] | None = None  # every row's real tokens after each reduction layer, known on the host
     context: dict = field(default_factory=dict)  # what the host's context hooks build once per reduction step
     keep_rates: Tensor | None = None  # (b,) float64 per-row keep rates (Setup.per_length), None: the setup's
+    thresholds: Tensor | None = None  # (b, filter layers, heads) the Δ filter's per-row thresholds (longmamba)
+    filter_rows: dict = field(default_factory=dict)  # filter layer -> the next row its hook sees (mixer slices)
 
 
 @dataclass
@@ -93,6 +95,8 @@ class Setup:
     uses_importance: bool = True  # the method reads the importance signal: capture it at out_proj
     ceiling: Setup | None = None  # the ceiling at this schedule (reduction.ceiling_of); None for the ceiling
     per_length: bool = False  # the keep rate is solved per row length (budget: models with attention layers)
+    filter_layers: tuple = ()  # layers whose Mamba-2 heads the Δ filter acts in (longmamba), none elsewhere
+    calibration: longmamba.Calibration | None = None  # the Δ filter's, set by reduction.from_config
 
 
 class Schedule:
@@ -218,6 +222,8 @@ class Reducer:
                 setattr(owner, flag, False)
         if setup.layers:
             self._handles += self.host.attach_context(model, setup.layers[0], lambda: self._state)
+        for slot, index in enumerate(setup.filter_layers):
+            self._handles += self.host.attach_delta_filter(model, index, partial(self._filter_delta, slot))
 
     # ------------------------------------------------------------------------------------------ hooks
 
@@ -232,6 +238,20 @@ class Reducer:
         if self._state is not None:
             with timed(self.stopwatch, delta):
                 self._state.importance.setdefault(index, []).append(delta_importance(delta))
+
+    def _filter_delta(self, slot: int, dt: Tensor) -> Tensor | None:
+        """The Δ filter's keep mask (batch, length, heads) for a Mamba-2 mixer's Δ before its softplus: Δ above the
+        row's threshold at this layer and head (longmamba.row_thresholds). A mixer run in batch slices
+        (ssmcompress.mixer_slices) calls in_proj once per slice, in row order."""
+        state = self._state
+        if state is None or state.thresholds is None:
+            return None
+        with timed(self.stopwatch, dt):
+            start = state.filter_rows.get(slot, 0)
+            rows = int(dt.shape[0])
+            state.filter_rows[slot] = (start + rows) % state.thresholds.shape[0]
+            limits = state.thresholds[start:start + rows, slot]
+            return longmamba.keep_mask(torch.nn.functional.softplus(dt.float()), limits)
 
     def _reduce(self, index: int, step: int, hidden: Tensor, residual: Tensor):
         state = self._state
@@ -322,7 +342,8 @@ class Reducer:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         state = ForwardState(positions, valid, protect, ones, ones, n0, trace=[] if trace else None,
                              table=self._chunk_table(input_ids, lengths), planned=planned,
-                             keep_rates=self._keep_rates(input_ids, lengths))
+                             keep_rates=self._keep_rates(input_ids, lengths),
+                             thresholds=self._thresholds(input_ids, lengths))
         self._state = state
         return state
 
@@ -333,16 +354,25 @@ class Reducer:
         return self._on_device(input_ids, lengths, "keep_rates", lambda rows: self.schedule.keep_rates(rows),
                                torch.float64)
 
+    def _thresholds(self, input_ids: Tensor, lengths) -> Tensor | None:
+        """The Δ filter's per-row thresholds (longmamba.row_thresholds), from the row lengths on the host."""
+        s = self.setup
+        if not s.filter_layers:
+            return None
+        return self._on_device(input_ids, lengths, "thresholds", lambda rows: longmamba.row_thresholds(
+            s.calibration, rows, s.params["channel_threshold"], s.params["scale"], s.params["min_length"]),
+            torch.float32)
+
     def _on_device(self, input_ids: Tensor, lengths, what: str, per_rows, dtype=None) -> Tensor:
         """A per-row table computed on the host from the row lengths, on the input's device. Without `lengths` (every
         row real: the efficiency benchmarks) it is copied once per input shape, so that a forward of a shape seen
         before copies nothing from the host (a CUDA graph cannot capture such a copy)."""
         b, n = (int(size) for size in input_ids.shape)
         if lengths is not None:
-            return torch.tensor(per_rows(torch.as_tensor(lengths).tolist()), dtype=dtype, device=input_ids.device)
+            return torch.as_tensor(per_rows(torch.as_tensor(lengths).tolist()), dtype=dtype, device=input_ids.device)
         key = (what, b, n, input_ids.device)
         if key not in self._device_tables:
-            self._device_tables[key] = torch.tensor(per_rows([n] * b), dtype=dtype, device=input_ids.device)
+            self._device_tables[key] = torch.as_tensor(per_rows([n] * b), dtype=dtype, device=input_ids.device)
         return self._device_tables[key]
 
     def _settle(self, state: ForwardState, logits: Tensor | None, same_counts: bool = False) -> ReducedOutput:
@@ -486,6 +516,10 @@ class Reducer:
                          if s.layers else 0.0),
             min_length=self.min_length(),
         )
+        if s.filter_layers:  # what the Δ filter acts in
+            c = s.calibration
+            record["delta_filter"] = dict(layers=list(s.filter_layers), window=c.window,
+                                          global_heads=(c.decay_product > s.params["channel_threshold"]).sum(1).tolist())
         if s.schedule == "chunk":  # the counts at the reference length, and what they remove
             chunked = self.chunk_counts(s.reference_length)
             record["nominal"].update(chunk_counts=list(chunked) if chunked else None,
