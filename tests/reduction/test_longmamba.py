@@ -8,6 +8,7 @@ clamp_top 0.15, both aggregates, and the kept (token, head) pairs of the forward
 b = 1, their `int(seqlen/1e3) > 2` scaled to 1.5 windows). The repository holds no code of theirs (it has no
 license), only these numbers."""
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -106,10 +107,14 @@ def tokenizer():
 def test_the_filter_zeroes_delta_exactly_where_it_drops_and_only_on_long_rows(model, tokenizer):
     net, info = model
     reducer = reduction.from_config(net, filter_config(), info, tokenizer)
-    seen = []
-    handle = net.backbone.layers[1].mixer.in_proj.register_forward_hook(  # after the filter's own hook
-        lambda module, args, out: seen.append(torch.nn.functional.softplus(out[..., -net.backbone.layers[1].mixer.nheads:]
-                                                                           + net.backbone.layers[1].mixer.dt_bias)))
+    seen = {}
+
+    def record(index, module, args, out):  # registered after the filter's own hook: sees the filtered columns
+        mixer = net.backbone.layers[index].mixer
+        seen[index] = torch.nn.functional.softplus(out[..., -mixer.nheads:] + mixer.dt_bias)
+
+    handles = [layer.mixer.in_proj.register_forward_hook(partial(record, index))
+               for index, layer in enumerate(net.backbone.layers)]
     try:
         ids = long_ids(1, 60)
         with torch.no_grad():
@@ -117,14 +122,19 @@ def test_the_filter_zeroes_delta_exactly_where_it_drops_and_only_on_long_rows(mo
             short = net(ids[:, :30]).logits
         reduced = reducer(ids)
         assert not torch.equal(reduced.logits, dense), "no Δ was dropped: a vacuous check"
-        dropped = seen[-1] == 0
-        assert dropped.any() and not dropped.all()
-        heads = reducer.describe()["delta_filter"]["global_heads"][1]
-        assert dropped.any(1).sum() == heads  # only the global heads drop tokens
+        global_heads = reducer.describe()["delta_filter"]["global_heads"]
+        dropped = {index: delta == 0 for index, delta in seen.items()}
+        for index, heads in enumerate(global_heads):
+            assert dropped[index].any(1).sum() == heads  # only the global heads drop tokens, and each drops some
+        observed = reducer.describe()["observed"]
+        zeros = sum(int(d.sum()) for d in dropped.values())
+        assert zeros > 0 and observed["filter_dropped_share"] == zeros / (60 * 4 * net.backbone.layers[0].mixer.nheads)
+        assert observed["achieved_ratio"] == 0.0
         assert torch.equal(reducer(ids[:, :30]).logits, short)  # below min_length (36): the dense model, bit for bit
-        assert reducer.describe()["observed"]["achieved_ratio"] == 0.0
+        assert reducer.describe()["observed"]["filter_dropped_share"] == zeros / ((60 + 30) * 4 * 8)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         reducer.remove()
     with torch.no_grad():
         assert torch.equal(net(ids).logits, dense)  # removed: dense again

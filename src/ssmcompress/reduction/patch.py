@@ -74,6 +74,7 @@ class ForwardState:
     keep_rates: Tensor | None = None  # (b,) float64 per-row keep rates (Setup.per_length), None: the setup's
     thresholds: Tensor | None = None  # (b, filter layers, heads) the Δ filter's per-row thresholds (longmamba)
     filter_rows: dict = field(default_factory=dict)  # filter layer -> the next row its hook sees (mixer slices)
+    dropped: list = field(default_factory=list)  # per Δ-filter call, the real (token, head) pairs it set to Δ = 0
 
 
 @dataclass
@@ -202,12 +203,12 @@ class Reducer:
         # whose widths come from the host only; the same result, the working memory of that many rows)
         self.row_slices: int | None = None
         self.prefill_entering: list[int] | None = None  # tokens entering each layer in the last reduced prefill
-        self._pending = []  # (n0, counts) of calls not yet added to the totals
+        self._pending = []  # (n0, counts, Δ-filter drops) of calls not yet added to the totals
         self._planned: dict[int, list[int] | None] = {}  # planned_counts per input length
         self._device_tables: dict[tuple, Tensor] = {}  # _on_device
         self._captured: ForwardState | None = None  # a call captured in a CUDA graph, until `settle_captured`
         self._totals = dict(calls=0, rows=0, tokens=0, final_tokens=0, dense_flops=0.0, reduced_flops=0.0,
-                           overhead_flops=0.0, token_layers=0.0, chunk_fallback_rows=0)
+                           overhead_flops=0.0, token_layers=0.0, chunk_fallback_rows=0, filter_dropped=0)
         for step, index in enumerate(setup.layers, start=1):
             self._handles += self.host.attach_streams(model, index, partial(self._reduce, index, step))
             if not setup.uses_importance:  # nothing to capture: the site and the fused paths stay as they are
@@ -251,7 +252,9 @@ class Reducer:
             rows = int(dt.shape[0])
             state.filter_rows[slot] = (start + rows) % state.thresholds.shape[0]
             limits = state.thresholds[start:start + rows, slot]
-            return longmamba.keep_mask(torch.nn.functional.softplus(dt.float()), limits)
+            keep = longmamba.keep_mask(torch.nn.functional.softplus(dt.float()), limits)
+            state.dropped.append((~keep & state.valid[start:start + rows, :, None]).sum())
+            return keep
 
     def _reduce(self, index: int, step: int, hidden: Tensor, residual: Tensor):
         state = self._state
@@ -392,7 +395,8 @@ class Reducer:
                                    "include filler slots (generate prompts of one length per batch)")
             if logits is not None and not flags[0]:
                 logits = logits.masked_fill(~state.valid[..., None], float("nan"))
-            self._pending.append((state.n0, torch.stack(state.counts, 1) if state.counts else None))
+            self._pending.append((state.n0, torch.stack(state.counts, 1) if state.counts else None,
+                                  torch.stack(state.dropped).sum() if state.dropped else None))
         return ReducedOutput(logits, state.positions, state.valid.sum(1), state.trace)
 
     @contextlib.contextmanager
@@ -450,8 +454,8 @@ class Reducer:
         """Running totals of the calls so far (rows, tokens, FLOPs); settled on reading, so that a forward never
         waits for its bookkeeping (Python arithmetic per row)."""
         pending, self._pending = self._pending, []
-        for n0, counts in pending:
-            self._account(n0, counts)
+        for n0, counts, dropped in pending:
+            self._account(n0, counts, dropped)
         return self._totals
 
     def add_totals(self, others: list[dict]) -> None:
@@ -461,11 +465,12 @@ class Reducer:
             for key, value in other.items():
                 totals[key] += value
 
-    def _account(self, n0: Tensor, counts: Tensor | None) -> None:
-        """Add one call's real tokens and FLOPs (dense, reduced, overhead) to the running totals."""
+    def _account(self, n0: Tensor, counts: Tensor | None, dropped: Tensor | None = None) -> None:
+        """Add one call's real tokens, FLOPs (dense, reduced, overhead) and Δ-filter drops to the running totals."""
         per_row = counts.tolist() if counts is not None else [[] for _ in range(len(n0))]
         totals, layers = self._totals, tuple(self.setup.layers)
         totals["calls"] += 1
+        totals["filter_dropped"] += 0 if dropped is None else int(dropped)
         for n, row in zip(n0.tolist(), per_row):
             dense, reduced, extra = budget.row_flops(self._info_items, layers, n, tuple(row), self.setup.overhead)
             entering, final = budget.row_tokens(n, tuple(row), list(layers), self.info["n_layer"])
@@ -535,6 +540,9 @@ class Reducer:
             )
             if s.schedule == "chunk":  # rows too short for a chunk schedule: reduced by the smooth counts
                 record["observed"]["chunk_fallback_rows"] = t["chunk_fallback_rows"]
+            if s.filter_layers:  # the share of the filtered layers' (token, head) steps the Δ filter set to 0
+                record["observed"]["filter_dropped_share"] = t["filter_dropped"] / (
+                    t["tokens"] * len(s.filter_layers) * s.calibration.decay_product.shape[1])
         else:
             record["observed"] = None
         return record
