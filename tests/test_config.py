@@ -4,10 +4,13 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import compose_config, save_tiny
 from ssmcompress import config as config_lib
 from ssmcompress.config import PACKAGE, content_digest, portable_path, run_key, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
 
 KEY_OF_DEFAULT = "from conftest import compose_config; from ssmcompress.config import run_key; import ssmcompress; " \
                  "print(ssmcompress.__file__); print(run_key(compose_config(['method=ours', 'ratio=0.3'])))"
@@ -69,3 +72,15 @@ def test_user_checkpoints_are_keyed_by_content_not_by_place(tmp_path):
 
 def test_hub_names_stay_names():
     assert portable_path("state-spaces/mamba2-2.7b") == "state-spaces/mamba2-2.7b"
+
+
+def test_a_committed_sweeps_runs_keep_their_keys():
+    # the committed store's records are found again by the sweep that made them (skip_existing, the tables' newest per
+    # key): a setting added to the model configs later must not change them
+    keys = {json.loads(line)["key"] for line in (REPO / "results" / "records.jsonl").read_text().splitlines()}
+    for overrides in (["+experiment=main", "method=ours", "ratio=0.3"], ["+experiment=main", "model=mamba-tiny",
+                                                                         "method=tome", "ratio=0.1"]):
+        assert run_key(compose_config(overrides)) in keys, overrides
+    longmamba = compose_config(["method=longmamba"])
+    shorter = compose_config(["method=longmamba", "model.train_length=128"])
+    assert run_key(longmamba) != run_key(shorter)  # where it is read, it is part of the key

@@ -65,13 +65,18 @@ def run_key(cfg: DictConfig | dict, results_version: int = RESULTS_VERSION) -> s
         resolved["ratio"], resolved["layers"] = None, None  # dense ignores them: one dense record, not one per ratio
         resolved.pop("schedule", None)
         resolved.pop("reduce_at", None)
+        resolved.pop("trapezoid", None)
     if resolved.get("schedule") == "smooth":  # the default, older than the key: earlier records keep their keys
         resolved.pop("schedule")
     if resolved.get("reduce_at") == "ssm":  # likewise
         resolved.pop("reduce_at")
+    if resolved.get("trapezoid") == "kept":  # likewise
+        resolved.pop("trapezoid")
     measure = (resolved.get("benchmark") or {}).get("measure") or {}
     if measure.get("capture") is False:  # likewise: eager forwards, as every record before the setting
         measure.pop("capture")
+    if not (resolved.get("method") or {}).get("calibration") and isinstance(resolved.get("model"), dict):
+        resolved["model"].pop("train_length", None)  # only a method that calibrates reads it; earlier records lack it
     if resolved.get("pruner", {}).get("name") == "none":
         resolved["sparsity"] = None
     if isinstance(resolved.get("pruner"), dict):  # where the pruned weights are written does not change the numbers

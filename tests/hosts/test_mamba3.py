@@ -1,6 +1,8 @@
 """Mamba-3 (mamba-ssm's `Mamba3` SISO mixer, `ssm_cfg.layer: Mamba3`) as a mamba-ssm model: built and run on a CPU
 (compat), described, counted, and reduced by every method, with the reducer's contract as on Mamba-2: a padded
 batch equals each sequence alone, the budget is met, removing the reducer restores the dense model bit for bit."""
+from functools import partial
+
 import pytest
 import torch
 
@@ -82,6 +84,66 @@ def test_keeping_each_rows_first_tokens_gives_the_prefix_logits(mamba3):
     kept = out.logits.shape[1]
     assert kept < 48 and torch.equal(out.positions, torch.arange(kept).expand(2, kept))
     torch.testing.assert_close(out.logits, dense[:, :kept], atol=1e-5, rtol=1e-5)
+
+
+def trap_columns(model, layers, record):
+    """Hooks, registered after the reducer's, that hand `record(index, trap)` the trap columns each Mamba-3 mixer's
+    in_proj output ends with (before the rope angles)."""
+    def hook(index, mixer, module, args, out):
+        end = out.shape[-1] - mixer.num_rope_angles
+        record(index, out[..., end - mixer.nheads:end].clone())
+
+    return [model.backbone.layers[i].mixer.in_proj.register_forward_hook(partial(hook, i, model.backbone.layers[i].mixer))
+            for i in layers]
+
+
+def test_trapezoid_none_drops_the_neighbour_term_exactly_after_a_removal(mamba3):
+    """trapezoid=none: a kept token whose original predecessor was removed takes the step of the token alone (λ = 1);
+    every other token, and every layer up to the first reduction, is as with trapezoid=kept."""
+    model, info = mamba3
+    ids = torch.randint(1, 4000, (2, 48), generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for trapezoid in ("kept", "none"):
+        reducer = reduction.from_config(model, compose_config(["method=strided", "ratio=0.3", "layers=[4]",
+                                                               f"trapezoid={trapezoid}"]), info)
+        seen = {}
+        handles = trap_columns(model, range(12), lambda index, trap: seen.setdefault(index, trap))
+        try:
+            out = reducer(ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+            reducer.remove()
+        runs[trapezoid] = out, seen
+    (kept, seen_kept), (none, seen_none) = runs["kept"], runs["none"]
+    assert torch.equal(kept.positions, none.positions) and not torch.allclose(kept.logits, none.logits)
+    for index in range(5):  # up to and including the reduction layer (4): nothing removed yet
+        assert torch.equal(seen_kept[index], seen_none[index])
+    before = torch.cat([torch.full_like(kept.positions[:, :1], -1), kept.positions[:, :-1]], 1)
+    gap = kept.positions != before + 1  # the original predecessor is not the previous kept token
+    assert gap.any() and not gap.all()
+    assert (seen_none[5][gap] == 1e4).all() and torch.sigmoid(torch.tensor(1e4)) == 1.0
+    assert torch.equal(seen_none[5][~gap], seen_kept[5][~gap])  # layer 5's input is the same in both runs
+
+
+def test_trapezoid_none_changes_nothing_without_a_gap_and_is_refused_off_mamba3(mamba3):
+    model, info = mamba3
+    ids = torch.randint(1, 4000, (2, 48), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for trapezoid in ("kept", "none"):  # `late` keeps each row's first tokens: every predecessor stays
+        reducer = reduction.from_config(model, compose_config(["method=late", "ratio=0.3", f"trapezoid={trapezoid}"]),
+                                        info)
+        try:
+            outs.append(reducer(ids).logits)
+        finally:
+            reducer.remove()
+    assert torch.equal(outs[0], outs[1])
+    mamba2 = tiny_model(2)
+    with pytest.raises(ConfigError, match="Mamba-3's trapezoidal step"):
+        reduction.from_config(mamba2, compose_config(["method=ours", "ratio=0.3", "trapezoid=none"]),
+                              mamba_ssm.model_info(mamba2))
+    with pytest.raises(ConfigError, match="unknown trapezoid"):
+        reduction.check_config(compose_config(["method=ours", "ratio=0.3", "trapezoid=euler"]), dict(TINY[2]))
 
 
 def test_decoding_from_the_prefills_states_equals_running_the_whole_sequence(mamba3):

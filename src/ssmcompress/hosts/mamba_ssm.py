@@ -387,6 +387,31 @@ def attach_context(model, first: int, state) -> list:
     return []
 
 
+def attach_trapezoid(model, first: int, state) -> list:
+    """trapezoid=none: in every Mamba-3 mixer after layer `first`, a kept token whose original predecessor was removed
+    (or merged away) takes no neighbour term: its trap column is set so that λ = sigmoid(trap) is 1 (mamba3.py: the
+    kernel's λ_t weighs the token's own step, 1 - λ_t the previous token's), the step of the token alone. `state()`
+    (the reducer's ForwardState, None outside its calls) gives the kept tokens' original positions."""
+    def hook(index, mixer, module, args, out):
+        current = state()
+        if current is None or not current.counts or out.dim() != 3:  # no removal yet in this forward; a decoding step
+            return None
+        # a mixer run in batch slices (ssmcompress.mixer_slices) calls in_proj once per slice, in row order
+        start = current.context.get(("trapezoid rows", index), 0)
+        rows = int(out.shape[0])
+        current.context[("trapezoid rows", index)] = (start + rows) % current.positions.shape[0]
+        positions = current.positions[start:start + rows, :out.shape[1]]
+        before = torch.cat([torch.full_like(positions[:, :1], -1), positions[:, :-1]], 1)
+        gap = positions != before + 1  # (b, n): the original predecessor is not the previous kept token
+        end = out.shape[-1] - mixer.num_rope_angles
+        out[..., end - mixer.nheads:end].masked_fill_(gap[..., None], architecture.TRAP_OWN_STEP)
+        return out
+
+    return [layer.mixer.in_proj.register_forward_hook(partial(hook, index, layer.mixer))
+            for index, layer in enumerate(model.backbone.layers)
+            if index > first and type(layer.mixer).__name__ == "Mamba3"]
+
+
 def prefill(model, begin, settle) -> list:
     """Hooks on the forwards that start a generation: mamba-ssm's `decode` prefills with `inference_params` at
     offset 0 (its CUDA-graph capture and its decoding steps run at later offsets)."""

@@ -34,6 +34,7 @@ the signal the paper scores; `all`: attention layers too, scored by the same met
 or, on Mamba-1, multiples of 16 tokens (budget.chunk_counts, budget.count_multiple), for every method. With
 `official` the chunk counts replace its ceil counts (rows too short for a chunk schedule keep them); its
 `reduce_ratio`, which fixes those ceil counts, cannot be combined with it.
+`trapezoid` (top-level key, Mamba-3 only): a kept token's trapezoid neighbour after removals (`check_trapezoid`).
 `ceiling` is no method for accuracy but a measuring device for efficiency: the cheapest cut at a schedule (both
 streams cut to the budget's counts, keeping each row's first tokens: no importance, no decision, no merge).
 """
@@ -53,6 +54,7 @@ from ssmcompress.reduction.patch import Reducer, Schedule, Setup
 
 SCHEDULES = ("smooth", "chunk")
 REDUCE_AT = ("ssm", "all")
+TRAPEZOIDS = ("kept", "none")
 STRATEGIES = ("prune", "merge", "hybrid")
 IMPORTANCE = ("clip", "raw", "l1", "l2", "delta")  # delta: the SSM's Δ (patch.delta_importance), not its output
 PRUNE_LINKS = ("most_similar", "least_similar", "least_important")
@@ -276,6 +278,7 @@ def resolve(cfg, info: dict) -> Setup:
     model_cfg = cfg.get("model") or {}
     reference_length = int(model_cfg.get("max_length") or 2048)
     schedule = check_schedule(cfg.get("schedule", "smooth"), info, params)
+    trapezoid = check_trapezoid(cfg.get("trapezoid", "kept"), info)
     if name == "ceiling" and (cfg.get("benchmark") or {}).get("kind") == "lm_eval" and not params["allow_accuracy"]:
         raise ConfigError("method=ceiling is a measuring device for efficiency (the cheapest cut at the budget's "
                           "counts, keeping each row's first tokens), not a method for accuracy: use "
@@ -292,7 +295,8 @@ def resolve(cfg, info: dict) -> Setup:
     setup = Setup(name=name, function=entry.function, params=params, layers=layers, keep_rate=keep_rate,
                   rule=entry.rule, overhead=entry.overhead, min_keep_rate=min_keep_rate, ratio=target,
                   reference_length=reference_length, strict=params["strict"], schedule=schedule,
-                  uses_importance=entry.uses_importance, per_length=bool(architecture.attention_layers(info)))
+                  uses_importance=entry.uses_importance, per_length=bool(architecture.attention_layers(info)),
+                  trapezoid=trapezoid)
     return setup if name == "ceiling" else replace(setup, ceiling=ceiling_of(setup))
 
 
@@ -356,6 +360,19 @@ def ceiling_of(setup: Setup) -> Setup:
     entry = METHODS["ceiling"]
     return replace(setup, name="ceiling", function=entry.function, params=dict(strict=setup.strict),
                    overhead=entry.overhead, uses_importance=entry.uses_importance, ceiling=None)
+
+
+def check_trapezoid(trapezoid, info: dict) -> str:
+    """`trapezoid` (top-level key): Mamba-3's trapezoidal step mixes each token with the one before it; after a
+    reduction a kept token's neighbour is the previous kept token (`kept`), or, where its original predecessor was
+    removed or merged away, none (`none`: the step of the token alone, Mamba-2's Euler step)."""
+    if trapezoid not in TRAPEZOIDS:
+        raise ConfigError(f"unknown trapezoid {trapezoid!r}: use kept (the previous kept token is a token's trapezoid "
+                          f"neighbour) or none (no neighbour after a removal)")
+    if trapezoid == "none" and info.get("mamba_version") != 3:
+        raise ConfigError("trapezoid=none is for Mamba-3's trapezoidal step; this model's SSM is Mamba-"
+                          f"{info.get('mamba_version')}")
+    return trapezoid
 
 
 def check_schedule(schedule, info: dict, params: dict) -> str:

@@ -98,6 +98,7 @@ class Setup:
     per_length: bool = False  # the keep rate is solved per row length (budget: models with attention layers)
     filter_layers: tuple = ()  # layers whose Mamba-2 heads the Δ filter acts in (longmamba), none elsewhere
     calibration: longmamba.Calibration | None = None  # the Δ filter's, set by reduction.from_config
+    trapezoid: str = "kept"  # Mamba-3: kept | none (reduction.check_trapezoid)
 
 
 class Schedule:
@@ -223,6 +224,8 @@ class Reducer:
                 setattr(owner, flag, False)
         if setup.layers:
             self._handles += self.host.attach_context(model, setup.layers[0], lambda: self._state)
+        if setup.layers and setup.trapezoid == "none":
+            self._handles += self.host.attach_trapezoid(model, setup.layers[0], lambda: self._state)
         for slot, index in enumerate(setup.filter_layers):
             self._handles += self.host.attach_delta_filter(model, index, partial(self._filter_delta, slot))
 
