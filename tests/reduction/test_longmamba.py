@@ -16,6 +16,7 @@ import torch
 
 from conftest import compose_config, tiny_model
 from ssmcompress import convert, reduction
+from ssmcompress.config import ASSETS
 from ssmcompress.errors import ConfigError
 from ssmcompress.hosts import mamba_ssm
 from ssmcompress.hosts import transformers as hf
@@ -182,3 +183,11 @@ def test_bad_settings_are_one_line_errors_before_any_work(overrides, message):
     cfg = compose_config(["method=longmamba", *overrides])
     with pytest.raises(ConfigError, match=message):
         reduction.check_config(cfg, dict(cfg.model.config))
+
+
+def test_a_mixer_that_clamps_delta_from_below_is_refused_before_the_calibration(tokenizer, monkeypatch):
+    # transformers' NemotronH (the bundled hybrid) clamps Δ at time_step_min after the softplus: no Δ of it can be 0
+    model = hf.load_model(str(ASSETS / "models" / "hybrid-tiny"), "cpu", "float32")
+    monkeypatch.setattr(reduction.calibration, "windows", lambda *args: pytest.fail("calibrated before refusing"))
+    with pytest.raises(ConfigError, match="clamps Δ to at least 0.001"):
+        reduction.from_config(model, filter_config(), hf.model_info(model), tokenizer)

@@ -357,6 +357,9 @@ def attach_delta_filter(model, index: int, keep) -> list:
     mixer = model.backbone.layers[index].mixer
     if not hasattr(mixer, "dt_bias"):
         raise ConfigError(f"layer {index} has no Mamba-2 mixer, whose heads a Δ filter drops tokens from")
+    if float(getattr(mixer, "dt_limit", (0.0,))[0]) > 0:  # Δ is clamped from below after the softplus: never 0
+        raise ConfigError(f"layer {index}'s Mamba-2 mixer clamps Δ to at least {mixer.dt_limit[0]} (dt_limit), so a Δ "
+                          f"filter cannot set it to 0")
 
     def hook(module, args, out):
         dt = out[..., -mixer.nheads:]

@@ -334,12 +334,14 @@ def calibrated(cfg) -> bool:
 
 def calibrate_filter(model, setup: Setup, tokenizer) -> Setup:
     """The Δ filter's calibration (longmamba.calibrate) on `calibration.samples` windows of the configured text."""
-    given = setup.params["calibration"]
+    given, host = setup.params["calibration"], hosts.of_model(model)
     if tokenizer is None:
         raise ConfigError(f"method={setup.name} calibrates on text: it needs the model's tokenizer")
+    for handle in [h for index in setup.filter_layers for h in host.attach_delta_filter(model, index, lambda dt: None)]:
+        handle.remove()  # attaching checks every filtered mixer (a ConfigError before the calibration's work)
     windows = calibration.windows(given["source"], tokenizer, given["samples"], given["length"], given["seed"])
     device = next(model.parameters()).device
-    found = longmamba.calibrate(model, hosts.of_model(model), windows.to(device), list(setup.filter_layers),
+    found = longmamba.calibrate(model, host, windows.to(device), list(setup.filter_layers),
                                 setup.params["clamp_top"], setup.params["aggregate"], given["batch_size"])
     return replace(setup, calibration=found)
 
