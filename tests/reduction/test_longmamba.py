@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import compose_config, tiny_model
-from ssmcompress import convert, reduction
+from ssmcompress import convert, generation, reduction
 from ssmcompress.config import ASSETS
 from ssmcompress.errors import ConfigError
 from ssmcompress.hosts import mamba_ssm
@@ -169,6 +169,24 @@ def test_the_same_filter_on_the_model_converted_to_transformers_gives_the_same_l
     torch.testing.assert_close(out["mamba_ssm"][1].thresholds, out["transformers"][1].thresholds, atol=1e-4,
                                rtol=1e-4)
     torch.testing.assert_close(out["mamba_ssm"][0], out["transformers"][0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_generation_filters_its_prefill_as_a_forward_and_short_prompts_as_dense(model, tokenizer):
+    # the prefill runs the filter (its first new token is the filtered forward's greedy choice); decoding steps pass
+    # one token per mixer call and are not filtered, as in the authors' code
+    net, info = model
+    reducer = reduction.from_config(net, filter_config(), info, tokenizer)
+    try:
+        ids = long_ids(2, 60, seed=5)
+        filtered = reducer(ids).logits[:, -1].argmax(-1)
+        before = reducer.totals["filter_dropped"]
+        out = generation.generate(net, ids, 4, reducer=reducer)
+        assert torch.equal(out[:, 60], filtered)
+        assert reducer.totals["filter_dropped"] == 2 * before  # the prefill dropped what the forward did, no more
+        short = ids[:, :30]
+        assert torch.equal(generation.generate(net, short, 4, reducer=reducer), generation.generate(net, short, 4))
+    finally:
+        reducer.remove()
 
 
 @pytest.mark.parametrize("overrides, message", [
