@@ -24,12 +24,6 @@ MLP = "-"  # a layer that is only an MLP (Nemotron-H)
 MOE = "E"  # a layer that is only a mixture of experts (Nemotron-H)
 KIND_NAMES = {SSM: "SSM", ATTENTION: "attention", PARALLEL: "SSM + attention", MLP: "MLP", MOE: "mixture of experts"}
 FFN_NONE, FFN_GATED, FFN_PLAIN, FFN_MOE = "-", "G", "D", "E"
-# a Mamba-2 dt column value (before dt_bias and the softplus) whose step Δ = softplus(dt + bias) is exactly 0 in float32
-# (exp underflows): the token neither enters the head's state nor decays it; finite, so fp16 and bf16 hold it
-ZERO_STEP_DT = -1e4
-# a Mamba-3 trap column value whose λ = sigmoid(trap) is exactly 1 in float32: the token's step takes no term of the
-# previous token (the trapezoid becomes the step of the token alone)
-TRAP_OWN_STEP = 1e4
 
 
 def kinds(info: dict) -> str:

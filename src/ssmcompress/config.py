@@ -55,23 +55,22 @@ def available(group: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- run key
 
+# top-level reducer settings newer than the first records, with their defaults (conf/config.yaml)
+REDUCER_KEYS = {"schedule": "smooth", "reduce_at": "ssm", "trapezoid": "kept"}
+
+
 def run_key(cfg: DictConfig | dict, results_version: int = RESULTS_VERSION) -> str:
     """A stable hash of everything that determines a run's numbers, the code's results version included (resume
     and de-duplication use it)."""
     resolved = to_dict(cfg) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg, default=str))
     for name in VOLATILE:
         resolved.pop(name, None)
-    if resolved.get("method", {}).get("name") == "dense":
+    dense = resolved.get("method", {}).get("name") == "dense"
+    if dense:
         resolved["ratio"], resolved["layers"] = None, None  # dense ignores them: one dense record, not one per ratio
-        resolved.pop("schedule", None)
-        resolved.pop("reduce_at", None)
-        resolved.pop("trapezoid", None)
-    if resolved.get("schedule") == "smooth":  # the default, older than the key: earlier records keep their keys
-        resolved.pop("schedule")
-    if resolved.get("reduce_at") == "ssm":  # likewise
-        resolved.pop("reduce_at")
-    if resolved.get("trapezoid") == "kept":  # likewise
-        resolved.pop("trapezoid")
+    for key, default in REDUCER_KEYS.items():  # dense ignores them; at their defaults, earlier records keep their keys
+        if dense or resolved.get(key) == default:
+            resolved.pop(key, None)
     measure = (resolved.get("benchmark") or {}).get("measure") or {}
     if measure.get("capture") is False:  # likewise: eager forwards, as every record before the setting
         measure.pop("capture")

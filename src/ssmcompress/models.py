@@ -105,8 +105,9 @@ def check_settings(cfg) -> dict:
 
 
 def needs_tokenizer(cfg) -> bool:
-    """Runs that read text: lm-eval benchmarks, and pruning (its calibration windows)."""
-    return cfg.benchmark.get("kind") == "lm_eval" or cfg.pruner.name != "none"
+    """Runs that read text: lm-eval benchmarks, pruning and a method that calibrates (their calibration windows)."""
+    return (cfg.benchmark.get("kind") == "lm_eval" or cfg.pruner.name != "none"
+            or cfg.method.get("calibration") is not None)
 
 
 def check_tokenizer(source: str) -> None:

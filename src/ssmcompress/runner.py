@@ -68,8 +68,7 @@ def prepare(cfg: DictConfig) -> Prepared:
                               cfg.model.random_init,
                               config=resolved.get("config"), seed=cfg.seed)
     info = family.model_info(model)
-    needs_text = models.needs_tokenizer(cfg) or reduction.calibrated(cfg)
-    tokenizer = family.load_tokenizer(cfg.model.tokenizer) if needs_text else None
+    tokenizer = family.load_tokenizer(cfg.model.tokenizer) if models.needs_tokenizer(cfg) else None
     timings["load_s"] = time.perf_counter() - start
     pruning_stats = None
     if cfg.pruner.name != "none":

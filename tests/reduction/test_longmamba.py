@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_config, tiny_model
-from ssmcompress import convert, generation, reduction
+from conftest import TOKENIZER_DIR, compose_config, tiny_model
+from ssmcompress import convert, generation, models, reduction
 from ssmcompress.config import ASSETS
 from ssmcompress.errors import ConfigError
 from ssmcompress.hosts import mamba_ssm
@@ -99,9 +99,6 @@ def model():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from conftest import TOKENIZER_DIR
-    from ssmcompress import models
-
     return models.load_tokenizer(str(TOKENIZER_DIR))
 
 

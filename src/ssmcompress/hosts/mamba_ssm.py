@@ -35,12 +35,16 @@ import torch.nn.functional as F
 
 from ssmcompress import architecture, compat, hub
 from ssmcompress.errors import ConfigError, ModelSourceError
+from ssmcompress.hosts import mamba2_dt
 from ssmcompress.models import (check_settings, check_tokenizer, load_tokenizer, local_dir, needs_tokenizer,  # noqa: F401
                                 resolve_device, resolve_dtype, source_config)
 
 WEIGHTS = "pytorch_model.bin"
 CUDA_GRAPHS = True  # its decoding on a GPU replays CUDA graphs (mamba_ssm.utils.generation.decode, cg=True)
 FUSED_FLAGS = ("use_fast_path", "use_mem_eff_path")  # mixer flags of fused kernels that skip the mixer's submodules
+# a Mamba-3 trap column value whose λ = sigmoid(trap) is exactly 1 in float32: the token's step takes no term of the
+# previous token (the trapezoid becomes the step of the token alone; attach_trapezoid)
+TRAP_OWN_STEP = 1e4
 # mamba-ssm 2.3.2's defaults: MambaConfig (models/config_mamba.py), Mamba2.__init__, Mamba.__init__, MHA.__init__
 CONFIG_DEFAULTS = dict(d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=8)
 MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, d_ssm=None, ngroups=1, chunk_size=256)
@@ -351,24 +355,9 @@ def ssm_decay(model, index: int) -> torch.Tensor:
 
 
 def attach_delta_filter(model, index: int, keep) -> list:
-    """Hooks through which `keep(dt)` drops tokens from layer `index`'s Mamba-2 heads: dt is Δ before its softplus
-    (in_proj's dt columns plus dt_bias, (batch, length, heads)); where keep's mask is False, the mixer's Δ becomes 0
-    (architecture.ZERO_STEP_DT). keep returns None: nothing changes. In place: the reducer runs without gradients."""
+    """Hooks through which `keep(dt)` drops tokens from layer `index`'s Mamba-2 heads (mamba2_dt.attach_filter)."""
     mixer = model.backbone.layers[index].mixer
-    if not hasattr(mixer, "dt_bias"):
-        raise ConfigError(f"layer {index} has no Mamba-2 mixer, whose heads a Δ filter drops tokens from")
-    if float(getattr(mixer, "dt_limit", (0.0,))[0]) > 0:  # Δ is clamped from below after the softplus: never 0
-        raise ConfigError(f"layer {index}'s Mamba-2 mixer clamps Δ to at least {mixer.dt_limit[0]} (dt_limit), so a Δ "
-                          f"filter cannot set it to 0")
-
-    def hook(module, args, out):
-        dt = out[..., -mixer.nheads:]
-        mask = keep(dt + mixer.dt_bias)
-        if mask is not None:
-            dt.masked_fill_(~mask, architecture.ZERO_STEP_DT)
-        return out
-
-    return [mixer.in_proj.register_forward_hook(hook)]
+    return mamba2_dt.attach_filter(mixer, index, "nheads", "dt_limit", keep)
 
 
 def fused_flags(model, index: int) -> list[tuple[object, str]]:
@@ -399,15 +388,11 @@ def attach_trapezoid(model, first: int, state) -> list:
         current = state()
         if current is None or not current.counts or out.dim() != 3:  # no removal yet in this forward; a decoding step
             return None
-        # a mixer run in batch slices (ssmcompress.mixer_slices) calls in_proj once per slice, in row order
-        start = current.context.get(("trapezoid rows", index), 0)
-        rows = int(out.shape[0])
-        current.context[("trapezoid rows", index)] = (start + rows) % current.positions.shape[0]
-        positions = current.positions[start:start + rows, :out.shape[1]]
+        positions = current.positions[current.next_rows(("trapezoid", index), int(out.shape[0])), :out.shape[1]]
         before = torch.cat([torch.full_like(positions[:, :1], -1), positions[:, :-1]], 1)
         gap = positions != before + 1  # (b, n): the original predecessor is not the previous kept token
         end = out.shape[-1] - mixer.num_rope_angles
-        out[..., end - mixer.nheads:end].masked_fill_(gap[..., None], architecture.TRAP_OWN_STEP)
+        out[..., end - mixer.nheads:end].masked_fill_(gap[..., None], TRAP_OWN_STEP)
         return out
 
     return [layer.mixer.in_proj.register_forward_hook(partial(hook, index, layer.mixer))

@@ -44,6 +44,7 @@ import torch
 
 from ssmcompress import architecture, compat, hub
 from ssmcompress.errors import ConfigError, ModelSourceError
+from ssmcompress.hosts import mamba2_dt
 from ssmcompress.models import (check_settings, check_tokenizer, load_tokenizer, needs_tokenizer,  # noqa: F401
                                 resolve_device, resolve_dtype, source_config)
 
@@ -435,24 +436,9 @@ def ssm_decay(model, index: int) -> torch.Tensor:
 
 
 def attach_delta_filter(model, index: int, keep) -> list:
-    """Hooks through which `keep(dt)` drops tokens from layer `index`'s Mamba-2 heads: dt is Δ before its softplus
-    (in_proj's dt columns plus dt_bias, (batch, length, heads)); where keep's mask is False, the mixer's Δ becomes 0
-    (architecture.ZERO_STEP_DT). keep returns None: nothing changes. In place: the reducer runs without gradients."""
+    """Hooks through which `keep(dt)` drops tokens from layer `index`'s Mamba-2 heads (mamba2_dt.attach_filter)."""
     mixer = getattr(layers(model)[index], family_of(model).mixer)
-    if not hasattr(mixer, "dt_bias"):
-        raise ConfigError(f"layer {index} has no Mamba-2 mixer, whose heads a Δ filter drops tokens from")
-    if float(getattr(mixer, "time_step_limit", (0.0,))[0]) > 0:  # Δ is clamped from below after the softplus: never 0
-        raise ConfigError(f"layer {index}'s Mamba-2 mixer clamps Δ to at least {mixer.time_step_limit[0]} (time_step_limit), so a Δ "
-                          f"filter cannot set it to 0")
-
-    def hook(module, args, out):
-        dt = out[..., -mixer.num_heads:]
-        mask = keep(dt + mixer.dt_bias)
-        if mask is not None:
-            dt.masked_fill_(~mask, architecture.ZERO_STEP_DT)
-        return out
-
-    return [mixer.in_proj.register_forward_hook(hook)]
+    return mamba2_dt.attach_filter(mixer, index, "num_heads", "time_step_limit", keep)
 
 
 def fused_flags(model, index: int) -> list:

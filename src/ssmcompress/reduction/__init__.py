@@ -327,23 +327,13 @@ def resolve_filter(cfg, info: dict, name: str, params: dict) -> Setup:
                  uses_importance=False, filter_layers=tuple(layers))
 
 
-def calibrated(cfg) -> bool:
-    """The run's method calibrates on text (longmamba), so the run needs the model's tokenizer."""
-    return cfg.method.name in METHODS and METHODS[cfg.method.name].filters_delta
-
-
-def calibrate_filter(model, setup: Setup, tokenizer) -> Setup:
+def calibrate_filter(model, setup: Setup, tokenizer) -> longmamba.Calibration:
     """The Δ filter's calibration (longmamba.calibrate) on `calibration.samples` windows of the configured text."""
-    given, host = setup.params["calibration"], hosts.of_model(model)
-    if tokenizer is None:
-        raise ConfigError(f"method={setup.name} calibrates on text: it needs the model's tokenizer")
-    for handle in [h for index in setup.filter_layers for h in host.attach_delta_filter(model, index, lambda dt: None)]:
-        handle.remove()  # attaching checks every filtered mixer (a ConfigError before the calibration's work)
+    given = setup.params["calibration"]
     windows = calibration.windows(given["source"], tokenizer, given["samples"], given["length"], given["seed"])
     device = next(model.parameters()).device
-    found = longmamba.calibrate(model, host, windows.to(device), list(setup.filter_layers),
-                                setup.params["clamp_top"], setup.params["aggregate"], given["batch_size"])
-    return replace(setup, calibration=found)
+    return longmamba.calibrate(model, hosts.of_model(model), windows.to(device), list(setup.filter_layers),
+                               setup.params["clamp_top"], setup.params["aggregate"], given["batch_size"])
 
 
 def check_delta(info: dict, layers: list[int]) -> None:
@@ -417,8 +407,15 @@ def check_lengths(cfg, model_config: dict, lengths) -> None:
 
 def from_config(model, cfg, info: dict, tokenizer=None) -> Reducer:
     """Wrap `model` for token reduction as cfg says (method, ratio, layers); see the module docstring. `tokenizer`:
-    the model's, for a method that calibrates on text (`calibrated`)."""
+    the model's, for a method that calibrates on text (longmamba)."""
     setup = resolve(cfg, info)
-    if setup.filter_layers:
-        setup = calibrate_filter(model, setup, tokenizer)
-    return Reducer(model, setup, info)
+    if setup.filter_layers and tokenizer is None:
+        raise ConfigError(f"method={setup.name} calibrates on text: it needs the model's tokenizer")
+    reducer = Reducer(model, setup, info)  # attaching its hooks checks every hooked module, before any work
+    if setup.filter_layers:  # its filter hooks change nothing until the reducer runs, so the calibration sees dense Δ
+        try:
+            reducer.setup = replace(setup, calibration=calibrate_filter(model, setup, tokenizer))
+        except BaseException:
+            reducer.remove()
+            raise
+    return reducer

@@ -73,8 +73,15 @@ class ForwardState:
     context: dict = field(default_factory=dict)  # what the host's context hooks build once per reduction step
     keep_rates: Tensor | None = None  # (b,) float64 per-row keep rates (Setup.per_length), None: the setup's
     thresholds: Tensor | None = None  # (b, filter layers, heads) the Δ filter's per-row thresholds (longmamba)
-    filter_rows: dict = field(default_factory=dict)  # filter layer -> the next row its hook sees (mixer slices)
+    row_cursors: dict = field(default_factory=dict)  # a hook's key -> the next row it sees (next_rows)
     dropped: list = field(default_factory=list)  # per Δ-filter call, the real (token, head) pairs it set to Δ = 0
+
+    def next_rows(self, key, rows: int) -> slice:
+        """The rows of this forward that a hook's call on `rows` rows sees: a mixer run in batch slices
+        (ssmcompress.mixer_slices) calls its modules once per slice, in row order."""
+        start = self.row_cursors.get(key, 0)
+        self.row_cursors[key] = (start + rows) % self.valid.shape[0]
+        return slice(start, start + rows)
 
 
 @dataclass
@@ -251,12 +258,9 @@ class Reducer:
         if state is None or state.thresholds is None:
             return None
         with timed(self.stopwatch, dt):
-            start = state.filter_rows.get(slot, 0)
-            rows = int(dt.shape[0])
-            state.filter_rows[slot] = (start + rows) % state.thresholds.shape[0]
-            limits = state.thresholds[start:start + rows, slot]
-            keep = longmamba.keep_mask(torch.nn.functional.softplus(dt.float()), limits)
-            state.dropped.append((~keep & state.valid[start:start + rows, :, None]).sum())
+            rows = state.next_rows(("delta filter", slot), int(dt.shape[0]))
+            keep = longmamba.keep_mask(torch.nn.functional.softplus(dt.float()), state.thresholds[rows, slot])
+            state.dropped.append((~keep & state.valid[rows, :, None]).sum())
             return keep
 
     def _reduce(self, index: int, step: int, hidden: Tensor, residual: Tensor):
