@@ -82,7 +82,7 @@ def record(model="mamba2-tiny", method="dense", ratio=None, *extra, score=0.5, b
         metrics, stderr, per_document = evaluation(bench, score, docs)
         measured = dict(metrics=metrics, stderr=stderr if samples else None, samples=per_document if samples else None,
                         headline=harness.headline(metrics, bench))
-    generation = 2 if config["model"]["config"]["ssm_cfg"]["layer"] == "Mamba2" else 1
+    generation = {"Mamba1": 1, "Mamba2": 2, "Mamba3": 3}[config["model"]["config"]["ssm_cfg"]["layer"]]
     return records.Record(
         run_id=uuid.uuid4().hex[:12], key=run_key(config, results_version=version), time=time, config=config,
         model=model, method=method, benchmark=bench["name"], protocol=config["protocol"], seed=seed,
@@ -282,6 +282,25 @@ def test_schedule_and_positional_tables():
     positional = rows(built["positional_offline_full_mamba2"])
     assert positional[("mamba2-tiny", "20 %", "early")]["Avg"].startswith("30.0")
     assert built["positional_offline_full_mamba2"].n_expected == 1 + 11 * 3  # dense, eleven methods
+
+
+def test_mamba3_table_with_its_trapezoid_ablation_and_no_other_tables_rows():
+    found = [record("mamba3-tiny", "dense", score=0.6), record("mamba3-tiny", "ours", 0.3, score=0.5),
+             record("mamba3-tiny", "ours", 0.3, "trapezoid=none", score=0.4),
+             record("mamba3-tiny", "early", 0.3, score=0.3)]
+    built = by_name(found)
+    table = rows(built["mamba3_offline_full"])
+    assert table[("mamba3-tiny", "kept", "0 %", "dense")]["Avg"].startswith("60.0")
+    assert table[("mamba3-tiny", "kept", "30 %", "UTR (ours)")]["Avg"].startswith("50.0")
+    assert table[("mamba3-tiny", "none", "30 %", "UTR (ours)")]["Avg"].startswith("40.0")
+    assert table[("mamba3-tiny", "kept", "30 %", "early")]["Avg"].startswith("30.0")
+    # dense, nine methods with the trapezoid kept, the data-driven five and the official path's without
+    assert built["mamba3_offline_full"].n_expected == 1 + 9 * 3 + 5 * 3
+    assert ("mamba3-tiny", "none", "30 %", "early") not in table
+    # the Mamba-1/2 tables (Tables 1 and 2, the positional baselines) take no Mamba-3 record
+    others = [name for name in built if name.startswith(("main_", "positional_"))]
+    assert others and not [name for name in others if not name.endswith(("_mamba", "_mamba2"))]
+    assert not [key for name in others for key in rows(built[name]) if "mamba3-tiny" in key]
 
 
 def test_ablation_rows_and_hub_benchmarks():

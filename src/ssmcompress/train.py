@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ssmcompress import compat, hosts, models
 from ssmcompress.hosts import mamba_ssm
 from ssmcompress.config import CONF_DIR
-from ssmcompress.suite import corpus, synthetic
+from ssmcompress.suite import corpus, long, synthetic
 
 EOS = "<|endoftext|>"
 SYNTHETIC_SEED = 1000  # the evaluation suite uses seeds 1..4
@@ -65,14 +65,16 @@ class Mixture(torch.utils.data.IterableDataset):
 
     Weights are per target token. Text tokens weigh 1. In synthetic documents the answers weigh `answer_weight` (as
     in MQAR training, where the loss is taken at the queries); the rest weighs `format_weight`, enough to learn the
-    format without drowning the answers in the loss of unpredictable random keys and values.
+    format without drowning the answers in the loss of unpredictable random keys and values. A `long_share` of rows
+    are one long-suite-style document each (suite.long.training_facts: facts spread through `filler`, the
+    training plays' lines), weighted as synthetic ones.
     """
 
     def __init__(self, tokenizer, text_ids: np.ndarray, seq_len: int, text_share: float, seed: int,
                  batch_size: int, start_step: int = 0, curriculum_steps: int = 0, format_weight: float = 0.05,
-                 answer_weight: float = 1.0):
+                 answer_weight: float = 1.0, long_share: float = 0.0, filler: long.Filler | None = None):
         super().__init__()
-        self.answer_weight = answer_weight
+        self.answer_weight, self.long_share, self.filler = answer_weight, long_share, filler
         self.tokenizer, self.text, self.seq_len = tokenizer, text_ids, seq_len
         self.text_share, self.seed, self.format_weight = text_share, seed, format_weight
         self.batch_size, self.start_step, self.curriculum_steps = batch_size, start_step, curriculum_steps
@@ -91,7 +93,13 @@ class Mixture(torch.utils.data.IterableDataset):
             step = self.start_step + rows * workers / self.batch_size
             progress = min(1.0, step / self.curriculum_steps) if self.curriculum_steps else 1.0
             progress = progress if self.level.value < 0 else self.level.value
-            yield self.text_row(rng) if rng.random() < self.text_share else self.synthetic_row(rng, progress)
+            draw = rng.random()
+            if draw < self.text_share:
+                yield self.text_row(rng)
+            elif draw < self.text_share + self.long_share:
+                yield self.long_row(rng)
+            else:
+                yield self.synthetic_row(rng, progress)
             rows += 1
 
     def text_row(self, rng: random.Random):
@@ -112,6 +120,26 @@ class Mixture(torch.utils.data.IterableDataset):
         ids, weights = ids[: self.seq_len + 1], weights[1: self.seq_len + 1]  # weight of each target token
         return torch.tensor(ids), torch.tensor(weights)
 
+    def long_row(self, rng: random.Random):
+        """One long document filling the row (its facts at random depths of the filler text); a shortfall of a few
+        tokens is padded with eos that weighs nothing."""
+        count = long.token_counter(self.tokenizer)
+        facts, pieces, head = long.training_facts(rng)
+        budget = self.seq_len + 1 - sum(count(text) for text, _ in pieces) - sum(count(line + "\n") for line in head)
+        segments = head + long.interleave(rng, facts, sorted(rng.random() for _ in facts), budget, self.filler, count)
+        while True:
+            ids = self.tokenizer(long.expand(segments, self.filler.lines))["input_ids"]
+            weights = [self.format_weight] * len(ids)
+            for text, is_answer in pieces:
+                piece_ids = self.tokenizer(text)["input_ids"]
+                ids += piece_ids
+                weights += [self.answer_weight if is_answer else self.format_weight] * len(piece_ids)
+            if len(ids) <= self.seq_len + 1:
+                break
+            next(s for s in reversed(segments) if isinstance(s, list) and s[2] > s[1])[2] -= 1  # a merge not counted
+        padding = self.seq_len + 1 - len(ids)
+        return torch.tensor(ids + [self.eos] * padding), torch.tensor(weights[1:] + [0.0] * padding)
+
 
 @torch.no_grad()
 def choice_accuracy(model, tokenizer, docs: list[dict], device) -> float:
@@ -125,6 +153,12 @@ def choice_accuracy(model, tokenizer, docs: list[dict], device) -> float:
     last = logits[torch.arange(len(docs)), torch.tensor([len(ids) - 1 for ids in contexts])]
     predicted = last.gather(1, choices).argmax(1)
     return (predicted == torch.tensor([doc["label"] for doc in docs])).float().mean().item()
+
+
+def long_monitor(rng: random.Random, length: int, filler: long.Filler, tokenizer, n: int = 32) -> list[dict]:
+    """niah_multikey documents of `length` tokens in training-play text (the long suite's shape, not its data)."""
+    docs = [long.niah_multikey(rng, i, n, length - 64, filler, long.token_counter(tokenizer)) for i in range(n)]
+    return [dict(doc, context=long.expand(doc["segments"], filler.lines) + doc["question"]) for doc in docs]
 
 
 def model_group(name: str) -> dict:
@@ -177,6 +211,9 @@ def main() -> None:
                         help="start from this model directory's weights (a fresh optimizer; e.g. a later stage)")
     parser.add_argument("--answer-weight", type=float, default=1.0,
                         help="loss weight of synthetic answer tokens relative to text tokens")
+    parser.add_argument("--long-share", type=float, default=0.0,
+                        help="share of sequences that are one long-suite-style document (facts spread through "
+                             "training-play text; for --seq-len in the thousands)")
     parser.add_argument("--trainable", default=None, metavar="REGEX",
                         help="train only the parameters whose names match this regular expression (the rest frozen)")
     args = parser.parse_args()
@@ -227,6 +264,10 @@ def main() -> None:
     monitor = dict(mqar=[synthetic.mqar(monitor_rng) for _ in range(64)],
                    story=[synthetic.story(monitor_rng) for _ in range(64)],
                    mqar16=[synthetic.mqar(monitor_rng, n_pairs=16) for _ in range(64)])  # recall beyond the suite's
+    filler = None
+    if args.long_share > 0:
+        filler = long.Filler({play: text.split("\n") for play, text in train_plays.items()}, tokenizer)
+        monitor["needles"] = long_monitor(monitor_rng, args.seq_len, filler, tokenizer)
 
     step, resumed_level = 0, None
     if args.resume and state_path.exists():
@@ -248,7 +289,7 @@ def main() -> None:
         nonlocal data
         data = Mixture(tokenizer, text_ids, args.seq_len, args.text_share, seed=args.seed + first,
                        batch_size=args.batch_size, start_step=first, curriculum_steps=int(args.curriculum * args.steps),
-                       answer_weight=args.answer_weight)
+                       answer_weight=args.answer_weight, long_share=args.long_share, filler=filler)
         data.level.value = -1.0 if level is None else level
         return iter(torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers))
 

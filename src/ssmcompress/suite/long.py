@@ -70,6 +70,11 @@ def expand(segments: list, lines: dict[str, list[str]]) -> str:
     return "\n".join("\n".join(lines[s[0]][s[1]:s[2]]) if isinstance(s, list) else s for s in segments)
 
 
+def token_counter(tokenizer):
+    """text -> its number of tokens (no special tokens), the count every length here is measured in."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 class Filler:
     """Haystack text by the token: consecutive lines of a play from a random start, counted with the tokenizer."""
 
@@ -190,11 +195,7 @@ GENERATORS = dict(niah_single=niah_single, niah_multikey=niah_multikey, niah_mul
 
 def documents(kind: str, length: int, tokenizer, lines: dict[str, list[str]], n: int = DOCS) -> list[dict]:
     """`n` documents of one task at one length, deterministic given the haystack and the tokenizer."""
-    filler = Filler(lines, tokenizer)
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
-
+    filler, count = Filler(lines, tokenizer), token_counter(tokenizer)
     rng = random.Random(SEEDS[kind] * 100_000 + length)
     extra = dict(pairs=PAIRS[length]) if kind == "mqar_long" else {}
     docs = []
@@ -213,6 +214,48 @@ def documents(kind: str, length: int, tokenizer, lines: dict[str, list[str]], n:
                                f"{MIN_FILL:.0%} of {length}")
         docs.append(dict(doc, length=length, tokens=tokens))
     return docs
+
+
+# ------------------------------------------------------------------------------------------- training documents
+
+def training_facts(rng: random.Random) -> tuple[list[str], list[tuple[str, bool]], list[str]]:
+    """A training document in the suite's style, before its haystack: (facts, question pieces, head lines), the
+    pieces as (text, is_answer), the facts to be spread through haystack text (`interleave`) after the head lines.
+
+    The tasks' three shapes, with every fact asked (a target per fact, as synthetic.training_mqar): needles of 1-4
+    keys, a key holding one value or several (answered in order, as niah_multivalue); MQAR of 2-64 pairs; a story of
+    2-6 people.
+    """
+    shape = rng.choice(("needles", "mqar", "story"))
+    if shape == "needles":
+        keys = rng.sample(synthetic.KEYS, rng.randint(1, 4))
+        facts = [(key, rng.choice(synthetic.VALUES)) for key in keys]
+        facts += [(rng.choice(keys), rng.choice(synthetic.VALUES)) for _ in range(rng.randint(0, 4))]
+        rng.shuffle(facts)
+        pieces = []
+        for key in rng.sample(keys, len(keys)):
+            values = [v for k, v in facts if k == key]
+            question = QUESTION if len(values) == 1 else ALL_QUESTION
+            pieces += [(question.format(key=key), False), (" " + ", ".join(values), True)]
+        return [needle(k, v) for k, v in facts], pieces, []
+    if shape == "mqar":
+        pairs = rng.randint(2, 64)
+        doc = synthetic.mqar(rng, n_pairs=pairs, n_queries=rng.randint(1, min(16, pairs)))
+        facts = [f"{k} {v}." for k, v in (pair.split(" ") for pair in doc["memory"].split(", "))]
+        facts[0] = "Remember: " + facts[0]
+        pieces = [("\nRecall:", False)]
+        for i, (key, value) in enumerate(doc["recalled"]):
+            pieces += [(("." if i else "") + " " + key, False), (" " + value, True)]
+        return facts, pieces, []
+    people = rng.randint(2, 6)
+    doc = synthetic.story(rng, n_moves=rng.randint(people, people + 30), n_distractors=rng.randint(0, 24),
+                          n_people=people)
+    story, question = doc["context"].removeprefix("Story:\n").split("\nQuestion:")
+    pieces = [("\nQuestion:" + question, False), (" " + doc["choices"][doc["label"]], True)]
+    for person, place in doc["where"].items():
+        if person != doc["person"]:
+            pieces += [(f"\nQuestion: Where is {person}?\nAnswer:", False), (" " + place, True)]
+    return re.split(r"(?<=\.) ", story), pieces, ["Story:"]
 
 
 # ------------------------------------------------------------------------------------------- the task files

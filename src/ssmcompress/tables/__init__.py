@@ -91,6 +91,8 @@ def build_spec(df: pd.DataFrame, spec: Spec, experiments: list[Experiment], incl
             continue
         if row["captured"] != spec.captured:
             continue
+        if spec.generations and row["mamba_version"] not in spec.generations:
+            continue
         if not any(matches(row, e, axes) for e in experiments):
             continue
         if interesting and not set(row["variant"]) & interesting and not any(

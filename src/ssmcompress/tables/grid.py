@@ -17,15 +17,15 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from ssmcompress.config import EXPERIMENTS, RESULTS_VERSION
+from ssmcompress.config import EXPERIMENTS, REDUCER_KEYS, RESULTS_VERSION
 from ssmcompress.tables.sources import (GROUPS, flatten, hashable, method_defaults, model_mamba_version,
                                         primary_defaults, value)
 
-SCALARS = ("ratio", "layers", "schedule", "reduce_at", "sparsity", "protocol", "seed")  # top-level settings a sweep may fix
+SCALARS = ("ratio", "layers", *REDUCER_KEYS, "sparsity", "protocol", "seed")  # top-level settings a sweep may fix
 MODEL_SPECIFIC = ("layers",)  # sweep values that fit only the sweep's own models (layer indices)
 FREE = ("protocol", "device", "shape")  # splits a sweep does not pin: its expected rows join every such table
 NOT_MATCHED = FREE + ("model", "benchmark", "seed")  # fixed settings a record need not share to belong to a table
-CLOSED = ("method", "pruner", "schedule", "reduce_at")  # swept choices a record must take from the sweep's own values: another
+CLOSED = ("method", "pruner", *REDUCER_KEYS)  # swept choices a record must take from the sweep's own values: another
 # sweep's method (a positional baseline) has its own table, while another model or ratio joins this one
 
 
@@ -119,13 +119,13 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS) -> Experiment:
 
 
 def normalize(cell: dict) -> dict | None:
-    """dense has no ratio (0 %), no method parameters and the default schedule and reduction layers (smooth and ssm,
-    also where a sweep says nothing); no pruner means sparsity 0; a reduction method at ratio 0, or a pruner at sparsity 0, is not a run
+    """dense has no ratio (0 %), no method parameters and the reducer's default settings (config.REDUCER_KEYS: the
+    schedule, the reduction layers, the trapezoid; also where a sweep says nothing); no pruner means sparsity 0; a reduction method at ratio 0, or a pruner at sparsity 0, is not a run
     (None)."""
-    cell = {"schedule": "smooth", "reduce_at": "ssm", **cell}
+    cell = {**REDUCER_KEYS, **cell}
     if cell.get("method") == "dense":
         cell = {k: v for k, v in cell.items() if not k.startswith("method.") and k != "layers"}
-        cell["ratio"], cell["schedule"], cell["reduce_at"] = 0.0, "smooth", "ssm"
+        cell.update(REDUCER_KEYS, ratio=0.0)
     elif "method" in cell and cell.get("ratio") in (0, 0.0):
         return None
     if cell.get("ratio") is not None:
@@ -182,6 +182,8 @@ def expected_keys(experiments: list[Experiment], axes: tuple, split: dict, model
                and e.fixed.get("benchmark") in (None, split.get("benchmark", e.fixed.get("benchmark")))]
         for experiment in own or experiments[:1]:
             skip = {"model", "seed"} | (set() if own else set(MODEL_SPECIFIC))
+            # runs of another choice the sweep fixes (trapezoid=none beside kept) do not extend its grid
+            extending = [r for r in rows if all(value(r, k) == v for k, v in experiment.fixed.items() if k in CLOSED)]
             dims = []
             for alternatives in experiment.dims:
                 axis = next(iter(alternatives[0])) if len(alternatives[0]) == 1 else None
@@ -189,7 +191,7 @@ def expected_keys(experiments: list[Experiment], axes: tuple, split: dict, model
                     continue
                 if axis is not None and axis not in experiment.groups:
                     seen = [alt[axis] for alt in alternatives]
-                    alternatives = [{axis: v} for v in dict.fromkeys(seen + [value(r, axis) for r in rows])]
+                    alternatives = [{axis: v} for v in dict.fromkeys(seen + [value(r, axis) for r in extending])]
                 dims.append(alternatives)
             for combo in itertools.product(*dims):
                 cell = {**experiment.fixed, "model": model}

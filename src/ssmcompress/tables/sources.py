@@ -13,7 +13,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ssmcompress import hosts, records, tracking
-from ssmcompress.config import CONF_DIR, RESULTS_VERSION, register_resolvers, run_key
+from ssmcompress.config import CONF_DIR, REDUCER_KEYS, RESULTS_VERSION, register_resolvers, run_key
 from ssmcompress.metrics.capture import CUDA_GRAPH
 
 log = logging.getLogger(__name__)
@@ -173,15 +173,15 @@ def to_row(stored: dict) -> dict:
     row["captured"] = measured.get("forward_path") == CUDA_GRAPH  # replays and eager launches are tables apart
     row["ratio"] = 0.0 if dense or record.ratio is None else round(float(record.ratio), 6)
     row["layers"] = None if dense else hashable(record.layers)
-    row["schedule"] = "smooth" if dense else config.get("schedule", "smooth")  # records older than the setting
-    row["reduce_at"] = "ssm" if dense else config.get("reduce_at", "ssm")
+    for key, default in REDUCER_KEYS.items():  # records older than a setting ran at its default
+        row[key] = default if dense else config.get(key, default)
     row["sparsity"] = 0.0 if pruner == "none" else hashable(record.sparsity)
     params = {k: v for k, v in flatten(config["method"], "method").items() if k != "method.name"}
     row.update(params)
     defaults = method_defaults(method)
     variant = [k for k, v in params.items() if k in defaults and v != defaults[k]]
     variant += ["layers"] * (row["layers"] is not None) + ["pruner", "sparsity"] * (pruner != "none")
-    variant += ["schedule"] * (row["schedule"] != "smooth") + ["reduce_at"] * (row["reduce_at"] != "ssm")
+    variant += [key for key, default in REDUCER_KEYS.items() if row[key] != default]
     row["variant"] = tuple(sorted(variant))
     row["tasks"] = tuple(benchmark.get("tasks") or ())
     row["extra_metrics"] = benchmark.get("extra_metrics") or {}

@@ -208,6 +208,7 @@ class Spec:
     other_shapes: tuple = ()           # shapes whose records are another table's (the memory protocol's batch 96)
     captured: bool = False             # only records whose forwards were CUDA graph replays (efficiency.forward_path)
     optional_axes: tuple = ()          # row axes shown only where the table's rows differ in them
+    generations: tuple = ()            # only records of these Mamba generations (model_info.mamba_version; empty: any)
     notes: tuple = ()                  # lines the table's footer always has
 
     @property
@@ -220,7 +221,7 @@ EFFICIENCY = ("Single measurements (medians of the timed repeats, dense and redu
               "best per block in bold, no test; nothing slower than dense (speed-up <= 1) is marked.",)
 SPECS = [
     Spec("main", "Main accuracy", ("main",), split=("benchmark", "protocol", "mamba_version"),
-         numbers={2: "Table 1", 1: "Table 2"}),
+         numbers={2: "Table 1", 1: "Table 2"}, generations=(2, 1)),  # Mamba-3 has its own table
     Spec("importance", "Importance metric", ("ablation_importance",), numbers={None: "Table 3"}),
     Spec("location", "Reduction location", ("ablation_location", "ablation_location_hub"), numbers={None: "Table 4"}),
     Spec("design", "Hidden-state / residual design", ("ablation_design",), numbers={None: "Table 5"}),
@@ -254,11 +255,17 @@ SPECS = [
                 "so that the full-length blocks before the first reduction layer no longer set the peak. Best per "
                 "block in bold, no test.",)),
     Spec("schedule", "Smooth vs chunk-multiple token counts", ("schedule",)),
-    Spec("positional", "Positional baselines", ("positional",), split=("benchmark", "protocol", "mamba_version")),
+    Spec("positional", "Positional baselines", ("positional",), split=("benchmark", "protocol", "mamba_version"),
+         generations=(2, 1)),
     Spec("hybrid", "Token reduction on an SSM-attention hybrid", ("hybrid",), family="hf",
          axes=("model", "reduce_at", "ratio", "method"), block=3,
          notes=("reduce_at: ssm reduces at layers with an SSM mixer only, all at the attention layers too (docs/reduction.md: "
                 "Hybrids).",)),
+    Spec("mamba3", "Token reduction on Mamba-3", ("mamba3", "mamba3_trapezoid"), axes=("model", "trapezoid", "ratio", "method"), block=3,
+         generations=(3,),
+         notes=("trapezoid: kept takes a kept token's trapezoid neighbour to be the previous token it receives, none "
+                "gives a token whose original predecessor was removed the step of the token alone (docs/hosts.md: "
+                "Mamba-3).",)),
     Spec("pruning", "Weight pruning", ("pruning",), axes=("model", "sparsity", "pruner")),
     Spec("pruning_hf", "Weight pruning (transformer)", ("pruning_hf",), axes=("model", "sparsity", "pruner"),
          family="hf"),
