@@ -125,20 +125,20 @@ class Mixture(torch.utils.data.IterableDataset):
         tokens is padded with eos that weighs nothing."""
         count = long.token_counter(self.tokenizer)
         facts, pieces, head = long.training_facts(rng)
-        budget = self.seq_len + 1 - sum(count(text) for text, _ in pieces) - sum(count(line + "\n") for line in head)
+        question, question_weights = [], []
+        for text, is_answer in pieces:
+            piece_ids = self.tokenizer(text)["input_ids"]
+            question += piece_ids
+            question_weights += [self.answer_weight if is_answer else self.format_weight] * len(piece_ids)
+        budget = self.seq_len + 1 - len(question) - sum(count(line + "\n") for line in head)
         segments = head + long.interleave(rng, facts, sorted(rng.random() for _ in facts), budget, self.filler, count)
-        while True:
-            ids = self.tokenizer(long.expand(segments, self.filler.lines))["input_ids"]
-            weights = [self.format_weight] * len(ids)
-            for text, is_answer in pieces:
-                piece_ids = self.tokenizer(text)["input_ids"]
-                ids += piece_ids
-                weights += [self.answer_weight if is_answer else self.format_weight] * len(piece_ids)
-            if len(ids) <= self.seq_len + 1:
-                break
-            next(s for s in reversed(segments) if isinstance(s, list) and s[2] > s[1])[2] -= 1  # a merge not counted
-        padding = self.seq_len + 1 - len(ids)
-        return torch.tensor(ids + [self.eos] * padding), torch.tensor(weights[1:] + [0.0] * padding)
+        context = self.tokenizer(long.expand(segments, self.filler.lines))["input_ids"]
+        while len(context) + len(question) > self.seq_len + 1:
+            long.drop_last_line(segments)
+            context = self.tokenizer(long.expand(segments, self.filler.lines))["input_ids"]
+        padding = self.seq_len + 1 - len(context) - len(question)
+        weights = [self.format_weight] * len(context) + question_weights + [0.0] * padding
+        return torch.tensor(context + question + [self.eos] * padding), torch.tensor(weights[1:])
 
 
 @torch.no_grad()
@@ -157,7 +157,8 @@ def choice_accuracy(model, tokenizer, docs: list[dict], device) -> float:
 
 def long_monitor(rng: random.Random, length: int, filler: long.Filler, tokenizer, n: int = 32) -> list[dict]:
     """niah_multikey documents of `length` tokens in training-play text (the long suite's shape, not its data)."""
-    docs = [long.niah_multikey(rng, i, n, length - 64, filler, long.token_counter(tokenizer)) for i in range(n)]
+    count = long.token_counter(tokenizer)
+    docs = [long.niah_multikey(rng, i, n, length - 64, filler, count) for i in range(n)]
     return [dict(doc, context=long.expand(doc["segments"], filler.lines) + doc["question"]) for doc in docs]
 
 

@@ -70,6 +70,12 @@ def expand(segments: list, lines: dict[str, list[str]]) -> str:
     return "\n".join("\n".join(lines[s[0]][s[1]:s[2]]) if isinstance(s, list) else s for s in segments)
 
 
+def drop_last_line(segments: list) -> None:
+    """Shorten the last haystack segment that has a line by one line (in place): a document the line counts put a
+    few tokens over its length (a merge across lines they missed) fits again."""
+    next(s for s in reversed(segments) if isinstance(s, list) and s[2] > s[1])[2] -= 1
+
+
 def token_counter(tokenizer):
     """text -> its number of tokens (no special tokens), the count every length here is measured in."""
     return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
@@ -168,10 +174,22 @@ def niah_multivalue(rng, i, n, budget, filler, count) -> dict:
                 label=choices.index(true), key=key, depths=depths)
 
 
-def mqar_long(rng, i, n, budget, filler, count, pairs: int = 8) -> dict:
-    doc = synthetic.mqar(rng, n_pairs=pairs, n_queries=min(8, pairs))
+def mqar_facts(doc: dict) -> list[str]:
+    """An MQAR document's pairs as facts to spread: "Remember: key value.", then "key value." each."""
     facts = [f"{k} {v}." for k, v in (pair.split(" ") for pair in doc["memory"].split(", "))]
     facts[0] = "Remember: " + facts[0]
+    return facts
+
+
+def story_parts(doc: dict) -> tuple[list[str], str]:
+    """A story document's sentences (to spread) and its question ("\nQuestion: ...")."""
+    story, question = doc["context"].removeprefix("Story:\n").split("\nQuestion:")
+    return re.split(r"(?<=\.) ", story), "\nQuestion:" + question  # every story sentence ends with its only full stop
+
+
+def mqar_long(rng, i, n, budget, filler, count, pairs: int = 8) -> dict:
+    doc = synthetic.mqar(rng, n_pairs=pairs, n_queries=min(8, pairs))
+    facts = mqar_facts(doc)
     depths = [j / len(facts) for j in range(len(facts))]
     segments = interleave(rng, facts, depths, budget, filler, count)
     question = "\n" + doc["context"].split("\n", 1)[1]  # "Recall: ... key"
@@ -181,11 +199,10 @@ def mqar_long(rng, i, n, budget, filler, count, pairs: int = 8) -> dict:
 
 def story_long(rng, i, n, budget, filler, count) -> dict:
     doc = synthetic.story(rng)
-    story, question = doc["context"].removeprefix("Story:\n").split("\nQuestion:")
-    sentences = re.split(r"(?<=\.) ", story)  # every sentence of synthetic.story ends with its only full stop
+    sentences, question = story_parts(doc)
     depths = [j / len(sentences) for j in range(len(sentences))]
     segments = interleave(rng, sentences, depths, budget, filler, count)
-    return dict(segments=["Story:"] + segments, question="\nQuestion:" + question, choices=doc["choices"],
+    return dict(segments=["Story:"] + segments, question=question, choices=doc["choices"],
                 label=doc["label"], person=doc["person"], fact_sentence=doc["fact_sentence"], depths=depths)
 
 
@@ -205,8 +222,7 @@ def documents(kind: str, length: int, tokenizer, lines: dict[str, list[str]], n:
         text = expand(doc["segments"], lines) + doc["question"]
         tokens = count(text) + max(count(" " + c) for c in doc["choices"])
         while tokens > length:  # the line counts missed a merge: drop haystack lines from the last segment
-            last = next(s for s in reversed(doc["segments"]) if isinstance(s, list))
-            last[2] -= 1
+            drop_last_line(doc["segments"])
             text = expand(doc["segments"], lines) + doc["question"]
             tokens = count(text) + max(count(" " + c) for c in doc["choices"])
         if tokens < MIN_FILL * length:
@@ -241,21 +257,13 @@ def training_facts(rng: random.Random) -> tuple[list[str], list[tuple[str, bool]
     if shape == "mqar":
         pairs = rng.randint(2, 64)
         doc = synthetic.mqar(rng, n_pairs=pairs, n_queries=rng.randint(1, min(16, pairs)))
-        facts = [f"{k} {v}." for k, v in (pair.split(" ") for pair in doc["memory"].split(", "))]
-        facts[0] = "Remember: " + facts[0]
-        pieces = [("\nRecall:", False)]
-        for i, (key, value) in enumerate(doc["recalled"]):
-            pieces += [(("." if i else "") + " " + key, False), (" " + value, True)]
-        return facts, pieces, []
+        return mqar_facts(doc), [("\nRecall:", False)] + synthetic.recall_pieces(doc), []
     people = rng.randint(2, 6)
     doc = synthetic.story(rng, n_moves=rng.randint(people, people + 30), n_distractors=rng.randint(0, 24),
                           n_people=people)
-    story, question = doc["context"].removeprefix("Story:\n").split("\nQuestion:")
-    pieces = [("\nQuestion:" + question, False), (" " + doc["choices"][doc["label"]], True)]
-    for person, place in doc["where"].items():
-        if person != doc["person"]:
-            pieces += [(f"\nQuestion: Where is {person}?\nAnswer:", False), (" " + place, True)]
-    return re.split(r"(?<=\.) ", story), pieces, ["Story:"]
+    sentences, question = story_parts(doc)
+    pieces = [(question, False), (" " + doc["choices"][doc["label"]], True)] + synthetic.other_questions(doc)
+    return sentences, pieces, ["Story:"]
 
 
 # ------------------------------------------------------------------------------------------- the task files

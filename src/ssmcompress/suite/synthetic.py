@@ -101,7 +101,12 @@ def training_mqar(rng: random.Random, progress: float = 1.0) -> list[tuple[str, 
     """
     n_pairs = rng.randint(2, round(4 + progress * 36))
     doc = mqar(rng, n_pairs=n_pairs, n_queries=rng.randint(min(2, n_pairs), min(16, n_pairs)))
-    pieces = [(f"Remember: {doc['memory']}.\nRecall:", False)]
+    return [(f"Remember: {doc['memory']}.\nRecall:", False)] + recall_pieces(doc)
+
+
+def recall_pieces(doc: dict) -> list[tuple[str, bool]]:
+    """An MQAR document's recall list as training pieces: " key" then " value" (a target) per query, "."-joined."""
+    pieces = []
     for i, (key, value) in enumerate(doc["recalled"]):
         pieces += [(("." if i else "") + " " + key, False), (" " + value, True)]
     return pieces
@@ -115,11 +120,13 @@ def training_story(rng: random.Random, progress: float = 1.0) -> list[tuple[str,
     n_people = rng.randint(2, round(2 + progress * 4))
     doc = story(rng, n_moves=rng.randint(n_people, round(n_people + 2 + progress * 28)),
                 n_distractors=rng.randint(0, round(2 + progress * 22)), n_people=n_people)
-    pieces = [(doc["context"], False), (" " + doc["choices"][doc["label"]], True)]
-    for person, place in doc["where"].items():
-        if person != doc["person"]:
-            pieces += [(f"\nQuestion: Where is {person}?\nAnswer:", False), (" " + place, True)]
-    return pieces
+    return [(doc["context"], False), (" " + doc["choices"][doc["label"]], True)] + other_questions(doc)
+
+
+def other_questions(doc: dict) -> list[tuple[str, bool]]:
+    """A story's questions about every person but the scored one, as training pieces (the answers are targets)."""
+    return [piece for person, place in doc["where"].items() if person != doc["person"]
+            for piece in ((f"\nQuestion: Where is {person}?\nAnswer:", False), (" " + place, True))]
 
 
 def level_docs(rng: random.Random, progress: float, n: int) -> dict[str, list[dict]]:

@@ -120,8 +120,8 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS) -> Experiment:
 
 def normalize(cell: dict) -> dict | None:
     """dense has no ratio (0 %), no method parameters and the reducer's default settings (config.REDUCER_KEYS: the
-    schedule, the reduction layers, the trapezoid; also where a sweep says nothing); no pruner means sparsity 0; a reduction method at ratio 0, or a pruner at sparsity 0, is not a run
-    (None)."""
+    schedule, the reduction layers, the trapezoid; also where a sweep says nothing); no pruner means sparsity 0; a
+    reduction method at ratio 0, or a pruner at sparsity 0, is not a run (None)."""
     cell = {**REDUCER_KEYS, **cell}
     if cell.get("method") == "dense":
         cell = {k: v for k, v in cell.items() if not k.startswith("method.") and k != "layers"}
