@@ -108,6 +108,34 @@ def test_best_match_rows_do_not_depend_on_their_batch(fused):
         assert torch.equal(alone[0][0], partner[row, :length]) and torch.equal(alone[1][0], score[row, :length])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_best_match_does_not_depend_on_how_destinations_are_split(dtype):
+    """The spans meet in one packed (score, column) maximum per source: any number of spans gives one sweep's result,
+    exact ties across spans included (the lower slot)."""
+    metric, src, dst = matching_inputs(b=4, n=300, d=16)
+    metric = metric.to(dtype)
+    metric[1, 250] = metric[1, 10] = metric[1, 60]  # a source and two destinations tied exactly, far apart
+    src[1, [60, 250]], dst[1, [60, 250]], src[1, 10], dst[1, 10] = False, True, True, False
+    args = (metric, merge.pack(src, 300)[0], src.sum(-1), merge.pack(dst, 300)[0], dst.sum(-1))
+    one = kernels.best_match(*args, splits=1)
+    for splits in (2, 3, 7, 200):
+        split = kernels.best_match(*args, splits=splits)
+        assert torch.equal(split[0], one[0]) and torch.equal(split[1], one[1])
+    assert one[0][1, 10] == 60
+
+
+def test_one_sender_table_serves_both_streams(fused):
+    """The merge takes its senders from a table of the union of both streams' merged slots and averages in only
+    its own: the same bits as a table of its own."""
+    x, source, target, merged, weights = merging_inputs(torch.bfloat16)
+    other = merged | ((torch.rand(merged.shape, generator=torch.Generator().manual_seed(1)) < 0.3)
+                      & (target != torch.arange(merged.shape[1])))
+    shared = kernels.sender_groups(target, merged | other)
+    out = kernels.average_gather(x, source, target, merged, weights, shared)
+    assert torch.equal(out, kernels.average_gather(x, source, target, merged, weights))
+    assert torch.equal(out, merge.gather_slots(merge.average_into(x, target, merged, weights), source))
+
+
 def merging_inputs(dtype, b=3, n=40, d=20, seed=0):
     generator = torch.Generator().manual_seed(seed)
     x = (torch.randn(b, n, d, generator=generator) * 3).to(dtype)

@@ -63,6 +63,22 @@ def test_compact_keeps_order_and_puts_fillers_after_real_tokens():
     assert source[1].tolist() == [1, 2, 4, 5, 0]  # its padding first, then a removed slot
 
 
+def test_counting_helpers_equal_the_sorts_they_replace():
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 7, 64, 301):
+        first = torch.rand(6, n, generator=generator) < 0.4
+        second = ~first & (torch.rand(6, n, generator=generator) < 0.5)
+        group = torch.where(first, 0, torch.where(second, 1, 2))
+        stable = torch.sort(group, dim=1, stable=True).indices
+        assert torch.equal(merge.arrange(first, first.sum(1, keepdim=True), second), stable)
+        ones_first = torch.sort((~first).to(torch.uint8), dim=1, stable=True).indices
+        assert torch.equal(merge.pack(first, n)[0], ones_first)
+        slots = torch.arange(n).expand(6, n)
+        count = torch.randint(0, n + 2, (6,), generator=generator)
+        assert torch.equal(merge.first_of(first, count), merge.lowest(slots, count, first))
+        assert torch.equal(merge.last_of(first, count), merge.highest(slots, count, first))
+
+
 def test_gather_slots_matches_gather():
     x = torch.randn(3, 7, 4)
     index = torch.tensor([[0, 6, 2], [1, 1, 5], [3, 4, 0]])

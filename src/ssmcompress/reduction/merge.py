@@ -123,6 +123,17 @@ def highest(key: Tensor, count: Tensor, eligible: Tensor) -> Tensor:
     return eligible & (ranks(key, descending=True) < count[:, None])
 
 
+def first_of(mask: Tensor, count: Tensor) -> Tensor:
+    """The first `count[row]` slots of each row where `mask` holds: lowest(slots, count, mask), without a sort."""
+    return mask & (mask.cumsum(-1) <= count[:, None])
+
+
+def last_of(mask: Tensor, count: Tensor) -> Tensor:
+    """The last `count[row]` slots of each row where `mask` holds: highest(slots, count, mask), without a sort."""
+    after = mask.sum(-1, keepdim=True) - mask.cumsum(-1)  # mask slots after this one
+    return mask & (after < count[:, None])
+
+
 def alternate(present: Tensor) -> tuple[Tensor, Tensor]:
     """ToMe's split of a sequence into sets A (even) and B (odd), counted over the `present` slots only."""
     rank = present.long().cumsum(-1) - 1
@@ -140,11 +151,28 @@ def round_half_up(x: Tensor) -> Tensor:
 
 def pack(mask: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """The slots where `mask` holds, gathered to the front of each row in slot order: (index, ok), (b, width)
-    with width at least the largest count; `ok` marks real entries (the rest point at other, distinct slots)."""
+    with width at least the largest count; `ok` marks real entries (the rest point at the other slots, in order)."""
     count = mask.sum(-1)
-    order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[:, :width]
+    order = arrange(mask, count[:, None])[:, :width]
     ok = torch.arange(width, device=mask.device) < count[:, None]
     return order, ok
+
+
+def arrange(first: Tensor, first_count: Tensor, second: Tensor | None = None) -> Tensor:
+    """The permutation that lists each row's `first` slots, then its `second` slots, then the rest, each group in
+    slot order: a stable sort by group, computed by counting (each slot's place follows from running counts of the
+    groups, so no sort runs). `first_count`: (b, 1) the first group's sizes; `second` excludes `first` slots."""
+    b, n = first.shape
+    slots = torch.arange(n, device=first.device).expand(b, n)
+    before_first = first.cumsum(-1) - first.long()  # slots of `first` before this one, in the row
+    if second is None:
+        place = torch.where(first, before_first, first_count + slots - before_first)
+    else:
+        before_second = second.cumsum(-1) - second.long()
+        place = torch.where(first, before_first, torch.where(
+            second, first_count + before_second,
+            first_count + second.sum(-1, keepdim=True) + slots - before_first - before_second))
+    return torch.empty_like(slots).scatter_(1, place, slots)
 
 
 def flat_index(index: Tensor, n: int) -> Tensor:
@@ -208,11 +236,12 @@ def average_into(x: Tensor, target: Tensor, merged: Tensor, weights: Tensor) -> 
     return out.view_as(x)
 
 
-def average_gather(x: Tensor, source: Tensor, target: Tensor, merged: Tensor, weights: Tensor) -> Tensor:
+def average_gather(x: Tensor, source: Tensor, target: Tensor, merged: Tensor, weights: Tensor,
+                   groups: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """The output slots `source` of a stream after merging: gather_slots(average_into(x, target, merged, weights),
     source); one fused pass on the GPU (kernels.average_gather, bit for bit the same arithmetic)."""
     if kernels.fused(x):
-        return kernels.average_gather(x, source, target, merged, weights)
+        return kernels.average_gather(x, source, target, merged, weights, groups)
     return gather_slots(average_into(x, target, merged, weights), source)
 
 
@@ -231,11 +260,9 @@ def compact(keep: Tensor, valid: Tensor, width: int | None = None) -> tuple[Tens
     token, so a causal model's real outputs never depend on them. `width`: that length when the host knows it
     (Tokens.host_counts), else it is read from the device (a synchronisation).
     """
-    b, n = keep.shape
     kept = keep & valid
     counts = kept.sum(1)
-    group = torch.where(kept, 0, torch.where(valid, 2, 1))
-    order = torch.sort(group * n + torch.arange(n, device=keep.device), dim=1).indices
+    order = arrange(kept, counts[:, None], ~valid)
     return order[:, : max(int(counts.max()), 1) if width is None else width], counts
 
 
@@ -250,12 +277,15 @@ def apply(tokens: Tokens, plan: Plan, hidden: Tensor | None = None, residual: Te
         hidden_sizes, residual_sizes = tokens.hidden_sizes, tokens.residual_sizes
         hidden, residual = gather_slots(tokens.hidden, source), gather_slots(tokens.residual, source)
     else:
+        groups = None  # the fused merge's senders per receiver: one table for both streams
+        if (hidden is None or residual is None) and kernels.fused(tokens.hidden):
+            groups = kernels.sender_groups(plan.target, plan.merge_hidden | plan.merge_residual)
         hidden = gather_slots(hidden, source) if hidden is not None else average_gather(
             tokens.hidden, source, plan.target, plan.merge_hidden,
-            tokens.hidden_sizes if plan.weights is None else plan.weights)
+            tokens.hidden_sizes if plan.weights is None else plan.weights, groups)
         residual = gather_slots(residual, source) if residual is not None else average_gather(
             tokens.residual, source, plan.target, plan.merge_residual,
-            tokens.residual_sizes if plan.weights is None else plan.weights)
+            tokens.residual_sizes if plan.weights is None else plan.weights, groups)
         hidden_sizes = carry_sizes(tokens.hidden_sizes, plan.target, plan.merge_hidden)
         residual_sizes = carry_sizes(tokens.residual_sizes, plan.target, plan.merge_residual)
     return Reduced(hidden, residual, gather_slots(hidden_sizes, source), gather_slots(residual_sizes, source), source,

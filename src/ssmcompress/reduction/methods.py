@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ssmcompress.reduction.merge import (INF, Plan, Reduced, Tokens, alternate, apply, best_match, gather_slots,
-                                         highest, lowest, ranks, round_half_up)
+from ssmcompress.reduction.merge import (INF, Plan, Reduced, Tokens, alternate, apply, best_match, first_of,
+                                         gather_slots, highest, last_of, lowest, ranks, round_half_up)
 
 STRATEGY_Q = {"prune": 1.0, "merge": 0.0}  # hybrid: the configured q
 
@@ -31,12 +31,17 @@ def stream_q(strategy: str, q: float | None) -> float:
     return STRATEGY_Q.get(strategy, q)
 
 
-def links_to_prune(selected: Tensor, score: Tensor, importance: Tensor, q: float, order: str) -> Tensor:
-    """Of each row's selected links, the round(q · count) that a hybrid stream prunes (the rest are merged)."""
+def links_to_prune(selected: Tensor, score: Tensor, importance: Tensor, q: float, order: str,
+                   similar_rank: Tensor | None = None) -> Tensor:
+    """Of each row's selected links, the round(q · count) that a hybrid stream prunes (the rest are merged).
+    `similar_rank`: each link's rank by score (ties: the lower slot first) among links of which the selected ones
+    are the best ranked, when the caller has it: the most similar selected links are then its first ranks."""
     if q in (0.0, 1.0):  # a pure merge or prune stream: all or none, without ranking the links (a sort per layer)
         return selected if q == 1.0 else torch.zeros_like(selected)
     count = round_half_up(q * selected.sum(1).double())
     if order == "most_similar":  # near-duplicates: dropping them loses least, merging them would change little
+        if similar_rank is not None:
+            return selected & (similar_rank < count[:, None])
         return highest(score, count, selected)
     if order == "least_similar":
         return lowest(score, count, selected)
@@ -67,7 +72,7 @@ def utr_early(tokens: Tokens, n_remove: Tensor, *, window: float = 2.0, hidden: 
     on the bundled models than which tokens importance and similarity pick (docs/results.md: What drives the
     official code's gain). window -> infinity is UTR."""
     window_size = torch.ceil(n_remove.double() * window).long()
-    early_movable = lowest(tokens.slots, window_size, tokens.movable)
+    early_movable = first_of(tokens.movable, window_size)
     return utr_among(tokens, n_remove, early_movable, hidden, residual, q, hidden_q, residual_q, prune_links, sizes)
 
 
@@ -77,11 +82,14 @@ def utr_among(tokens: Tokens, n_remove: Tensor, candidates: Tensor, hidden: str,
     half = candidates.sum(1) // 2
     less = lowest(tokens.importance, half, candidates)
     partner, score = best_match(tokens.hidden, less, candidates & ~less)
-    removed = highest(score, torch.minimum(n_remove, half), less & (score > -INF))
+    linked = less & (score > -INF)
+    similar_rank = ranks(score.masked_fill(~linked, -INF), descending=True)  # highest(), ranked once for both uses
+    removed = linked & (similar_rank < torch.minimum(n_remove, half)[:, None])
     merged = {}
     for stream, strategy, override in (("hidden", hidden, hidden_q), ("residual", residual, residual_q)):
         share = stream_q(strategy, q if override is None else override)
-        merged[stream] = removed & ~links_to_prune(removed, score, tokens.importance, share, prune_links)
+        merged[stream] = removed & ~links_to_prune(removed, score, tokens.importance, share, prune_links,
+                                                   similar_rank)
     return apply(tokens, Plan(removed, partner, merged["hidden"], merged["residual"], merge_weights(tokens, sizes)))
 
 
@@ -154,7 +162,7 @@ def random_prune(tokens: Tokens, n_remove: Tensor, *, seed: int = 0, **_) -> Red
 
 def early(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
     """Prune the `n_remove` earliest movable tokens."""
-    return apply(tokens, prune_plan(lowest(tokens.slots, n_remove, tokens.movable)))
+    return apply(tokens, prune_plan(first_of(tokens.movable, n_remove)))
 
 
 def late(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
@@ -162,7 +170,7 @@ def late(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
     It is also the `ceiling` measuring device: the cheapest cut at the budget's counts. The last position is
     the one whose logits start generation or score a continuation: under protocol=exact scored positions are
     protected (never removed), under protocol=paper nothing is and `late` drops them first."""
-    return apply(tokens, prune_plan(highest(tokens.slots, n_remove, tokens.movable)))
+    return apply(tokens, prune_plan(last_of(tokens.movable, n_remove)))
 
 
 def strided(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
@@ -185,8 +193,8 @@ def early_merge(tokens: Tokens, n_remove: Tensor, *, sizes: str = "reset", **_) 
     which becomes the weighted mean of itself and all of them (weights: `sizes`, reset = 1 each as the official
     code's merge_wavg, carry = the carried sizes). A row left without a kept movable token prunes them instead."""
     movable = tokens.movable
-    removed = lowest(tokens.slots, n_remove, movable)
-    receiver = lowest(tokens.slots, torch.ones_like(n_remove), movable & ~removed)  # the first kept movable token
+    removed = first_of(movable, n_remove)
+    receiver = first_of(movable & ~removed, torch.ones_like(n_remove))  # the first kept movable token
     has = receiver.any(1, keepdim=True)
     target = torch.where(removed & has, receiver.long().argmax(1, keepdim=True), tokens.slots)
     merged = removed & has
