@@ -124,6 +124,17 @@ def test_best_match_does_not_depend_on_how_destinations_are_split(dtype):
     assert one[0][1, 10] == 60
 
 
+@pytest.mark.parametrize("n", [1, 37, 300])
+def test_arrange_equals_the_reference(n):
+    generator = torch.Generator().manual_seed(n)
+    first = torch.rand(5, n, generator=generator) < 0.4
+    second = ~first & (torch.rand(5, n, generator=generator) < 0.5)
+    count = first.sum(1, keepdim=True)
+    for other, width in ((None, n), (second, n), (second, max(n // 3, 1)), (None, max(n // 2, 1))):
+        expected = on_route("reference", lambda: merge.arrange(first, count, other, width))
+        assert torch.equal(on_route("fused", lambda: merge.arrange(first, count, other, width)), expected)
+
+
 def test_one_sender_table_serves_both_streams(fused):
     """The merge takes its senders from a table of the union of both streams' merged slots and averages in only
     its own: the same bits as a table of its own."""

@@ -53,6 +53,7 @@ ROUTES = ("auto", "fused", "reference")
 NO_MATCH = -(2 ** 63)  # a source's packed (score, column) before any destination is seen: below every real one
 LOW_BITS = 2 ** 32 - 1  # the column's half of it (int64 arguments: literals this wide would be unsigned 32-bit)
 PROGRAMS_PER_SM = 4  # best_match's programs with work per multiprocessor (see _splits)
+ARRANGE_MAX = 16384  # the longest row `arrange` takes in one program
 
 
 def fused_on(device: torch.device) -> bool:
@@ -223,6 +224,37 @@ def _average_gather_kernel(x_ptr, out_ptr, source_ptr, weight_ptr, merged_ptr, f
     average = _to_bfloat16(average) if BF16 else average.to(own.dtype)
     result = tl.where(received[:, None], average, own)
     tl.store(out_ptr + (row * k + outputs[:, None]) * d + columns[None, :], result, mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------- arranging
+
+
+@triton.jit
+def _arrange_kernel(first_ptr, second_ptr, out_ptr, n, width, HAS_SECOND: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.arange(0, BLOCK)
+    ok = slot < n
+    first = tl.load(first_ptr + row * n + slot, mask=ok, other=0).to(tl.int32)
+    before_first = tl.cumsum(first, 0) - first
+    first_count = tl.sum(first, 0)
+    if HAS_SECOND:
+        second = tl.load(second_ptr + row * n + slot, mask=ok, other=0).to(tl.int32)
+        before_second = tl.cumsum(second, 0) - second
+        rest = first_count + tl.sum(second, 0) + slot - before_first - before_second
+        place = tl.where(first != 0, before_first, tl.where(second != 0, first_count + before_second, rest))
+    else:
+        place = tl.where(first != 0, before_first, first_count + slot - before_first)
+    tl.store(out_ptr + row * width + place, slot.to(tl.int64), mask=ok & (place < width))
+
+
+def arrange(first: Tensor, second: Tensor | None, width: int) -> Tensor:
+    """merge.arrange's permutation, its first `width` places, in one program per row (rows of at most ARRANGE_MAX
+    slots): the running counts of the groups in registers, where the pure-torch form takes a dozen launches."""
+    b, n = first.shape
+    out = torch.empty(b, width, dtype=torch.int64, device=first.device)
+    _launch(_arrange_kernel, (b,), first.contiguous(), (first if second is None else second).contiguous(), out, n,
+            width, HAS_SECOND=second is not None, BLOCK=triton.next_power_of_2(n))
+    return out
 
 
 # bfloat16 <-> float32 in integer arithmetic, exactly as torch and the GPU convert: Triton's interpreter truncates

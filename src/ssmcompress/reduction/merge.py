@@ -153,16 +153,20 @@ def pack(mask: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """The slots where `mask` holds, gathered to the front of each row in slot order: (index, ok), (b, width)
     with width at least the largest count; `ok` marks real entries (the rest point at the other slots, in order)."""
     count = mask.sum(-1)
-    order = arrange(mask, count[:, None])[:, :width]
+    order = arrange(mask, count[:, None], width=width)
     ok = torch.arange(width, device=mask.device) < count[:, None]
     return order, ok
 
 
-def arrange(first: Tensor, first_count: Tensor, second: Tensor | None = None) -> Tensor:
+def arrange(first: Tensor, first_count: Tensor, second: Tensor | None = None, width: int | None = None) -> Tensor:
     """The permutation that lists each row's `first` slots, then its `second` slots, then the rest, each group in
     slot order: a stable sort by group, computed by counting (each slot's place follows from running counts of the
-    groups, so no sort runs). `first_count`: (b, 1) the first group's sizes; `second` excludes `first` slots."""
+    groups, so no sort runs); its first `width` places (default: all). `first_count`: (b, 1) the first group's
+    sizes; `second` excludes `first` slots. One kernel on the GPU (kernels.arrange)."""
     b, n = first.shape
+    width = n if width is None else min(width, n)
+    if kernels.fused(first) and n <= kernels.ARRANGE_MAX:
+        return kernels.arrange(first, second, width)
     slots = torch.arange(n, device=first.device).expand(b, n)
     before_first = first.cumsum(-1) - first.long()  # slots of `first` before this one, in the row
     if second is None:
@@ -172,7 +176,7 @@ def arrange(first: Tensor, first_count: Tensor, second: Tensor | None = None) ->
         place = torch.where(first, before_first, torch.where(
             second, first_count + before_second,
             first_count + second.sum(-1, keepdim=True) + slots - before_first - before_second))
-    return torch.empty_like(slots).scatter_(1, place, slots)
+    return torch.empty_like(slots).scatter_(1, place, slots)[:, :width]
 
 
 def flat_index(index: Tensor, n: int) -> Tensor:
@@ -262,8 +266,7 @@ def compact(keep: Tensor, valid: Tensor, width: int | None = None) -> tuple[Tens
     """
     kept = keep & valid
     counts = kept.sum(1)
-    order = arrange(kept, counts[:, None], ~valid)
-    return order[:, : max(int(counts.max()), 1) if width is None else width], counts
+    return arrange(kept, counts[:, None], ~valid, max(int(counts.max()), 1) if width is None else width), counts
 
 
 def apply(tokens: Tokens, plan: Plan, hidden: Tensor | None = None, residual: Tensor | None = None) -> Reduced:
