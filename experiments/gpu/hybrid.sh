@@ -5,7 +5,8 @@
 #    host's kernels against transformers' own pure-torch code, and where a forward spends its time
 #    (experiments/gpu/check_transformers_kernels.py);
 # 2. benchmark=efficiency: dense, each method and the ceiling at one schedule, interleaved, batch 8 x 2048;
-#    SHAPE_METHODS (evit, ours) also at batch 1 and 8 x 2048 and 8192; `profile`: where ours' time goes
+#    SHAPE_METHODS (every method but official) also at batch 1 x 2048, 1 x 8192 and 8 x 8192; eager launches as
+#    lm-eval runs them (CAPTURE=true: CUDA graph replays, the efficiency_graph tables); `profile`: where ours' time goes
 #    (experiments/gpu/profile_reduction.py, torch.profiler over a dense and a reduced forward);
 # 3. the hosts side by side: mamba2-2.7b on mamba-ssm and the same architecture in transformers (mamba2-2.7b-hf);
 # 4. benchmark=generation, the paper's protocol (batch 16, 2048 + 100 tokens): prefill, decode, KV cache, bound.
@@ -22,10 +23,10 @@ mkdir -p "$OUT"
 . "$(dirname "$0")/environment.sh"
 MODEL=${MODEL:-granite-4.0-h-1b}
 METHODS=${METHODS:-random,tome,pumer,evit,official,ours}
-SHAPE_METHODS=${SHAPE_METHODS:-evit,ours}
+SHAPE_METHODS=${SHAPE_METHODS:-random,tome,pumer,evit,ours}
 RATIO=${RATIO:-0.3}
 STAGES=" ${STAGES:-check eff profile hosts gen} "
-eff=(benchmark=efficiency benchmark.measure.fvcore=false)
+eff=(benchmark=efficiency benchmark.measure.fvcore=false benchmark.measure.capture="${CAPTURE:-false}")
 if [[ $STAGES == *" check "* ]]; then
   timeout -s INT "${CONV_TIMEOUT:-120}" "$PYTHON" experiments/gpu/check_causal_conv.py "$OUT/check_causal_conv.jsonl" > "$OUT/check_causal_conv.log" 2>&1
   echo "causal conv check: exit $?"; cut -c1-400 "$OUT/check_causal_conv.log"
@@ -35,7 +36,7 @@ fi
 if [[ $STAGES == *" eff "* ]]; then
   sweep eff gpu-efficiency "${EFF_TIMEOUT:-300}" "${eff[@]}" model="$MODEL" method="$METHODS" ratio="$RATIO" $(shape 8 2048)
   for s in ${SHAPES:-1x2048 1x8192 8x8192}; do
-    sweep eff gpu-efficiency "${SHAPE_TIMEOUT:-120}" "${eff[@]}" model="$MODEL" method="$SHAPE_METHODS" ratio="$RATIO" $(shape ${s/x/ })
+    sweep eff gpu-efficiency "${SHAPE_TIMEOUT:-200}" "${eff[@]}" model="$MODEL" method="$SHAPE_METHODS" ratio="$RATIO" $(shape ${s/x/ })
   done
 fi
 if [[ $STAGES == *" profile "* ]]; then
