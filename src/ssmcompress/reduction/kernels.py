@@ -11,8 +11,10 @@ Each kernel is the fused form of pure-torch functions in `merge`, which stay the
   complement: the best score, the lowest column among equal ones, in whatever order the spans finish; the spans are
   whole tiles, so every score is rounded as in one sweep and the result does not depend on their number.
   Arithmetic: dot products of the stream's own values, accumulated in float32 (bf16/fp16 operands: exact
-  products, float32 sums, as tensor cores compute them; float32 operands: IEEE products, no TF32), then divided
-  by both norms max(|x|, 1e-12). The reference normalises first and multiplies unit vectors; the quantity is the
+  products, float32 sums, as tensor cores compute them; float32 operands: IEEE products, no TF32); a source's
+  destinations are ranked by the dot product times the reciprocal of the destination's norm max(|x|, 1e-12), and
+  the best is divided by the source's norm at the end (a positive factor common to all of a source's candidates
+  does not change their order). The reference normalises first and multiplies unit vectors; the quantity is the
   same, the rounding is not: scores agree to a few float32 ulps times sqrt(d) (the tests hold 1e-6 at d <= 64).
   Ties: an exactly tied score goes to the lower destination slot, as the reference (first maximum, slot order).
   A near-tie, two destinations closer than that rounding difference, can go either way on the two paths.
@@ -91,7 +93,6 @@ def _best_match_kernel(x_ptr, norm_ptr, src_ptr, src_count_ptr, dst_ptr, dst_cou
         m = first + tl.arange(0, BLOCK_M)
         m_ok = m < src_count
         src = tl.load(src_ptr + row * n + m, mask=m_ok, other=0)
-        src_norm = tl.load(norm_ptr + row * n + src, mask=m_ok, other=1.0)
         base = x_ptr + row * stride_row
         best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         column = tl.zeros((BLOCK_M,), tl.int64)  # loop-carried: one type throughout
@@ -99,7 +100,7 @@ def _best_match_kernel(x_ptr, norm_ptr, src_ptr, src_count_ptr, dst_ptr, dst_cou
             j = start + tl.arange(0, BLOCK_N)
             j_ok = j < hi
             dst = tl.load(dst_ptr + row * n + j, mask=j_ok, other=0)
-            dst_norm = tl.load(norm_ptr + row * n + dst, mask=j_ok, other=1.0)
+            dst_scale = tl.math.div_rn(1.0, tl.load(norm_ptr + row * n + dst, mask=j_ok, other=1.0))
             dot = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for k0 in range(0, d, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
@@ -111,7 +112,9 @@ def _best_match_kernel(x_ptr, norm_ptr, src_ptr, src_count_ptr, dst_ptr, dst_cou
                 if WIDEN:  # the interpreter's dot: float32 operands (exact), as tensor cores multiply 16-bit ones
                     a, b = _widen(a, BF16), _widen(b, BF16)
                 dot = tl.dot(a, b, dot, input_precision=PRECISION)
-            similarity = tl.math.div_rn(tl.math.div_rn(dot, src_norm[:, None]), dst_norm[None, :])
+            # ranked without the source's norm, a positive factor common to all of a source's candidates (applied to
+            # the best one at the end): one product per candidate in place of two IEEE divisions
+            similarity = dot * dst_scale[None, :]
             # a NaN (from a non-finite stream) is no candidate; -0.0 and +0.0 are one score
             similarity = tl.where(similarity == 0.0, 0.0, similarity)
             similarity = tl.where(j_ok[None, :] & (similarity == similarity), similarity, float("-inf"))
@@ -130,7 +133,7 @@ def _best_match_kernel(x_ptr, norm_ptr, src_ptr, src_count_ptr, dst_ptr, dst_cou
 
 
 @triton.jit
-def _best_match_finish_kernel(key_ptr, dst_ptr, partner_ptr, score_ptr, n, no_match, low_bits,
+def _best_match_finish_kernel(key_ptr, norm_ptr, dst_ptr, partner_ptr, score_ptr, n, no_match, low_bits,
                               BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     slot = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -138,7 +141,8 @@ def _best_match_finish_kernel(key_ptr, dst_ptr, partner_ptr, score_ptr, n, no_ma
     key = tl.load(key_ptr + row * n + slot, mask=ok, other=no_match)
     found = key != no_match
     ordered = (key >> 32).to(tl.int32)
-    score = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    scaled = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    score = tl.math.div_rn(scaled, tl.load(norm_ptr + row * n + slot, mask=ok & found, other=1.0))
     column = low_bits - (key & low_bits)
     partner = tl.load(dst_ptr + row * n + column, mask=ok & found, other=0)
     tl.store(partner_ptr + row * n + slot, tl.where(found, partner, slot), mask=ok)
@@ -170,7 +174,7 @@ def best_match(metric: Tensor, src_index: Tensor, src_count: Tensor, dst_index: 
             PRECISION="ieee" if wide or INTERPRETED else "tf32",  # tf32: unused by 16-bit operands
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
     block = n if INTERPRETED else 1024
-    _launch(_best_match_finish_kernel, (b, triton.cdiv(n, block)), key, dst_index.contiguous(), partner, score, n,
+    _launch(_best_match_finish_kernel, (b, triton.cdiv(n, block)), key, norm, dst_index.contiguous(), partner, score, n,
             NO_MATCH, LOW_BITS, BLOCK=triton.next_power_of_2(block))
     return partner, score
 
