@@ -118,7 +118,7 @@ def test_best_match_does_not_depend_on_how_destinations_are_split(dtype):
     src[1, [60, 250]], dst[1, [60, 250]], src[1, 10], dst[1, 10] = False, True, True, False
     args = (metric, merge.pack(src, 300)[0], src.sum(-1), merge.pack(dst, 300)[0], dst.sum(-1))
     one = kernels.best_match(*args, splits=1)
-    for splits in (2, 3, 7, 200):
+    for splits in (2, 5, 40):
         split = kernels.best_match(*args, splits=splits)
         assert torch.equal(split[0], one[0]) and torch.equal(split[1], one[1])
     assert one[0][1, 10] == 60
