@@ -256,8 +256,10 @@ def arrange(first: Tensor, second: Tensor | None, width: int) -> Tensor:
     slots): the running counts of the groups in registers, where the pure-torch form takes a dozen launches."""
     b, n = first.shape
     out = torch.empty(b, width, dtype=torch.int64, device=first.device)
+    block = triton.next_power_of_2(n)
     _launch(_arrange_kernel, (b,), first.contiguous(), (first if second is None else second).contiguous(), out, n,
-            width, HAS_SECOND=second is not None, BLOCK=triton.next_power_of_2(n))
+            width, HAS_SECOND=second is not None, BLOCK=block,
+            num_warps=min(16, max(4, block // 512)))  # a few dozen slots per thread, whatever the row's length
     return out
 
 
