@@ -126,9 +126,7 @@ def _best_match_kernel(x_ptr, norm_ptr, src_ptr, src_count_ptr, dst_ptr, dst_cou
         # the spans' results meet in one integer per source: its score's bits, ordered as the floats are, above
         # the complement of its column, so the largest integer is the best score and, among equal scores, the lowest
         # column: the same choice as one sweep, in whatever order the spans finish
-        bits = best.to(tl.int32, bitcast=True)
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key = (ordered.to(tl.int64) << 32) | (low_bits - column)
+        key = (_float_order(best.to(tl.int32, bitcast=True)).to(tl.int64) << 32) | (low_bits - column)
         tl.atomic_max(key_ptr + row * n + src, key, mask=m_ok & (best > float("-inf")))
 
 
@@ -140,13 +138,19 @@ def _best_match_finish_kernel(key_ptr, norm_ptr, dst_ptr, partner_ptr, score_ptr
     ok = slot < n
     key = tl.load(key_ptr + row * n + slot, mask=ok, other=no_match)
     found = key != no_match
-    ordered = (key >> 32).to(tl.int32)
-    scaled = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    scaled = _float_order((key >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
     score = tl.math.div_rn(scaled, tl.load(norm_ptr + row * n + slot, mask=ok & found, other=1.0))
     column = low_bits - (key & low_bits)
     partner = tl.load(dst_ptr + row * n + column, mask=ok & found, other=0)
     tl.store(partner_ptr + row * n + slot, tl.where(found, partner, slot), mask=ok)
     tl.store(score_ptr + row * n + slot, tl.where(found, score, float("-inf")), mask=ok)
+
+
+@triton.jit
+def _float_order(bits):
+    """A float32's bits (as int32) <-> an int32 ordered as the floats are (negative floats' magnitude bits
+    flipped); its own inverse."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def best_match(metric: Tensor, src_index: Tensor, src_count: Tensor, dst_index: Tensor,
@@ -158,6 +162,7 @@ def best_match(metric: Tensor, src_index: Tensor, src_count: Tensor, dst_index: 
     b, n, d = metric.shape
     x = metric if metric.stride(-1) == 1 else metric.contiguous()
     norm = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp(min=NORM_EPS)  # no float32 copy of x
+    dst_index = dst_index.contiguous()
     key = torch.full((b, n), NO_MATCH, dtype=torch.int64, device=x.device)
     partner = torch.empty(b, n, dtype=torch.int64, device=x.device)
     score = torch.empty(b, n, dtype=torch.float32, device=x.device)
@@ -169,12 +174,12 @@ def best_match(metric: Tensor, src_index: Tensor, src_count: Tensor, dst_index: 
         splits = 2 if INTERPRETED else _splits(x.device, b * triton.cdiv(n, 2 * block_m), triton.cdiv(n, 2 * block_n))
     grid = (b, triton.cdiv(n, block_m), splits)
     _launch(_best_match_kernel, grid, x, norm, src_index.contiguous(), src_count.contiguous(),
-            dst_index.contiguous(), dst_count.contiguous(), key, n, d, x.stride(0), x.stride(1), splits, LOW_BITS,
+            dst_index, dst_count.contiguous(), key, n, d, x.stride(0), x.stride(1), splits, LOW_BITS,
             WIDEN=not wide and INTERPRETED, BF16=x.dtype == torch.bfloat16,
             PRECISION="ieee" if wide or INTERPRETED else "tf32",  # tf32: unused by 16-bit operands
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
     block = n if INTERPRETED else 1024
-    _launch(_best_match_finish_kernel, (b, triton.cdiv(n, block)), key, norm, dst_index.contiguous(), partner, score, n,
+    _launch(_best_match_finish_kernel, (b, triton.cdiv(n, block)), key, norm, dst_index, partner, score, n,
             NO_MATCH, LOW_BITS, BLOCK=triton.next_power_of_2(block))
     return partner, score
 
@@ -183,8 +188,7 @@ def _splits(device: torch.device, programs: int, most: int) -> int:
     """Destination spans per row so that about PROGRAMS_PER_SM programs with sources to match run on every
     multiprocessor: a batch of one row of 2048 tokens has 16 blocks of sources, a fraction of a large GPU's
     multiprocessors, and one sweep each would leave the rest idle. At most `most`, one tile each."""
-    units = _multiprocessors(torch.device(device).index if torch.device(device).index is not None
-                             else torch.cuda.current_device())
+    units = _multiprocessors(torch.cuda.current_device() if device.index is None else device.index)
     return max(1, min(most, triton.cdiv(PROGRAMS_PER_SM * units, max(programs, 1))))
 
 
