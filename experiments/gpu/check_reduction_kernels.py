@@ -86,17 +86,42 @@ def matching_report(hidden, src, dst, repeats, cuda) -> dict:
 
 
 def merging_report(x, source, target, merged, weights, repeats, cuda) -> dict:
-    args = (x, source, target, merged, weights)
-    expected = on_route("reference", lambda: merge.average_gather(*args))
-    out = on_route("fused", lambda: merge.average_gather(*args))
+    args = (x, weights, source, target, merged, weights)  # the weights as the carried sizes (ToMe's)
+    expected, expected_sizes = on_route("reference", lambda: merge.merge_stream(*args))
+    out, out_sizes = on_route("fused", lambda: merge.merge_stream(*args))
     senders = torch.zeros(target.shape, device=x.device).scatter_add_(1, target, merged.float()).gather(1, source)
     equal = out == expected
     return dict(dtype=str(x.dtype), elements=out.numel(), bit_equal=equal.float().mean().item(),
                 bit_equal_where_at_most_one_sender=equal[senders <= 1].float().mean().item(),
                 max_abs_diff=(out.float() - expected.float()).abs().max().item(),
-                max_senders=int(senders.max()),
-                ms={route: timed(lambda: on_route(route, lambda: merge.average_gather(*args)), repeats, cuda)
+                sizes_equal=bool(torch.equal(out_sizes, expected_sizes)), max_senders=int(senders.max()),
+                ms={route: timed(lambda: on_route(route, lambda: merge.merge_stream(*args)), repeats, cuda)
                     for route in ROUTES})
+
+
+def selecting_report(key, count, eligible, repeats, cuda) -> dict:
+    """merge.lowest / highest: the bisection kernel's slots against the stable sort's."""
+    report = {}
+    for select in (merge.lowest, merge.highest):
+        expected = on_route("reference", lambda: select(key, count, eligible))
+        report[select.__name__] = dict(
+            equal=bool(torch.equal(on_route("fused", lambda: select(key, count, eligible)), expected)),
+            ms={route: timed(lambda: on_route(route, lambda: select(key, count, eligible)), repeats, cuda)
+                for route in ROUTES})
+    return report
+
+
+def sender_table_report(target, merged, repeats, cuda) -> dict:
+    """kernels.sender_groups in one program per row against the stable sort and count of longer rows."""
+    table = kernels.sender_groups(target, merged)
+    longest, kernels.ARRANGE_MAX = kernels.ARRANGE_MAX, 0
+    try:
+        expected = kernels.sender_groups(target, merged)
+        sort_ms = timed(lambda: kernels.sender_groups(target, merged), repeats, cuda)
+    finally:
+        kernels.ARRANGE_MAX = longest
+    return dict(equal=all(torch.equal(a, b) for a, b in zip(table, expected)),
+                ms=dict(kernel=timed(lambda: kernels.sender_groups(target, merged), repeats, cuda), sort=sort_ms))
 
 
 def kernel_reports(model, ids, layer, repeats, cuda) -> dict:
@@ -114,6 +139,9 @@ def kernel_reports(model, ids, layer, repeats, cuda) -> dict:
     weights = torch.ones(b, n, device=ids.device)
     return dict(
         shape=dict(batch=b, length=n, d_model=hidden.shape[-1], hidden=str(hidden.dtype), residual=str(residual.dtype)),
+        select_importance=selecting_report(importance, torch.full((b,), n // 2, device=ids.device), tokens.movable,
+                                           repeats, cuda),
+        sender_table=sender_table_report(plan.target, plan.merge_hidden | plan.merge_residual, repeats, cuda),
         match_utr_halves=matching_report(hidden, less, ~less, repeats, cuda),
         match_tome_alternate=matching_report(hidden, even, odd, repeats, cuda),
         merge_hidden=merging_report(hidden, source, plan.target, plan.merge_hidden, weights, repeats, cuda),

@@ -9,10 +9,11 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssmcompress import compat, reduction
 from ssmcompress.hosts import mamba_ssm
-from ssmcompress.reduction import METHODS, kernels, merge
+from ssmcompress.reduction import METHODS, kernels, merge, patch
 from conftest import tiny_model
 from reduction_fixtures import ALL_METHODS, REMOVING, compose, make_tokens, mamba2, one_thread  # noqa: F401
 import test_reduction_merge
@@ -135,16 +136,71 @@ def test_arrange_equals_the_reference(n):
         assert torch.equal(on_route("fused", lambda: merge.arrange(first, count, other, width)), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_importance_equals_the_reference(dtype):
+    """The importance in one read of the SSM output: torch's value to float32 rounding, a NaN kept (the finiteness
+    check after the forward must see it), for every metric the kernel takes."""
+    y = (torch.randn(3, 17, 300, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    y[1, 5, 7] = math.nan
+    for metric in ("clip", "l1", "raw"):
+        expected = patch.importance_of(y, metric)
+        got = kernels.importance(y, metric)
+        assert got.dtype == torch.float32 and got.shape == (3, 17)
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6, equal_nan=True), metric
+        assert got[1, 5].isnan() and int(got.isnan().sum()) == 1
+    assert torch.allclose(kernels.importance(y[:, ::2], "clip"), patch.importance_of(y[:, ::2], "clip"), rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 37, 300])
+def test_select_equals_the_sorts_it_replaces(n):
+    """lowest / highest as one bisection kernel per row: the same slots as the stable sort, on keys full of exact
+    ties, both zeros and both infinities, at every count from none to more than a row's eligible slots."""
+    generator = torch.Generator().manual_seed(n)
+    b = 6
+    key = torch.randint(-3, 4, (b, n), generator=generator).float() / 2  # few values: many ties
+    key[0] = torch.randn(n, generator=generator)  # a row of distinct keys
+    key[1, ::3] = -0.0
+    key[2, ::4], key[2, 1::4] = math.inf, -math.inf
+    key[3] = 1e30 * torch.randn(n, generator=generator).sign()
+    eligible = torch.rand(b, n, generator=generator) < 0.7
+    eligible[4] = False  # a row with nothing to choose
+    for count in (0, 1, n // 3, n // 2, n, n + 5):
+        counts = torch.full((b,), count) + torch.arange(b) % 2  # rows ask for different counts
+        for select in (merge.lowest, merge.highest):
+            expected = on_route("reference", lambda: select(key, counts, eligible))
+            chosen = on_route("fused", lambda: select(key, counts, eligible))
+            assert chosen.dtype == torch.bool and torch.equal(chosen, expected), (select.__name__, count)
+            assert torch.equal(chosen.sum(1), torch.minimum(counts, eligible.sum(1)))
+
+
 def test_one_sender_table_serves_both_streams(fused):
     """The merge takes its senders from a table of the union of both streams' merged slots and averages in only
     its own: the same bits as a table of its own."""
-    x, source, target, merged, weights = merging_inputs(torch.bfloat16)
+    x, sizes, source, target, merged, weights = merging_inputs(torch.bfloat16)
     other = merged | ((torch.rand(merged.shape, generator=torch.Generator().manual_seed(1)) < 0.3)
                       & (target != torch.arange(merged.shape[1])))
     shared = kernels.sender_groups(target, merged | other)
-    out = kernels.average_gather(x, source, target, merged, weights, shared)
-    assert torch.equal(out, kernels.average_gather(x, source, target, merged, weights))
-    assert torch.equal(out, merge.gather_slots(merge.average_into(x, target, merged, weights), source))
+    out = kernels.merge_stream(x, sizes, source, target, merged, weights, shared)
+    own = kernels.merge_stream(x, sizes, source, target, merged, weights)
+    assert torch.equal(out[0], own[0]) and torch.equal(out[1], own[1])
+    assert torch.equal(out[0], merge.gather_slots(merge.average_into(x, target, merged, weights), source))
+    assert torch.equal(out[1], merge.gather_slots(merge.carry_sizes(sizes, target, merged), source))
+
+
+@pytest.mark.parametrize("n", [1, 37, 64, 300])
+def test_sender_groups_equal_a_stable_sort(monkeypatch, n):
+    """The one-program table (a sort of (receiver, slot) keys in registers and a histogram) against the stable sort
+    and count that rows longer than ARRANGE_MAX take: the same senders, group starts and sizes."""
+    generator = torch.Generator().manual_seed(n)
+    target = torch.randint(0, n, (4, n), generator=generator)
+    merged = torch.rand(4, n, generator=generator) < 0.4
+    merged[1] = False  # nothing merged
+    target[2], merged[2] = n - 1, torch.arange(n) != n - 1  # every slot into the last one (EViT's fused token)
+    table = kernels.sender_groups(target, merged)
+    monkeypatch.setattr(kernels, "ARRANGE_MAX", 0)
+    for got, expected in zip(table, kernels.sender_groups(target, merged)):
+        assert torch.equal(got, expected)
+    assert torch.equal(table[2][2], torch.zeros(n, dtype=torch.long).index_fill(0, torch.tensor([n - 1]), n - 1))
 
 
 def merging_inputs(dtype, b=3, n=40, d=20, seed=0):
@@ -157,19 +213,24 @@ def merging_inputs(dtype, b=3, n=40, d=20, seed=0):
     target[2] = torch.where(merged[2], 7, slots[2])  # many-to-one (EViT's fused token)
     weights = torch.randint(1, 5, (b, n), generator=generator).float()
     weights[1] = torch.rand(n, generator=generator)  # non-integer weights (softmax importance)
+    sizes = torch.randint(1, 9, (b, n), generator=generator).float()  # carried sizes: whole tokens
     source = torch.sort(torch.rand(b, n, generator=generator), 1).indices[:, :27]
-    return x, source, target, merged, weights
+    return x, sizes, source, target, merged, weights
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_average_gather_equals_the_reference_bit_for_bit(dtype):
-    x, source, target, merged, weights = merging_inputs(dtype)
+def test_merge_stream_equals_the_reference_bit_for_bit(dtype):
+    x, sizes, source, target, merged, weights = merging_inputs(dtype)
     expected = merge.gather_slots(merge.average_into(x, target, merged, weights), source)
-    out = on_route("fused", lambda: merge.average_gather(x, source, target, merged, weights))
+    out, out_sizes = on_route("fused", lambda: merge.merge_stream(x, sizes, source, target, merged, weights))
     assert out.dtype == dtype and torch.equal(out, expected)
+    assert torch.equal(out_sizes, merge.gather_slots(merge.carry_sizes(sizes, target, merged), source))
     received = torch.zeros(target.shape).scatter_add_(1, target, merged.float()) > 0
     untouched = ~received.gather(1, source)
     assert torch.equal(out[untouched], merge.gather_slots(x, source)[untouched])  # copied, not x·w/w
+    gathered = on_route("fused", lambda: merge.merge_stream(x, sizes, source))  # nothing merged: the gathers
+    assert torch.equal(gathered[0], merge.gather_slots(x, source))
+    assert torch.equal(gathered[1], merge.gather_slots(sizes, source))
 
 
 def test_bfloat16_rounding_is_to_nearest_even():
@@ -185,7 +246,7 @@ def test_bfloat16_rounding_is_to_nearest_even():
     source = torch.arange(m)[None]
     expected = merge.gather_slots(merge.average_into(x, target, merged, weights), source)
     assert expected[0, :2, 0].tolist() == [1.0, 1.0 + 2 * ulp]  # the reference ties to even
-    out = on_route("fused", lambda: merge.average_gather(x, source, target, merged, weights))
+    out, _ = on_route("fused", lambda: merge.merge_stream(x, weights, source, target, merged, weights))
     assert torch.equal(out, expected)
 
 
@@ -270,7 +331,7 @@ def test_a_count_off_the_plan_is_a_clear_error(mamba2):
     ids = torch.randint(1, 4000, (2, 40), generator=torch.Generator().manual_seed(8))
     try:
         planned = reducer.planned_counts(40)
-        reducer._planned[40] = [count + 1 for count in planned]  # a plan the method does not follow
+        reducer._planned[40] = [15] + planned[1:]  # a plan ToMe cannot follow: 25 of 40 tokens, more than half
         with pytest.raises(RuntimeError, match="layer 2: the method kept a different number of tokens"):
             reducer(ids)
     finally:
@@ -299,6 +360,42 @@ def test_the_fused_path_with_planned_widths_reads_nothing_back(fused, monkeypatc
         reducer(ids)
     finally:
         reducer.remove()
+
+
+@pytest.mark.parametrize("method", [name for name in ALL_METHODS if name != "official"])
+def test_the_fused_path_sorts_nothing(fused, method):
+    """Selections, sender tables and orderings run as one-program kernels on the fused path: no torch sort inside a
+    reduction layer (each is several launches on a GPU). `official` sorts by design (its channel-wise sort)."""
+    model = tiny_model(2, seed=3)
+    info = mamba_ssm.model_info(model)
+    ids = torch.randint(1, 4000, (2, 40), generator=torch.Generator().manual_seed(9))
+    reducer = small_reducer(model, method, info)
+    step, called = reducer._reduce_step, []
+
+    def watched(*args):
+        with OpsSeen() as seen:
+            result = step(*args)
+        called.append(seen.names)
+        return result
+
+    reducer._reduce_step = watched
+    try:
+        reducer(ids)
+    finally:
+        reducer.remove()
+    assert len(called) == 2 and not any({"sort", "argsort", "topk"} & names for names in called)
+
+
+class OpsSeen(TorchDispatchMode):
+    """The aten operators dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def forbidden(*args, **kwargs):

@@ -18,18 +18,23 @@ Each kernel is the fused form of pure-torch functions in `merge`, which stay the
   same, the rounding is not: scores agree to a few float32 ulps times sqrt(d) (the tests hold 1e-6 at d <= 64).
   Ties: an exactly tied score goes to the lower destination slot, as the reference (first maximum, slot order).
   A near-tie, two destinations closer than that rounding difference, can go either way on the two paths.
-- `average_gather` = merge.gather_slots(merge.average_into(...), source): the size-weighted average of every
-  output slot with the slots merged into it, written straight into the compacted output. Arithmetic identical to
-  average_into on the CPU: products w·x in float32, summed in slot order starting from the receiving slot's own
-  term, one IEEE division, one rounding to the stream's dtype, no fused multiply-add; slots that receive nothing
-  are copied exactly. So the kernel equals the reference bit for bit (values; an exact zero may differ in sign),
-  whatever its blocks, which are therefore tuned on the GPU at hand (triton.autotune, once per width and dtype).
-  Its table of senders per receiver (`sender_groups`, a stable counting sort) is built once per reduction layer
-  for both streams.
+- `merge_stream` = merge.merge_stream (merge.average_into, merge.carry_sizes and the gathers of both at the output
+  slots): the size-weighted average of every output slot with the slots merged into it and its carried size,
+  written straight into the compacted output. Arithmetic identical to average_into on the CPU: products w·x in
+  float32, summed in slot order starting from the receiving slot's own term, one IEEE division, one rounding to the
+  stream's dtype, no fused multiply-add; slots that receive nothing are copied exactly; sizes summed in the same
+  order. So the kernel equals the reference bit for bit (values; an exact zero may differ in sign), whatever its
+  blocks, which are therefore tuned on the GPU at hand (triton.autotune, once per width and dtype). Its table of
+  senders per receiver (`sender_groups`, a sort of (receiver, slot) keys in one program per row) is built once per
+  reduction layer for both streams. With nothing merged (pruning) it is the gather of the kept slots alone.
   torch's index_add on a GPU adds with atomics in no fixed order, so there the reference can differ by a rounding
   where a slot receives two or more tokens; the kernel's order is fixed.
+- `select` = merge.lowest / merge.highest: the count-th key found by bisection over the keys' order in one program
+  per row, the tied slots at it taken in slot order: the stable sort's selection without sorting.
+- `arrange` = merge.arrange (pack, compact): the ordering of slots by group from running counts, one program per row.
+- `importance` = patch.importance_of (clip, l1): the mean of max(y, 0) or |y| without a clamped copy of y.
 
-Both kernels read only their own row: a row's result never depends on the other rows of its batch, nor on the
+Every kernel reads only its own row: a row's result never depends on the other rows of its batch, nor on the
 batch's widths.
 
 Route: `fused(x)` says whether x goes through these kernels. ROUTE "auto" follows ssmcompress.compat (CUDA tensors
@@ -201,37 +206,48 @@ def _multiprocessors(index: int) -> int:
 
 
 @triton.jit
-def _average_gather_kernel(x_ptr, out_ptr, source_ptr, weight_ptr, merged_ptr, first_ptr, count_ptr, sender_ptr,
-                           n, k, d, stride_row, stride_slot, BF16: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_stream_kernel(x_ptr, out_ptr, sizes_ptr, out_sizes_ptr, source_ptr, weight_ptr, merged_ptr, first_ptr,
+                         count_ptr, sender_ptr, n, k, d, stride_row, stride_slot, MERGES: tl.constexpr,
+                         BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     outputs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     columns = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     out_ok = outputs < k
     ok = out_ok[:, None] & (columns < d)[None, :]
+    # the sizes: once per output slot, by its first block of columns
+    sizes_ok = out_ok & (tl.zeros_like(outputs) + tl.program_id(2) == 0)
     slot = tl.load(source_ptr + row * k + outputs, mask=out_ok, other=0)
     base = x_ptr + row * stride_row + columns[None, :]
     own = tl.load(base + slot[:, None] * stride_slot, mask=ok, other=0.0)
-    listed = tl.load(count_ptr + row * n + slot, mask=out_ok, other=0)
-    first = tl.load(first_ptr + row * n + slot, mask=out_ok, other=0)
-    weight = tl.load(weight_ptr + row * n + slot, mask=out_ok, other=1.0)
-    total = _widen(own, BF16) * weight[:, None]
-    mass = weight
-    received = tl.zeros((BLOCK_R,), tl.int1)
-    for i in range(0, tl.max(listed, axis=0)):  # each slot's senders, in slot order
-        sender = tl.load(sender_ptr + row * n + first + i, mask=i < listed, other=0)
-        # the senders are those of both streams: this stream averages in the ones it merges
-        active = (i < listed) & (tl.load(merged_ptr + row * n + sender, mask=i < listed, other=0) != 0)
-        sender_weight = tl.load(weight_ptr + row * n + sender, mask=active, other=0.0)
-        value = tl.load(base + sender[:, None] * stride_slot, mask=ok & active[:, None], other=0.0)
-        # rows without an i-th sender keep their sum as it is (adding a masked 0 would turn -0.0 into +0.0)
-        total = tl.where(active[:, None], total + _widen(value, BF16) * sender_weight[:, None], total)
-        mass = tl.where(active, mass + sender_weight, mass)
-        received = received | active
-    average = tl.math.div_rn(total, mass[:, None])
-    average = _to_bfloat16(average) if BF16 else average.to(own.dtype)
-    result = tl.where(received[:, None], average, own)
-    tl.store(out_ptr + (row * k + outputs[:, None]) * d + columns[None, :], result, mask=ok)
+    own_size = tl.load(sizes_ptr + row * n + slot, mask=sizes_ok, other=0.0)
+    if MERGES:
+        listed = tl.load(count_ptr + row * n + slot, mask=out_ok, other=0)
+        first = tl.load(first_ptr + row * n + slot, mask=out_ok, other=0)
+        weight = tl.load(weight_ptr + row * n + slot, mask=out_ok, other=1.0)
+        # carried sizes as merge.carry_sizes: a merged slot's own size moves out of it (sizes - sizes · merged)
+        own_merged = tl.load(merged_ptr + row * n + slot, mask=sizes_ok, other=0) != 0
+        size = tl.where(own_merged, own_size - own_size, own_size)
+        total = _widen(own, BF16) * weight[:, None]
+        mass = weight
+        received = tl.zeros((BLOCK_R,), tl.int1)
+        for i in range(0, tl.max(listed, axis=0)):  # each slot's senders, in slot order
+            sender = tl.load(sender_ptr + row * n + first + i, mask=i < listed, other=0)
+            # the senders are those of both streams: this stream averages in the ones it merges
+            active = (i < listed) & (tl.load(merged_ptr + row * n + sender, mask=i < listed, other=0) != 0)
+            sender_weight = tl.load(weight_ptr + row * n + sender, mask=active, other=0.0)
+            value = tl.load(base + sender[:, None] * stride_slot, mask=ok & active[:, None], other=0.0)
+            # rows without an i-th sender keep their sum as it is (adding a masked 0 would turn -0.0 into +0.0)
+            total = tl.where(active[:, None], total + _widen(value, BF16) * sender_weight[:, None], total)
+            mass = tl.where(active, mass + sender_weight, mass)
+            received = received | active
+            sender_size = tl.load(sizes_ptr + row * n + sender, mask=active & sizes_ok, other=0.0)
+            size = tl.where(active, size + sender_size, size)
+        average = tl.math.div_rn(total, mass[:, None])
+        average = _to_bfloat16(average) if BF16 else average.to(own.dtype)
+        own = tl.where(received[:, None], average, own)
+        own_size = size
+    tl.store(out_ptr + (row * k + outputs[:, None]) * d + columns[None, :], own, mask=ok)
+    tl.store(out_sizes_ptr + row * k + outputs, own_size, mask=sizes_ok)
 
 
 # ---------------------------------------------------------------------------------------------- arranging
@@ -267,6 +283,93 @@ def arrange(first: Tensor, second: Tensor | None, width: int) -> Tensor:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- importance
+
+
+@triton.jit
+def _importance_kernel(y_ptr, out_ptr, rows, d, stride_row, CLIP: tl.constexpr, ABS: tl.constexpr,
+                       BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows
+    total = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for k0 in range(0, d, BLOCK_D):
+        k = k0 + tl.arange(0, BLOCK_D)
+        value = _widen(tl.load(y_ptr + r[:, None] * stride_row + k[None, :], mask=r_ok[:, None] & (k < d)[None, :],
+                               other=0.0), BF16)
+        if CLIP:  # max(y, 0) that keeps a NaN, as torch.clamp does (the finiteness check must see it)
+            value = tl.where(value < 0.0, 0.0, value)
+        if ABS:
+            value = tl.abs(value)
+        total += value
+    tl.store(out_ptr + r, tl.math.div_rn(tl.sum(total, axis=1), d.to(tl.float32)), mask=r_ok)
+
+
+def importance(y: Tensor, metric: str) -> Tensor:
+    """patch.importance_of for `clip` and `l1` (`raw` too, though torch's mean reads y once already): the mean over
+    the last dim of max(y, 0), |y| or y, in float32, in one read of y (torch's clamp / abs would first write a copy of it: at 2.7b and 8 x 2048 tokens, 168 MB per
+    reduction layer). The same quantity summed in another order: within a few float32 ulps of torch's."""
+    d = y.shape[-1]
+    flat = y.reshape(-1, d)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    rows = flat.shape[0]
+    out = torch.empty(y.shape[:-1], dtype=torch.float32, device=y.device)
+    block_r, block_d = (triton.next_power_of_2(max(rows, 1)), triton.next_power_of_2(d)) if INTERPRETED else (4, 512)
+    _launch(_importance_kernel, (triton.cdiv(rows, block_r),), flat, out, rows, d, flat.stride(0),
+            CLIP=metric == "clip", ABS=metric == "l1", BF16=y.dtype == torch.bfloat16, BLOCK_R=block_r,
+            BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- selecting
+
+
+@triton.jit
+def _select_kernel(key_ptr, eligible_ptr, count_ptr, out_ptr, n, lowest_key, highest_key, LARGEST: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.arange(0, BLOCK)
+    ok = slot < n
+    eligible = ok & (tl.load(eligible_ptr + row * n + slot, mask=ok, other=0) != 0)
+    key = tl.load(key_ptr + row * n + slot, mask=ok, other=0.0)
+    # ordered as a stable sort compares them: -0.0 and +0.0 equal, every NaN above +inf
+    key = tl.where(key == 0.0, 0.0, key)
+    bits = tl.where(key != key, 0x7FC00000, key.to(tl.int32, bitcast=True))
+    order = _float_order(bits)
+    if LARGEST:  # the largest keys first: the reversed order (~x reverses int32 order exactly)
+        order = ~order
+    order = order.to(tl.int64)
+    count = tl.load(count_ptr + row)
+    # the count-th smallest key among the eligible ones: the least value with at least `count` keys at or below it,
+    # by bisection over the keys' range (at most 32 halvings, each one count over the row in registers)
+    lo = tl.min(tl.where(eligible, order, highest_key), 0)
+    hi = tl.max(tl.where(eligible, order, lowest_key), 0)
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        if tl.sum((eligible & (order <= mid)).to(tl.int32), 0) >= count:
+            hi = mid
+        else:
+            lo = mid + 1
+    below = eligible & (order < lo)
+    tied = (eligible & (order == lo)).to(tl.int32)
+    need = count - tl.sum(below.to(tl.int32), 0)  # of the keys equal to the threshold, the first `need` in slot order
+    chosen = below | ((tied != 0) & (tl.cumsum(tied, 0) - tied < need))
+    tl.store(out_ptr + row * n + slot, chosen.to(tl.int8), mask=ok)
+
+
+def select(key: Tensor, count: Tensor, eligible: Tensor, largest: bool) -> Tensor:
+    """merge.lowest (largest=False) / merge.highest (True) in one program per row (rows of at most ARRANGE_MAX
+    slots): the `count[row]` eligible slots with the smallest / largest float32 key, ties to the lower slot, the
+    same selection as the stable sort there (-0.0 equals +0.0, NaN ranks above +inf) without sorting: the count-th
+    key is found by bisection over the keys' order and the tied slots at it are taken in slot order."""
+    b, n = key.shape
+    out = torch.empty(b, n, dtype=torch.int8, device=key.device)
+    block = triton.next_power_of_2(n)
+    _launch(_select_kernel, (b,), key.float().contiguous(), eligible.contiguous(), count.contiguous(), out, n,
+            -(2 ** 31), 2 ** 31 - 1, LARGEST=largest, BLOCK=block, num_warps=min(16, max(4, block // 512)))
+    return out.view(torch.bool)
+
+
 # bfloat16 <-> float32 in integer arithmetic, exactly as torch and the GPU convert: Triton's interpreter truncates
 # instead of rounding to nearest even, and mangles subnormals, so its own conversions would fail the CPU tests
 
@@ -288,50 +391,85 @@ def _to_bfloat16(x):
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+@triton.jit
+def _sender_groups_kernel(target_ptr, merged_ptr, senders_ptr, first_ptr, count_ptr, n, low_bits,
+                          BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.arange(0, BLOCK)
+    ok = slot < n
+    merged = ok & (tl.load(merged_ptr + row * n + slot, mask=ok, other=0) != 0)
+    target = tl.load(target_ptr + row * n + slot, mask=ok, other=0)
+    # senders grouped by receiver, in slot order within a group: one sort of (receiver, slot) keys; the slots that
+    # send nothing (receiver n) and the block's spare lanes come after every sender
+    receiver = tl.where(merged, target, n).to(tl.int64)
+    ordered = tl.sort((receiver << 32) | slot.to(tl.int64))
+    tl.store(senders_ptr + row * n + slot, ordered & low_bits, mask=ok)
+    # each receiver's number of senders: a histogram over the lanes, where a slot that sends nothing is counted at
+    # its own lane and taken off again (no lane is out of range, whatever n)
+    count = tl.histogram(tl.where(merged, target, slot).to(tl.int32), BLOCK) - (~merged).to(tl.int32)
+    tl.store(count_ptr + row * n + slot, count.to(tl.int64), mask=ok)
+    tl.store(first_ptr + row * n + slot, (tl.cumsum(count, 0) - count).to(tl.int64), mask=ok)
+
+
 def sender_groups(target: Tensor, merged: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Each slot's senders (the slots merged into it), grouped by receiver and in slot order within a group (a
-    stable counting sort): (senders, first, count), (b, n) each: the senders in that order, and per slot where its
-    group starts and how long it is. One table serves both streams: pass the union of their merged slots."""
+    """Each slot's senders (the slots merged into it), grouped by receiver and in slot order within a group:
+    (senders, first, count), (b, n) each: the senders in that order (then the other slots), and per slot where its
+    group starts and how long it is. One table serves both streams: pass the union of their merged slots. One
+    program per row (rows of at most ARRANGE_MAX slots), else a stable sort and a count in torch."""
     b, n = target.shape
-    receiver = torch.where(merged, target, n)
-    senders = torch.sort(receiver.to(torch.int32), dim=1, stable=True).indices  # 32-bit keys: half the passes
-    count = torch.zeros(b, n + 1, dtype=torch.int64, device=target.device).scatter_add_(
-        1, receiver, torch.ones_like(receiver))[:, :n].contiguous()
-    return senders, count.cumsum(1) - count, count
+    if n > ARRANGE_MAX:
+        receiver = torch.where(merged, target, n)
+        senders = torch.sort(receiver.to(torch.int32), dim=1, stable=True).indices  # 32-bit keys: half the passes
+        count = torch.zeros(b, n + 1, dtype=torch.int64, device=target.device).scatter_add_(
+            1, receiver, torch.ones_like(receiver))[:, :n].contiguous()
+        return senders, count.cumsum(1) - count, count
+    senders, first, count = (torch.empty(b, n, dtype=torch.int64, device=target.device) for _ in range(3))
+    block = triton.next_power_of_2(n)
+    _launch(_sender_groups_kernel, (b,), target.contiguous(), merged.contiguous(), senders, first, count, n, LOW_BITS,
+            BLOCK=block, num_warps=min(16, max(4, block // 512)))
+    return senders, first, count
 
 
-def average_gather(x: Tensor, source: Tensor, target: Tensor, merged: Tensor, weights: Tensor,
-                   groups: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-    """merge.gather_slots(merge.average_into(x, target, merged, weights), source) in one pass: (b, k, d) in x's
-    dtype, for x (b, n, d), source (b, k), target / merged / weights (b, n). `groups`: sender_groups of these
-    merged slots or of a superset of them (the other stream's too), else built here."""
+def merge_stream(x: Tensor, sizes: Tensor, source: Tensor, target: Tensor | None = None,
+                 merged: Tensor | None = None, weights: Tensor | None = None,
+                 groups: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """merge.merge_stream in one pass: the output slots `source` (b, k) of a stream x (b, n, d) after merging, in
+    x's dtype, and of its float32 sizes (b, n) carried; target / merged / weights (b, n) as merge.average_into, or
+    None: nothing is merged (a gather). `groups`: sender_groups of these merged slots or of a superset of them (the
+    other stream's too), else built here."""
     b, n, d = x.shape
     k = source.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    senders, first, count = sender_groups(target, merged) if groups is None else groups
     out = torch.empty(b, k, d, dtype=x.dtype, device=x.device)
-    args = (x, out, source.contiguous(), weights.float().contiguous(), merged.contiguous(), first, count, senders,
+    out_sizes = torch.empty(b, k, dtype=torch.float32, device=x.device)
+    merges = merged is not None
+    if merges:
+        senders, first, count = sender_groups(target, merged) if groups is None else groups
+        weights, merged = weights.float().contiguous(), merged.contiguous()
+    else:  # never read
+        senders = first = count = weights = merged = source
+    args = (x, out, sizes.float().contiguous(), out_sizes, source.contiguous(), weights, merged, first, count, senders,
             n, k, d, x.stride(0), x.stride(1))
     if INTERPRETED:  # a program per row: the interpreter's cost is per operation, whatever the block
         block_r, block_d = triton.next_power_of_2(k), triton.next_power_of_2(d)
-        _launch(_average_gather_kernel, (b, triton.cdiv(k, block_r), triton.cdiv(d, block_d)), *args,
+        _launch(_merge_stream_kernel, (b, triton.cdiv(k, block_r), triton.cdiv(d, block_d)), *args, MERGES=merges,
                 BF16=x.dtype == torch.bfloat16, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     else:  # blocks tuned per width and dtype on the GPU at hand: they group the work, the values do not depend on them
         grid = lambda meta: (b, triton.cdiv(k, meta["BLOCK_R"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-        _launch(_AVERAGE_GATHER_TUNED, grid, *args, BF16=x.dtype == torch.bfloat16)
-    return out
+        _launch(_MERGE_STREAM_TUNED, grid, *args, MERGES=merges, BF16=x.dtype == torch.bfloat16)
+    return out, out_sizes
 
 
 # ---------------------------------------------------------------------------------------------- launching
 
 # triton.jit decides at decoration time whether a kernel is compiled or interpreted (TRITON_INTERPRET)
 INTERPRETED = not isinstance(_best_match_kernel, JITFunction)
-# average_gather's blocks, timed once per (d, dtypes) on the GPU (triton.autotune): rows per program x columns
-_AVERAGE_GATHER_TUNED = _average_gather_kernel if INTERPRETED else triton.autotune(
+# merge_stream's blocks, timed once per (d, dtypes) on the GPU (triton.autotune): rows per program x columns
+_MERGE_STREAM_TUNED = _merge_stream_kernel if INTERPRETED else triton.autotune(
     [triton.Config({"BLOCK_R": rows, "BLOCK_D": columns}, num_warps=warps)
      for rows, columns, warps in ((4, 512, 4), (8, 256, 4), (16, 128, 4), (2, 1024, 4), (8, 512, 8), (16, 256, 8),
-                                  (32, 128, 8))], key=["d"])(_average_gather_kernel)
+                                  (32, 128, 8))], key=["d"])(_merge_stream_kernel)
 
 
 def _launch(kernel, grid, *args, **options):

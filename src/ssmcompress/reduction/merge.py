@@ -17,6 +17,7 @@ known on the host from the budget (`Tokens.host_counts`), so the output width ne
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +45,12 @@ class Tokens:
     # no protection: the budget's counts), so that no width has to be read from the GPU; None: read from the masks
     host_counts: tuple[int, int] | None = None
 
-    @property
+    @cached_property  # computed once per layer, however many of a method's steps ask (each is a launch on a GPU)
     def movable(self) -> Tensor:
         """Slots a method may remove or merge into."""
         return self.valid & ~self.protect
 
-    @property
+    @cached_property
     def slots(self) -> Tensor:
         b, n = self.valid.shape
         return torch.arange(n, device=self.valid.device).expand(b, n)
@@ -112,15 +113,19 @@ def ranks(key: Tensor, descending: bool = False) -> Tensor:
 
 
 def lowest(key: Tensor, count: Tensor, eligible: Tensor) -> Tensor:
-    """The `count[row]` eligible slots of each row with the smallest key (ties: lower slot first)."""
-    key = key.float().masked_fill(~eligible, INF)
-    return eligible & (ranks(key) < count[:, None])
+    """The `count[row]` eligible slots of each row with the smallest key (ties: lower slot first); keys compared
+    as float32. One kernel on the GPU (kernels.select: the same slots, without a sort)."""
+    if kernels.fused(key) and key.shape[-1] <= kernels.ARRANGE_MAX:
+        return kernels.select(key, count, eligible, largest=False)
+    return eligible & (ranks(key.float().masked_fill(~eligible, INF)) < count[:, None])
 
 
 def highest(key: Tensor, count: Tensor, eligible: Tensor) -> Tensor:
-    """The `count[row]` eligible slots of each row with the largest key (ties: lower slot first)."""
-    key = key.float().masked_fill(~eligible, -INF)
-    return eligible & (ranks(key, descending=True) < count[:, None])
+    """The `count[row]` eligible slots of each row with the largest key (ties: lower slot first); keys compared
+    as float32. One kernel on the GPU (kernels.select)."""
+    if kernels.fused(key) and key.shape[-1] <= kernels.ARRANGE_MAX:
+        return kernels.select(key, count, eligible, largest=True)
+    return eligible & (ranks(key.float().masked_fill(~eligible, -INF), descending=True) < count[:, None])
 
 
 def first_of(mask: Tensor, count: Tensor) -> Tensor:
@@ -240,13 +245,18 @@ def average_into(x: Tensor, target: Tensor, merged: Tensor, weights: Tensor) -> 
     return out.view_as(x)
 
 
-def average_gather(x: Tensor, source: Tensor, target: Tensor, merged: Tensor, weights: Tensor,
-                   groups: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-    """The output slots `source` of a stream after merging: gather_slots(average_into(x, target, merged, weights),
-    source); one fused pass on the GPU (kernels.average_gather, bit for bit the same arithmetic)."""
+def merge_stream(x: Tensor, sizes: Tensor, source: Tensor, target: Tensor | None = None,
+                 merged: Tensor | None = None, weights: Tensor | None = None,
+                 groups: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """A stream and its sizes at the output slots `source` after merging: gather_slots of average_into(x, target,
+    merged, weights) and of carry_sizes(sizes, target, merged); merged None: nothing is merged (the gathers alone).
+    One fused pass on the GPU (kernels.merge_stream, bit for bit the same arithmetic)."""
     if kernels.fused(x):
-        return kernels.average_gather(x, source, target, merged, weights, groups)
-    return gather_slots(average_into(x, target, merged, weights), source)
+        return kernels.merge_stream(x, sizes, source, target, merged, weights, groups)
+    if merged is None:
+        return gather_slots(x, source), gather_slots(sizes, source)
+    return (gather_slots(average_into(x, target, merged, weights), source),
+            gather_slots(carry_sizes(sizes, target, merged), source))
 
 
 def carry_sizes(sizes: Tensor, target: Tensor, merged: Tensor) -> Tensor:
@@ -276,20 +286,22 @@ def apply(tokens: Tokens, plan: Plan, hidden: Tensor | None = None, residual: Te
     serves as the index map for that stream.
     """
     source, counts = compact(~plan.removed, tokens.valid, None if tokens.host_counts is None else tokens.host_counts[1])
-    if plan.prune_only:  # nothing is averaged: streams and sizes pass through unchanged
-        hidden_sizes, residual_sizes = tokens.hidden_sizes, tokens.residual_sizes
-        hidden, residual = gather_slots(tokens.hidden, source), gather_slots(tokens.residual, source)
-    else:
-        groups = None  # the fused merge's senders per receiver: one table for both streams
-        if (hidden is None or residual is None) and kernels.fused(tokens.hidden):
-            groups = kernels.sender_groups(plan.target, plan.merge_hidden | plan.merge_residual)
-        hidden = gather_slots(hidden, source) if hidden is not None else average_gather(
-            tokens.hidden, source, plan.target, plan.merge_hidden,
-            tokens.hidden_sizes if plan.weights is None else plan.weights, groups)
-        residual = gather_slots(residual, source) if residual is not None else average_gather(
-            tokens.residual, source, plan.target, plan.merge_residual,
-            tokens.residual_sizes if plan.weights is None else plan.weights, groups)
-        hidden_sizes = carry_sizes(tokens.hidden_sizes, plan.target, plan.merge_hidden)
-        residual_sizes = carry_sizes(tokens.residual_sizes, plan.target, plan.merge_residual)
-    return Reduced(hidden, residual, gather_slots(hidden_sizes, source), gather_slots(residual_sizes, source), source,
-                   counts, plan)
+    if plan.prune_only:  # nothing is averaged: streams and sizes are gathered as they are
+        hidden, hidden_sizes = merge_stream(tokens.hidden, tokens.hidden_sizes, source)
+        residual, residual_sizes = merge_stream(tokens.residual, tokens.residual_sizes, source)
+        return Reduced(hidden, residual, hidden_sizes, residual_sizes, source, counts, plan)
+    groups = None  # the fused merge's senders per receiver: one table for both streams
+    if (hidden is None or residual is None) and kernels.fused(tokens.hidden):
+        groups = kernels.sender_groups(plan.target, plan.merge_hidden | plan.merge_residual)
+    streams = {}
+    for name, merged_own_way, merged in (("hidden", hidden, plan.merge_hidden), ("residual", residual,
+                                                                                  plan.merge_residual)):
+        sizes = getattr(tokens, f"{name}_sizes")
+        if merged_own_way is None:
+            weights = sizes if plan.weights is None else plan.weights
+            streams[name] = merge_stream(getattr(tokens, name), sizes, source, plan.target, merged, weights, groups)
+        else:  # a method's own merge (`official`): the plan carries the sizes and places the slots
+            streams[name] = (gather_slots(merged_own_way, source),
+                             gather_slots(carry_sizes(sizes, plan.target, merged), source))
+    (hidden, hidden_sizes), (residual, residual_sizes) = streams["hidden"], streams["residual"]
+    return Reduced(hidden, residual, hidden_sizes, residual_sizes, source, counts, plan)

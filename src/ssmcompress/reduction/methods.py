@@ -31,17 +31,12 @@ def stream_q(strategy: str, q: float | None) -> float:
     return STRATEGY_Q.get(strategy, q)
 
 
-def links_to_prune(selected: Tensor, score: Tensor, importance: Tensor, q: float, order: str,
-                   similar_rank: Tensor | None = None) -> Tensor:
-    """Of each row's selected links, the round(q · count) that a hybrid stream prunes (the rest are merged).
-    `similar_rank`: each link's rank by score (ties: the lower slot first) among links of which the selected ones
-    are the best ranked, when the caller has it: the most similar selected links are then its first ranks."""
-    if q in (0.0, 1.0):  # a pure merge or prune stream: all or none, without ranking the links (a sort per layer)
+def links_to_prune(selected: Tensor, score: Tensor, importance: Tensor, q: float, order: str) -> Tensor:
+    """Of each row's selected links, the round(q · count) that a hybrid stream prunes (the rest are merged)."""
+    if q in (0.0, 1.0):  # a pure merge or prune stream: all or none, without ranking the links
         return selected if q == 1.0 else torch.zeros_like(selected)
     count = round_half_up(q * selected.sum(1).double())
     if order == "most_similar":  # near-duplicates: dropping them loses least, merging them would change little
-        if similar_rank is not None:
-            return selected & (similar_rank < count[:, None])
         return highest(score, count, selected)
     if order == "least_similar":
         return lowest(score, count, selected)
@@ -82,14 +77,11 @@ def utr_among(tokens: Tokens, n_remove: Tensor, candidates: Tensor, hidden: str,
     half = candidates.sum(1) // 2
     less = lowest(tokens.importance, half, candidates)
     partner, score = best_match(tokens.hidden, less, candidates & ~less)
-    linked = less & (score > -INF)
-    similar_rank = ranks(score.masked_fill(~linked, -INF), descending=True)  # highest(), ranked once for both uses
-    removed = linked & (similar_rank < torch.minimum(n_remove, half)[:, None])
+    removed = highest(score, torch.minimum(n_remove, half), less & (score > -INF))
     merged = {}
     for stream, strategy, override in (("hidden", hidden, hidden_q), ("residual", residual, residual_q)):
         share = stream_q(strategy, q if override is None else override)
-        merged[stream] = removed & ~links_to_prune(removed, score, tokens.importance, share, prune_links,
-                                                   similar_rank)
+        merged[stream] = removed & ~links_to_prune(removed, score, tokens.importance, share, prune_links)
     return apply(tokens, Plan(removed, partner, merged["hidden"], merged["residual"], merge_weights(tokens, sizes)))
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ssmcompress import hosts
-from ssmcompress.reduction import budget, longmamba
+from ssmcompress.reduction import budget, kernels, longmamba
 from ssmcompress.timing import Stopwatch, timed
 from ssmcompress.reduction.merge import Reduced, Tokens, concat, rows_of
 
@@ -28,6 +28,8 @@ KEPT, PRUNED, MERGED = 0, 1, 2  # a slot's fate in a trace
 def importance_of(y: Tensor, metric: str) -> Tensor:
     """Per-token importance from the SSM output y (..., d_inner) (paper Eq. 5 and its Table 3 ablation)."""
     # reductions accumulate in float32 without a float32 copy of y (at 2.7b, b8 x 2048 tokens, that is 335 MB)
+    if metric in ("clip", "l1") and kernels.fused(y):  # one read of y, no clamped copy
+        return kernels.importance(y, metric)
     if metric == "clip":
         return y.clamp(min=0).mean(-1, dtype=torch.float32)
     if metric == "raw":
@@ -279,14 +281,15 @@ class Reducer:
             raise RuntimeError(f"layer {index}: the importance site (out_proj) did not run as a module, so the token "
                                f"importance could not be captured (a fused kernel path is active)")
         # checked once after the forward (`_check_finite`): a check here would stall the GPU at every layer
-        if importance is not None:
-            state.nonfinite.append((index, ~torch.isfinite(importance) & state.valid))
-        current = state.valid.sum(1)
-        keep_rate = self.setup.keep_rate if state.keep_rates is None else state.keep_rates
-        n_remove = budget.removals(self.setup.rule, keep_rate, state.n0, current, step, state.table)
+        if importance is not None:  # x · 0 is 0 for a finite x, NaN for NaN and ±inf: two launches, isfinite takes four
+            state.nonfinite.append((index, (importance * 0 != 0) & state.valid))
         host_counts = None
-        if state.planned is not None:  # (entering, kept), the same for every row
+        if state.planned is not None:  # (entering, kept), the same for every row: the budget's ask, known on the host
             host_counts = (state.planned[step - 2] if step > 1 else int(state.valid.shape[1]), state.planned[step - 1])
+            n_remove = torch.full(state.n0.shape, host_counts[0] - host_counts[1], device=state.n0.device)
+        else:
+            keep_rate = self.setup.keep_rate if state.keep_rates is None else state.keep_rates
+            n_remove = budget.removals(self.setup.rule, keep_rate, state.n0, state.valid.sum(1), step, state.table)
         tokens = Tokens(hidden, residual, importance, state.hidden_sizes, state.residual_sizes, state.valid,
                         state.protect, state.positions, index, host_counts)
         reduced = self._decide(tokens, n_remove)
@@ -307,8 +310,12 @@ class Reducer:
     def _advance(state: ForwardState, reduced: Reduced) -> None:
         width = reduced.source.shape[1]
         state.positions = state.positions.gather(1, reduced.source)
-        state.valid = torch.arange(width, device=state.valid.device) < reduced.counts[:, None]
-        state.protect = state.protect.gather(1, reduced.source) & state.valid
+        if state.planned is not None:  # every row keeps the planned count, the width: all real, nothing protected
+            state.valid = torch.ones(reduced.source.shape, dtype=torch.bool, device=state.valid.device)
+            state.protect = torch.zeros_like(state.valid)
+        else:
+            state.valid = torch.arange(width, device=state.valid.device) < reduced.counts[:, None]
+            state.protect = state.protect.gather(1, reduced.source) & state.valid
         state.hidden_sizes, state.residual_sizes = reduced.hidden_sizes, reduced.residual_sizes
         state.counts.append(reduced.counts)
 
