@@ -9,7 +9,8 @@
 #    lm-eval runs them (CAPTURE=true: CUDA graph replays, the efficiency_graph tables); `profile`: where ours' time goes
 #    (experiments/gpu/profile_reduction.py, torch.profiler over a dense and a reduced forward);
 # 3. the hosts side by side: mamba2-2.7b on mamba-ssm and the same architecture in transformers (mamba2-2.7b-hf);
-# 4. benchmark=generation, the paper's protocol (batch 16, 2048 + 100 tokens): prefill, decode, KV cache, bound.
+# 4. benchmark=generation, the paper's protocol (batch 16, 2048 + 100 tokens): prefill, decode, KV cache, bound;
+#    transformers' decoding step is compiled for its static cache (CUDA graphs), once per variant in the warm-up.
 #   bash experiments/gpu/hybrid.sh                      # wheels as in experiments/gpu/efficiency.sh, plus
 #   pip download --no-deps -d .whl transformers==5.23.0  (the version the transformers host is tested with)
 # Records: $OUT/eff/records.jsonl, $OUT/gen/records.jsonl (tags gpu-efficiency, gpu-gen: the committed tables'),

@@ -36,14 +36,16 @@ class Sampling:
 def generate(model, input_ids: Tensor, max_new_tokens: int, reducer=None, sampling: Sampling = Sampling(),
              eos_token_id: int | None = None, cg: bool | None = None) -> Tensor:
     """(batch, length + up to max_new_tokens) tokens: the prompts (all of one length) and what was generated. With a
-    reducer the prompt is prefilled reduced; `cg`: CUDA-graph decoding where the library has it (default: on a GPU)."""
+    reducer the prompt is prefilled reduced; `cg`: CUDA-graph decoding (mamba-ssm's captured steps, transformers'
+    compiled static-cache steps; default: on a GPU where the host replays graphs without compiling per shape)."""
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must be (batch, length >= 1), got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    cg = input_ids.is_cuda if cg is None else cg
+    host = hosts.of_model(model)
+    cg = input_ids.is_cuda and host.CUDA_GRAPHS if cg is None else cg
     with torch.no_grad():
-        return hosts.of_model(model).generate(model, input_ids, max_new_tokens, sampling, eos_token_id, cg, reducer)
+        return host.generate(model, input_ids, max_new_tokens, sampling, eos_token_id, cg, reducer)
 
 
 def prefill(model, input_ids: Tensor, reducer=None) -> Tensor:

@@ -161,6 +161,77 @@ def test_generation_after_a_reduced_prefill_continues_from_its_cache_at_the_orig
             assert cache.get_seq_length(index) == entering[index] + 5, (family, index)
 
 
+@pytest.mark.parametrize("family", HYBRIDS)
+def test_generation_into_a_static_cache_after_a_reduced_prefill_equals_the_dynamic_cache(family, monkeypatch):
+    """cg (on a GPU: compiled, CUDA-graph decoding) decodes into transformers' static cache, whose attention layers
+    write after the slots they filled while generate's mask admits every slot up to the original position: with the
+    masks of the written slots the tokens are those of the dynamic cache (which the test above steps by hand);
+    without them a reduced layer attends to slots it never wrote."""
+    model = build(family)
+    info = hf.model_info(model)
+    ids = token_batch(2, 40, seed=4)
+    assert torch.equal(generation.generate(model, ids, 6, cg=True), generation.generate(model, ids, 6, cg=False))
+    reducer = reducer_for(model, info, "ours", 0.3)
+    try:
+        dynamic = generation.generate(model, ids, 6, reducer=reducer, cg=False)
+        assert torch.equal(generation.generate(model, ids, 6, reducer=reducer, cg=True), dynamic), family
+        if family == "nemotron_h":
+            monkeypatch.setattr(hf, "attach_written_slots", lambda model: [])
+            assert not torch.equal(generation.generate(model, ids, 6, reducer=reducer, cg=True), dynamic)
+    finally:
+        reducer.remove()
+
+
+def test_the_compiled_decoding_step_generates_the_same_tokens(monkeypatch, tmp_path):
+    """On a GPU generate compiles its decoding step for a static cache (CUDA graphs); compiled here on the CPU (the
+    same tracing of the layers and of the written-slot hooks, inductor's CPU code), a reduced generation gives the
+    dynamic cache's tokens."""
+    from transformers import CompileConfig
+    from transformers.generation.utils import GenerationMixin
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    compiled = []
+
+    def on_any_device(model, model_kwargs, generation_config):  # generate compiles only on accelerators
+        cache = model_kwargs.get("past_key_values")
+        compiled.append(cache is not None and cache.is_compileable and type(cache).__name__ == "StaticCache")
+        return compiled[-1]
+
+    monkeypatch.setattr(GenerationMixin, "_valid_auto_compile_criteria", on_any_device)
+    model = build("nemotron_h")
+    model.generation_config.compile_config = CompileConfig(mode="default")
+    info = hf.model_info(model)
+    ids = token_batch(2, 40, seed=4)
+    reducer = reducer_for(model, info, "ours", 0.3)
+    try:
+        dynamic = generation.generate(model, ids, 6, reducer=reducer, cg=False)
+        assert torch.equal(generation.generate(model, ids, 6, reducer=reducer, cg=True), dynamic)
+    finally:
+        reducer.remove()
+        torch._dynamo.reset()  # no compiled code outlives the test
+    assert compiled == [False, True]
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "bamba"])
+def test_generation_after_a_reduced_prefill_with_eager_attention(family, monkeypatch):
+    """Eager attention materialises one mask for every layer, as wide as the first attention layer's keys; a later
+    layer that cached fewer gets the mask of its own slots, on both caches, and generates what SDPA generates."""
+    model = build(family)
+    info = hf.model_info(model)
+    ids = token_batch(2, 40, seed=4)
+    reducer = reducer_for(model, info, "ours", 0.3)
+    try:
+        sdpa = generation.generate(model, ids, 6, reducer=reducer, cg=False)
+        model.set_attn_implementation("eager")
+        for cg in (False, True):
+            assert torch.equal(generation.generate(model, ids, 6, reducer=reducer, cg=cg), sdpa), (family, cg)
+        monkeypatch.setattr(type(model.config), "_attn_implementation", property(lambda config: "flash_attention_2"))
+        with pytest.raises(ConfigError, match="needs sdpa or eager attention, got flash_attention_2"):
+            generation.generate(model, ids, 6, reducer=reducer, cg=True)
+    finally:
+        reducer.remove()
+
+
 def test_reduction_layers_follow_reduce_at():
     model = build("nemotron_h")  # MM*MM-M*
     info = hf.model_info(model)

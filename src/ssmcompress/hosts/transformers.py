@@ -29,7 +29,12 @@ Reduction: what the reducer needs from a decoder-layer model, one entry per fami
   layers' padding mask cut to the kept slots. Masks that were None (no padding; SDPA's is_causal) stay None.
   Caches: a prefill's attention layers cache the keys and values of the tokens they saw, rotated at their original
   positions; generate's position ids count on from the prompt's length, so decoding continues at the original
-  position count.
+  position count. A static cache (generation on a GPU: `generate`'s compiled, CUDA-graph decoding) holds every
+  attention layer's keys in slots of the prompt's full length plus the new tokens, each layer writing after the
+  slots it has filled (transformers' per-layer `cumulative_length`), while the mask generate builds admits every slot
+  up to the original position: after a reduced prefill an attention layer would attend to slots it never wrote.
+  During a generation with a reducer, a pre-hook on each attention layer gives it the mask of the slots it has
+  written (`attach_written_slots`).
 """
 from __future__ import annotations
 
@@ -48,7 +53,11 @@ from ssmcompress.hosts import mamba2_dt
 from ssmcompress.models import (check_settings, check_tokenizer, load_tokenizer, needs_tokenizer,  # noqa: F401
                                 resolve_device, resolve_dtype, source_config)
 
-CUDA_GRAPHS = False  # transformers' generate decodes step by step without CUDA graphs (launch-bound on a GPU)
+# generation decodes into transformers' dynamic cache unless asked for graphs (cg=True: a static cache, whose
+# decoding step generate compiles, torch.compile's reduce-overhead mode: CUDA graph replays on a GPU); not by default,
+# since it compiles once per shape and lm-eval's prompts come in many lengths (the generation benchmark asks for it)
+CUDA_GRAPHS = False
+STATIC_MASKS = ("sdpa", "eager")  # the attention implementations whose masks `attach_written_slots` writes
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 # layer_types / layers_block_type values -> architecture's kinds (older and newer transformers spellings)
@@ -532,9 +541,46 @@ def attach_context(model, first: int, state) -> list:
             for index, layer in enumerate(layers(model)) if index > first]
 
 
+def attach_written_slots(model) -> list:
+    """Pre-hooks on the attention layers that replace the attention mask with the slots the layer has written: query
+    i of a forward that finds `written` slots filled attends to slots 0..written + i (its own included), whatever
+    the mask the model built from the original positions and the first layer's cache (module docstring). Into a
+    static cache always; into a dynamic one where the model materialised a mask (eager attention: one mask for
+    every layer, as wide as the first layer's keys, where a reduced layer holds fewer; SDPA's None stays None).
+    Generation prompts are unpadded, so causality over the written slots is the whole mask."""
+    from transformers.cache_utils import DynamicLayer, StaticLayer
+
+    kinds = layer_kinds(model)
+    implementation = model.config._attn_implementation
+
+    def restrict(index, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        layer = cache.layers[index] if cache is not None and hasattr(cache, "layers") else None
+        static = isinstance(layer, StaticLayer)
+        if not static and not (isinstance(layer, DynamicLayer) and kwargs.get("attention_mask") is not None):
+            return None
+        if layer.is_sliding or implementation not in STATIC_MASKS:
+            raise ConfigError(f"layer {index}: generation after a reduced prefill needs full attention with "
+                              f"{' or '.join(STATIC_MASKS)} masks (got {implementation}"
+                              f"{', a sliding window' if layer.is_sliding else ''})")
+        hidden = args[0] if args else kwargs["hidden_states"]
+        queries = torch.arange(hidden.shape[1], device=hidden.device)
+        written = layer.get_seq_length()
+        slots = torch.arange(layer.max_cache_len if static else written + hidden.shape[1], device=hidden.device)
+        allowed = (slots[None, :] <= written + queries[:, None])[None, None]  # (1, 1, q, slots)
+        if implementation == "eager":  # an additive mask
+            allowed = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+                ~allowed, torch.finfo(hidden.dtype).min)
+        return args, {**kwargs, "attention_mask": allowed}
+
+    return [layer.register_forward_pre_hook(partial(restrict, index), with_kwargs=True)
+            for index, layer in enumerate(layers(model)) if architecture.has_attention(kinds[index])]
+
+
 def prefill(model, begin, settle) -> list:
     """Hooks on the forwards that start a generation: generate's first forward, the only one of more than one token
-    (each decoding step feeds one)."""
+    (each decoding step feeds one); and for the whole generation, the masks of a static cache's written slots
+    (`attach_written_slots`)."""
     pending = []
 
     def before(module, args, kwargs):
@@ -549,7 +595,7 @@ def prefill(model, begin, settle) -> list:
             settle()
 
     return [model.register_forward_pre_hook(before, with_kwargs=True),
-            model.register_forward_hook(after, with_kwargs=True)]
+            model.register_forward_hook(after, with_kwargs=True), *attach_written_slots(model)]
 
 
 def prefill_cache(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, object]:
@@ -570,12 +616,18 @@ def kv_cache_bytes(model, cache) -> int:
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, sampling, eos_token_id: int | None,
              cg: bool, reducer=None) -> torch.Tensor:
-    """transformers' own `generate`, its prefill reduced where a reducer is given; `cg` (CUDA graphs) is
-    mamba-ssm's option and has no counterpart here."""
+    """transformers' own `generate`, its prefill reduced where a reducer is given; `cg`: decode into a static cache,
+    for which generate compiles its decoding step (on a GPU: CUDA graphs; elsewhere it runs eagerly), else into its
+    dynamic cache."""
+    if cg and reducer is not None and model.config._attn_implementation not in STATIC_MASKS:
+        raise ConfigError(f"generation after a reduced prefill into a static cache (cg) needs "
+                          f"{' or '.join(STATIC_MASKS)} attention, got {model.config._attn_implementation}; pass cg=False")
     greedy = sampling.top_k == 1 or sampling.temperature == 0
     options = dict(do_sample=False) if greedy else dict(
         do_sample=True, top_k=sampling.top_k or None, top_p=sampling.top_p or None, min_p=sampling.min_p or None,
         temperature=sampling.temperature)
+    if cg:
+        options["cache_implementation"] = "static"
     pad = eos_token_id if eos_token_id is not None else model.config.pad_token_id
     with torch.no_grad(), (reducer.prefilling() if reducer is not None else contextlib.nullcontext()):
         return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,

@@ -1,6 +1,7 @@
 """Generation speed and memory (benchmark=generation), as the paper measures efficiency: `batch_size` prompts of
 `length` tokens, `new_tokens` generated after each (ssmcompress.generation: the prompt prefilled, reduced or not,
-then mamba-ssm's decoding from the cached states, with CUDA graphs on a GPU).
+then the host's decoding from the cached states, with CUDA graphs on a GPU: mamba-ssm's captured steps,
+transformers' static-cache steps compiled by its generate).
 
 Measured in one process, dense, reduced and the ceiling (the prefill cut to the budget's counts, no decision)
 interleaved as `efficiency.measure` does (warm-up, then `repeats` rounds in turn, medians; CUDA events on a GPU):
@@ -18,12 +19,11 @@ cache). `prefill_bound` is the former on both. No method exceeds its bound by mo
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 
 import torch
 
-from ssmcompress import generation, hosts
+from ssmcompress import generation
 from ssmcompress.metrics import efficiency
 
 MIB = efficiency.MIB
@@ -39,10 +39,12 @@ def measure(model, reducers: dict, input_ids: torch.Tensor, new_tokens: int, war
     calls = {}
     for name, reducer in reducers.items():
         calls[f"{name}_prefill"] = lambda ids, r=reducer: generation.prefill(model, ids, r)
-        calls[f"{name}_generation"] = lambda ids, r=reducer: generation.generate(model, ids, new_tokens, r)
+        # CUDA-graph decoding on a GPU, on every host (transformers: its compiled static-cache steps)
+        calls[f"{name}_generation"] = lambda ids, r=reducer: generation.generate(model, ids, new_tokens, r,
+                                                                                 cg=ids.is_cuda)
     times = efficiency.time_forwards(calls, input_ids, warmup, repeats, progress)
     out = dict(device=str(input_ids.device), batch_size=batch_size, length=length, new_tokens=new_tokens,
-               warmup=warmup, repeats=repeats, cuda_graphs=input_ids.is_cuda and hosts.of_model(model).CUDA_GRAPHS,
+               warmup=warmup, repeats=repeats, cuda_graphs=input_ids.is_cuda,
                weights_mib=weights / MIB,
                memory_measure=efficiency.memory_measure(input_ids.device))
     if input_ids.is_cuda:
