@@ -205,7 +205,9 @@ def best_match(metric: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor
     """
     b, n = src.shape
     if kernels.fused(metric):  # each row's counts are read inside the kernel: no width, no synchronisation
-        return kernels.best_match(metric, pack(src, n)[0], src.sum(-1), pack(dst, n)[0], dst.sum(-1))
+        src_count, dst_count = src.sum(-1), dst.sum(-1)
+        return kernels.best_match(metric, arrange(src, src_count[:, None]), src_count,
+                                  arrange(dst, dst_count[:, None]), dst_count)
     unit = F.normalize(metric.float(), dim=-1)  # a zero vector stays zero: similarity 0, never NaN
     widths = torch.stack([src.sum(-1).amax(), dst.sum(-1).amax()]).clamp(min=1).tolist()  # one synchronisation
     a_index, a_ok = pack(src, widths[0])
