@@ -62,9 +62,34 @@ def test_the_answer_is_in_the_text_and_only_the_answer_answers():
             memory = dict(re.findall(r"(?:^|\n)(?:Remember: )?(\w+) (\d+)\.\n", doc["context"]))
             assert len(memory) == doc["n_pairs"] == long.PAIRS[length]
             assert memory[doc["key"]] == doc["choices"][doc["label"]] and doc["context"].endswith(" " + doc["key"])
+            # every choice was seen among the pairs, none in the recall list: elimination from it answers nothing
+            recalled = re.findall(r"(\w+) (\d+)\.", doc["question"])
+            assert set(doc["choices"]) <= set(memory.values())
+            assert not set(doc["choices"]) & {value for _, value in recalled} and recalled
         for doc in docs(long.task_name("story_long", length)):
             moves = re.findall(rf"{doc['person']} (?:{'|'.join(synthetic.MOVES)}) (\w+)\.", doc["context"])
             assert moves[-1] == doc["choices"][doc["label"]]
+
+
+def test_the_offline_mqar_is_answered_by_elimination_and_unrecalled_choices_are_not():
+    """The offline suite's MQAR recalls every pair but the scored one, whose value is then the one choice the recall
+    list lacks (a shortcut the docs state); with `unrecalled` no choice is in the recall list."""
+    import random
+
+    for unrecalled in (False, True):
+        rng, answered = random.Random(0), 0
+        for _ in range(200):
+            doc = synthetic.mqar(rng, n_pairs=8, n_queries=5 if unrecalled else 8, unrecalled=unrecalled)
+            recall = doc["context"].split("\n", 1)[1]
+            held = {value for _, value in re.findall(r"(\w+) (\d+)\.", recall)}
+            missing = [i for i, choice in enumerate(doc["choices"]) if choice not in held]
+            answered += missing == [doc["label"]]
+            if unrecalled:
+                assert missing == [0, 1, 2, 3]
+        # all but the documents whose answer's value another recalled pair shares
+        assert answered == 0 if unrecalled else answered >= 180
+    with pytest.raises(ValueError, match="need 3 pairs outside"):
+        synthetic.mqar(random.Random(0), n_pairs=8, n_queries=6, unrecalled=True)
 
 
 def test_single_needles_sweep_the_depths_from_start_to_end():

@@ -14,7 +14,8 @@ Every task is multiple choice with four choices scored by lm-eval (acc), at each
 - niah_multivalue: four needles of one key and four of other keys; the question asks for all the key's values in
   their order; choices: the true list and three lists with one value swapped for another key's value.
 - mqar_long: the suite's MQAR (synthetic.mqar) with PAIRS[length] pairs, each followed by haystack text, then the
-  recall list; the scored query is the last.
+  recall list; the scored query is the last, and its wrong choices are values of pairs the recall list does not
+  repeat (the offline suite's MQAR can be answered by elimination from the recall list alone: synthetic.mqar).
 - story_long: the suite's story QA (synthetic.story) with haystack text between its sentences.
 
 Documents are stored as references into the haystack (`segments`: a play's lines [first, last) or literal text),
@@ -188,7 +189,8 @@ def story_parts(doc: dict) -> tuple[list[str], str]:
 
 
 def mqar_long(rng, i, n, budget, filler, count, pairs: int = 8) -> dict:
-    doc = synthetic.mqar(rng, n_pairs=pairs, n_queries=min(8, pairs))
+    # the wrong choices from pairs the recall list does not repeat: no answer by elimination from the question
+    doc = synthetic.mqar(rng, n_pairs=pairs, n_queries=min(8, pairs - 3), unrecalled=True)
     facts = mqar_facts(doc)
     depths = [j / len(facts) for j in range(len(facts))]
     segments = interleave(rng, facts, depths, budget, filler, count)

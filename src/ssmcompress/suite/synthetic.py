@@ -31,14 +31,21 @@ DISTRACTORS = ("The wind howled outside.", "A dog barked in the street.", "The c
                "Music drifted from the tavern.", "The river was high that spring.")
 
 
-def mqar(rng: random.Random, n_pairs: int = 8, n_queries: int = 8) -> dict:
+def mqar(rng: random.Random, n_pairs: int = 8, n_queries: int = 8, unrecalled: bool = False) -> dict:
     """`n_pairs` key-value pairs, `n_queries - 1` answered queries, then one query to score.
 
     The suite uses 8 pairs: the bundled tiny Mamba-2 (d_model 128) recalls 8 pairs perfectly but fewer of 10 or 12,
     and a task the dense model cannot do cannot show what reduction destroys.
 
-    Choices: the true value and three other values from the same list (so every choice was seen in context).
+    Choices: the true value and three other values from the same list (so every choice was seen in context). With
+    every pair recalled (n_queries = n_pairs, the offline suite's MQAR) the three wrong values are all repeated in
+    the recall list and the answer is the one choice it lacks: the task can be solved by elimination from the recall
+    list alone (the bundled Mamba-2 answers 87 of its first 100 documents from the recall list without the pairs).
+    `unrecalled`: the wrong values are those of pairs the recall list does not repeat (values it does not hold), so
+    only the pairs themselves answer; needs n_queries <= n_pairs - 3.
     """
+    if unrecalled:
+        return mqar_unrecalled(rng, n_pairs, n_queries)
     keys = rng.sample(KEYS, n_pairs)
     values = [rng.choice(VALUES) for _ in keys]
     while len(set(values)) < min(4, n_pairs):
@@ -52,6 +59,30 @@ def mqar(rng: random.Random, n_pairs: int = 8, n_queries: int = 8) -> dict:
     others = rng.sample(seen, 3) if len(seen) >= 3 else seen + rng.sample(sorted(set(VALUES) - set(values)), 3 - len(seen))
     choices = [answer] + others
     rng.shuffle(choices)
+    context = f"Remember: {memory}.\nRecall: {answered} {keys[target]}"
+    return dict(context=context, choices=choices, label=choices.index(answer), key=keys[target],
+                key_position=target, n_pairs=n_pairs, memory=memory,
+                recalled=[[keys[i], values[i]] for i in asked])
+
+
+def mqar_unrecalled(rng: random.Random, n_pairs: int, n_queries: int) -> dict:
+    """mqar with the wrong choices taken from the values of pairs the recall list does not repeat (see `mqar`)."""
+    if n_queries > n_pairs - 3:
+        raise ValueError(f"unrecalled wrong choices need 3 pairs outside the {n_queries} queries, got {n_pairs} pairs")
+    while True:
+        keys = rng.sample(KEYS, n_pairs)
+        values = [rng.choice(VALUES) for _ in keys]
+        asked = rng.sample(range(n_pairs), n_queries)
+        recalled = {values[i] for i in asked[:-1]}
+        answer = values[asked[-1]]
+        wrong = sorted({values[i] for i in range(n_pairs) if i not in asked} - recalled - {answer})
+        if answer not in recalled and len(wrong) >= 3:
+            break
+    choices = [answer] + rng.sample(wrong, 3)
+    rng.shuffle(choices)
+    memory = ", ".join(f"{k} {v}" for k, v in zip(keys, values))
+    answered = " ".join(f"{keys[i]} {values[i]}." for i in asked[:-1])
+    target = asked[-1]
     context = f"Remember: {memory}.\nRecall: {answered} {keys[target]}"
     return dict(context=context, choices=choices, label=choices.index(answer), key=keys[target],
                 key_position=target, n_pairs=n_pairs, memory=memory,
