@@ -60,7 +60,7 @@ ROUTES = ("auto", "fused", "reference")
 NO_MATCH = -(2 ** 63)  # a source's packed (score, column) before any destination is seen: below every real one
 LOW_BITS = 2 ** 32 - 1  # the column's half of it (int64 arguments: literals this wide would be unsigned 32-bit)
 PROGRAMS_PER_SM = 4  # best_match's programs with work per multiprocessor (see _splits)
-ARRANGE_MAX = 16384  # the longest row `arrange` takes in one program
+ARRANGE_MAX = 16384  # the longest row the one-program-per-row kernels (arrange, select, sender_groups) take
 
 
 def fused_on(device: torch.device) -> bool:
@@ -75,6 +75,11 @@ def fused_on(device: torch.device) -> bool:
 def fused(x: Tensor) -> bool:
     """Whether `x` goes through the fused kernels (see ROUTE)."""
     return fused_on(x.device)
+
+
+def fused_per_row(x: Tensor) -> bool:
+    """Whether `x` (b, n) goes through the kernels that hold a whole row in one program: fused, n <= ARRANGE_MAX."""
+    return fused(x) and x.shape[-1] <= ARRANGE_MAX
 
 
 # ---------------------------------------------------------------------------------------------- best match
@@ -276,11 +281,21 @@ def arrange(first: Tensor, second: Tensor | None, width: int) -> Tensor:
     slots): the running counts of the groups in registers, where the pure-torch form takes a dozen launches."""
     b, n = first.shape
     out = torch.empty(b, width, dtype=torch.int64, device=first.device)
-    block = triton.next_power_of_2(n)
     _launch(_arrange_kernel, (b,), first.contiguous(), (first if second is None else second).contiguous(), out, n,
-            width, HAS_SECOND=second is not None, BLOCK=block,
-            num_warps=min(16, max(4, block // 512)))  # a few dozen slots per thread, whatever the row's length
+            width, HAS_SECOND=second is not None, **_row_program(n))
     return out
+
+
+def _row_program(n: int) -> dict:
+    """The block and warps of a program that holds a row of n slots: a few dozen slots per thread, whatever n."""
+    block = triton.next_power_of_2(n)
+    return dict(BLOCK=block, num_warps=min(16, max(4, block // 512)))
+
+
+@triton.jit
+def _row_flags(flags_ptr, row, n, slot, ok):
+    """A row's boolean mask, False beyond its n slots."""
+    return ok & (tl.load(flags_ptr + row * n + slot, mask=ok, other=0) != 0)
 
 
 # ---------------------------------------------------------------------------------------------- importance
@@ -330,7 +345,7 @@ def _select_kernel(key_ptr, eligible_ptr, count_ptr, out_ptr, n, lowest_key, hig
     row = tl.program_id(0).to(tl.int64)
     slot = tl.arange(0, BLOCK)
     ok = slot < n
-    eligible = ok & (tl.load(eligible_ptr + row * n + slot, mask=ok, other=0) != 0)
+    eligible = _row_flags(eligible_ptr, row, n, slot, ok)
     key = tl.load(key_ptr + row * n + slot, mask=ok, other=0.0)
     # ordered as a stable sort compares them: -0.0 and +0.0 equal, every NaN above +inf
     key = tl.where(key == 0.0, 0.0, key)
@@ -364,9 +379,8 @@ def select(key: Tensor, count: Tensor, eligible: Tensor, largest: bool) -> Tenso
     key is found by bisection over the keys' order and the tied slots at it are taken in slot order."""
     b, n = key.shape
     out = torch.empty(b, n, dtype=torch.int8, device=key.device)
-    block = triton.next_power_of_2(n)
     _launch(_select_kernel, (b,), key.float().contiguous(), eligible.contiguous(), count.contiguous(), out, n,
-            -(2 ** 31), 2 ** 31 - 1, LARGEST=largest, BLOCK=block, num_warps=min(16, max(4, block // 512)))
+            -(2 ** 31), 2 ** 31 - 1, LARGEST=largest, **_row_program(n))
     return out.view(torch.bool)
 
 
@@ -397,7 +411,7 @@ def _sender_groups_kernel(target_ptr, merged_ptr, senders_ptr, first_ptr, count_
     row = tl.program_id(0).to(tl.int64)
     slot = tl.arange(0, BLOCK)
     ok = slot < n
-    merged = ok & (tl.load(merged_ptr + row * n + slot, mask=ok, other=0) != 0)
+    merged = _row_flags(merged_ptr, row, n, slot, ok)
     target = tl.load(target_ptr + row * n + slot, mask=ok, other=0)
     # senders grouped by receiver, in slot order within a group: one sort of (receiver, slot) keys; the slots that
     # send nothing (receiver n) and the block's spare lanes come after every sender
@@ -424,9 +438,8 @@ def sender_groups(target: Tensor, merged: Tensor) -> tuple[Tensor, Tensor, Tenso
             1, receiver, torch.ones_like(receiver))[:, :n].contiguous()
         return senders, count.cumsum(1) - count, count
     senders, first, count = (torch.empty(b, n, dtype=torch.int64, device=target.device) for _ in range(3))
-    block = triton.next_power_of_2(n)
     _launch(_sender_groups_kernel, (b,), target.contiguous(), merged.contiguous(), senders, first, count, n, LOW_BITS,
-            BLOCK=block, num_warps=min(16, max(4, block // 512)))
+            **_row_program(n))
     return senders, first, count
 
 

@@ -115,7 +115,7 @@ def ranks(key: Tensor, descending: bool = False) -> Tensor:
 def lowest(key: Tensor, count: Tensor, eligible: Tensor) -> Tensor:
     """The `count[row]` eligible slots of each row with the smallest key (ties: lower slot first); keys compared
     as float32. One kernel on the GPU (kernels.select: the same slots, without a sort)."""
-    if kernels.fused(key) and key.shape[-1] <= kernels.ARRANGE_MAX:
+    if kernels.fused_per_row(key):
         return kernels.select(key, count, eligible, largest=False)
     return eligible & (ranks(key.float().masked_fill(~eligible, INF)) < count[:, None])
 
@@ -123,7 +123,7 @@ def lowest(key: Tensor, count: Tensor, eligible: Tensor) -> Tensor:
 def highest(key: Tensor, count: Tensor, eligible: Tensor) -> Tensor:
     """The `count[row]` eligible slots of each row with the largest key (ties: lower slot first); keys compared
     as float32. One kernel on the GPU (kernels.select)."""
-    if kernels.fused(key) and key.shape[-1] <= kernels.ARRANGE_MAX:
+    if kernels.fused_per_row(key):
         return kernels.select(key, count, eligible, largest=True)
     return eligible & (ranks(key.float().masked_fill(~eligible, -INF), descending=True) < count[:, None])
 
@@ -170,7 +170,7 @@ def arrange(first: Tensor, first_count: Tensor, second: Tensor | None = None, wi
     sizes; `second` excludes `first` slots. One kernel on the GPU (kernels.arrange)."""
     b, n = first.shape
     width = n if width is None else min(width, n)
-    if kernels.fused(first) and n <= kernels.ARRANGE_MAX:
+    if kernels.fused_per_row(first):
         return kernels.arrange(first, second, width)
     slots = torch.arange(n, device=first.device).expand(b, n)
     before_first = first.cumsum(-1) - first.long()  # slots of `first` before this one, in the row
