@@ -557,12 +557,10 @@ def attach_written_slots(model) -> list:
         cache = kwargs.get("past_key_values")
         layer = cache.layers[index] if cache is not None and hasattr(cache, "layers") else None
         static = isinstance(layer, StaticLayer)
-        if not static and not (isinstance(layer, DynamicLayer) and kwargs.get("attention_mask") is not None):
-            return None
-        if layer.is_sliding or implementation not in STATIC_MASKS:
-            raise ConfigError(f"layer {index}: generation after a reduced prefill needs full attention with "
-                              f"{' or '.join(STATIC_MASKS)} masks (got {implementation}"
-                              f"{', a sliding window' if layer.is_sliding else ''})")
+        if not static and not (isinstance(layer, DynamicLayer) and kwargs.get("attention_mask") is not None
+                               and implementation in STATIC_MASKS and not layer.is_sliding):
+            return None  # a dynamic cache whose mask is not one of ours to rewrite: as the model built it
+        check_written_slot_masks(implementation, sliding=layer.is_sliding, where=f"layer {index}: ")
         hidden = args[0] if args else kwargs["hidden_states"]
         queries = torch.arange(hidden.shape[1], device=hidden.device)
         written = layer.get_seq_length()
@@ -575,6 +573,15 @@ def attach_written_slots(model) -> list:
 
     return [layer.register_forward_pre_hook(partial(restrict, index), with_kwargs=True)
             for index, layer in enumerate(layers(model)) if architecture.has_attention(kinds[index])]
+
+
+def check_written_slot_masks(implementation: str, sliding: bool = False, where: str = "") -> None:
+    """A clear error where `attach_written_slots` cannot write a static cache's masks: an attention implementation
+    other than STATIC_MASKS', or a sliding window."""
+    if sliding or implementation not in STATIC_MASKS:
+        raise ConfigError(f"{where}generation after a reduced prefill into a static cache (cg) needs "
+                          f"{' or '.join(STATIC_MASKS)} attention, got {implementation}"
+                          f"{' with a sliding window' if sliding else ''}; pass cg=False")
 
 
 def prefill(model, begin, settle) -> list:
@@ -619,9 +626,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, sampling, eos_
     """transformers' own `generate`, its prefill reduced where a reducer is given; `cg`: decode into a static cache,
     for which generate compiles its decoding step (on a GPU: CUDA graphs; elsewhere it runs eagerly), else into its
     dynamic cache."""
-    if cg and reducer is not None and model.config._attn_implementation not in STATIC_MASKS:
-        raise ConfigError(f"generation after a reduced prefill into a static cache (cg) needs "
-                          f"{' or '.join(STATIC_MASKS)} attention, got {model.config._attn_implementation}; pass cg=False")
+    if cg and reducer is not None:  # before any work
+        check_written_slot_masks(model.config._attn_implementation)
     greedy = sampling.top_k == 1 or sampling.temperature == 0
     options = dict(do_sample=False) if greedy else dict(
         do_sample=True, top_k=sampling.top_k or None, top_p=sampling.top_p or None, min_p=sampling.min_p or None,
