@@ -48,6 +48,8 @@ class Tokens:
     @cached_property  # computed once per layer, however many of a method's steps ask (each is a launch on a GPU)
     def movable(self) -> Tensor:
         """Slots a method may remove or merge into."""
+        if self.host_counts is not None:  # every slot real, none protected (see host_counts): two launches fewer
+            return self.valid
         return self.valid & ~self.protect
 
     @cached_property
@@ -268,17 +270,18 @@ def carry_sizes(sizes: Tensor, target: Tensor, merged: Tensor) -> Tensor:
     return (sizes - moving).scatter_add(1, torch.where(merged, target, slots), moving)
 
 
-def compact(keep: Tensor, valid: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+def compact(keep: Tensor, valid: Tensor | None, width: int | None = None) -> tuple[Tensor, Tensor]:
     """The input slot of each output slot, and the real tokens kept per row.
 
     Output rows are as long as the longest row's kept tokens: each row's kept real slots in order, then fillers
     (its padding first, then its removed slots) so the batch stays rectangular. Fillers come after every real
-    token, so a causal model's real outputs never depend on them. `width`: that length when the host knows it
-    (Tokens.host_counts), else it is read from the device (a synchronisation).
+    token, so a causal model's real outputs never depend on them. `valid` None: every slot is real. `width`: that
+    length when the host knows it (Tokens.host_counts), else it is read from the device (a synchronisation).
     """
-    kept = keep & valid
+    kept = keep if valid is None else keep & valid
     counts = kept.sum(1)
-    return arrange(kept, counts[:, None], ~valid, max(int(counts.max()), 1) if width is None else width), counts
+    width = max(int(counts.max()), 1) if width is None else width
+    return arrange(kept, counts[:, None], None if valid is None else ~valid, width), counts
 
 
 def apply(tokens: Tokens, plan: Plan, hidden: Tensor | None = None, residual: Tensor | None = None) -> Reduced:
@@ -287,7 +290,8 @@ def apply(tokens: Tokens, plan: Plan, hidden: Tensor | None = None, residual: Te
     `hidden` / `residual`: streams a method has already merged its own way (`official`); the plan then only
     serves as the index map for that stream.
     """
-    source, counts = compact(~plan.removed, tokens.valid, None if tokens.host_counts is None else tokens.host_counts[1])
+    host = tokens.host_counts  # known counts: every slot real (no padding to place after the kept ones)
+    source, counts = compact(~plan.removed, tokens.valid if host is None else None, None if host is None else host[1])
     if plan.prune_only:  # nothing is averaged: streams and sizes are gathered as they are
         hidden, hidden_sizes = merge_stream(tokens.hidden, tokens.hidden_sizes, source)
         residual, residual_sizes = merge_stream(tokens.residual, tokens.residual_sizes, source)

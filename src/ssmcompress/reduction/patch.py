@@ -77,6 +77,10 @@ class ForwardState:
     thresholds: Tensor | None = None  # (b, filter layers, heads) the Δ filter's per-row thresholds (longmamba)
     row_cursors: dict = field(default_factory=dict)  # a hook's key -> the next row it sees (next_rows)
     dropped: list = field(default_factory=list)  # per Δ-filter call, the real (token, head) pairs it set to Δ = 0
+    # with `planned`: flat all-true and all-false masks as long as the input, whose prefixes are every later layer's
+    # `valid` and `protect` (views: no launch per layer)
+    full_rows: tuple[Tensor, Tensor] | None = None
+    removals: Tensor | None = None  # with `planned`: (steps, b) every row's removals at each reduction layer
 
     def next_rows(self, key, rows: int) -> slice:
         """The rows of this forward that a hook's call on `rows` rows sees: a mixer run in batch slices
@@ -282,11 +286,12 @@ class Reducer:
                                f"importance could not be captured (a fused kernel path is active)")
         # checked once after the forward (`_check_finite`): a check here would stall the GPU at every layer
         if importance is not None:  # x · 0 is 0 for a finite x, NaN for NaN and ±inf: two launches, isfinite takes four
-            state.nonfinite.append((index, (importance * 0 != 0) & state.valid))
+            nonfinite = importance * 0 != 0
+            state.nonfinite.append((index, nonfinite if state.planned is not None else nonfinite & state.valid))
         host_counts = None
         if state.planned is not None:  # (entering, kept), the same for every row: the budget's ask, known on the host
             host_counts = (state.planned[step - 2] if step > 1 else int(state.valid.shape[1]), state.planned[step - 1])
-            n_remove = torch.full(state.n0.shape, host_counts[0] - host_counts[1], device=state.n0.device)
+            n_remove = state.removals[step - 1]
         else:
             keep_rate = self.setup.keep_rate if state.keep_rates is None else state.keep_rates
             n_remove = budget.removals(self.setup.rule, keep_rate, state.n0, state.valid.sum(1), step, state.table)
@@ -311,8 +316,8 @@ class Reducer:
         width = reduced.source.shape[1]
         state.positions = state.positions.gather(1, reduced.source)
         if state.planned is not None:  # every row keeps the planned count, the width: all real, nothing protected
-            state.valid = torch.ones(reduced.source.shape, dtype=torch.bool, device=state.valid.device)
-            state.protect = torch.zeros_like(state.valid)
+            state.valid, state.protect = (full[:reduced.source.numel()].view(reduced.source.shape)
+                                          for full in state.full_rows)
         else:
             state.valid = torch.arange(width, device=state.valid.device) < reduced.counts[:, None]
             state.protect = state.protect.gather(1, reduced.source) & state.valid
@@ -359,6 +364,8 @@ class Reducer:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         state = ForwardState(positions, valid, protect, ones, ones, n0, trace=[] if trace else None,
                              table=self._chunk_table(input_ids, lengths), planned=planned,
+                             full_rows=None if planned is None else self._full_rows(input_ids),
+                             removals=None if planned is None else self._removals(input_ids, planned),
                              keep_rates=self._keep_rates(input_ids, lengths),
                              thresholds=self._thresholds(input_ids, lengths))
         self._state = state
@@ -379,6 +386,20 @@ class Reducer:
         return self._on_device(input_ids, lengths, "thresholds", lambda rows: longmamba.row_thresholds(
             s.calibration, rows, s.params["channel_threshold"], s.params["scale"], s.params["min_length"]),
             torch.float32)
+
+    def _full_rows(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """ForwardState.full_rows, made once per input shape (as `_on_device`'s tables); read, never written."""
+        key = ("full_rows", *input_ids.shape, input_ids.device)
+        if key not in self._device_tables:
+            self._device_tables[key] = (torch.ones(input_ids.numel(), dtype=torch.bool, device=input_ids.device),
+                                        torch.zeros(input_ids.numel(), dtype=torch.bool, device=input_ids.device))
+        return self._device_tables[key]
+
+    def _removals(self, input_ids: Tensor, planned: list[int]) -> Tensor:
+        """ForwardState.removals: the planned counts' differences, every row alike (as `_on_device`'s tables)."""
+        entering = [int(input_ids.shape[1])] + planned[:-1]
+        return self._on_device(input_ids, None, "removals",
+                               lambda rows: [[n - kept] * len(rows) for n, kept in zip(entering, planned)])
 
     def _on_device(self, input_ids: Tensor, lengths, what: str, per_rows, dtype=None) -> Tensor:
         """A per-row table computed on the host from the row lengths, on the input's device. Without `lengths` (every
