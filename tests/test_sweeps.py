@@ -18,8 +18,9 @@ sweep = pytest.fixture(scope="session")(tiny_sweep)
 # the sweeps of this repository's tables (experiments/pruning*.yaml belong to the pruning work)
 SWEEPS = ["main", "ablation_importance", "ablation_location", "ablation_location_hub", "ablation_design",
           "ablation_share", "efficiency", "generation", "memory", "schedule", "positional", "hybrid",
-          "hybrid_efficiency", "hybrid_generation", "efficiency_sizes", "mamba3", "mamba3_trapezoid"]
-BEYOND_PAPER = {"schedule", "positional", "hybrid", "mamba3", "mamba3_trapezoid"}  # studies of our own, run on their own (not by experiments/paper.sh)
+          "hybrid_efficiency", "hybrid_generation", "efficiency_sizes", "mamba3", "mamba3_trapezoid",
+          "mamba3_rotation"]
+BEYOND_PAPER = {"schedule", "positional", "hybrid", "mamba3", "mamba3_trapezoid", "mamba3_rotation"}  # studies of our own, run on their own (not by experiments/paper.sh)
 # the paper's efficiency protocol on hub models (experiments/gpu/generation.sh), on a hybrid (experiments/gpu/hybrid.sh),
 # and at every size and shape (experiments/gpu/sizes.sh)
 GPU_ONLY = {"generation", "memory", "hybrid_efficiency", "hybrid_generation", "efficiency_sizes"}

@@ -284,19 +284,24 @@ def test_schedule_and_positional_tables():
     assert built["positional_offline_full_mamba2"].n_expected == 1 + 11 * 3  # dense, eleven methods
 
 
-def test_mamba3_table_with_its_trapezoid_ablation_and_no_other_tables_rows():
+def test_mamba3_table_with_its_trapezoid_and_rotation_ablations_and_no_other_tables_rows():
     found = [record("mamba3-tiny", "dense", score=0.6), record("mamba3-tiny", "ours", 0.3, score=0.5),
              record("mamba3-tiny", "ours", 0.3, "trapezoid=none", score=0.4),
+             record("mamba3-tiny", "ours", 0.3, "rotation=positions", score=0.45),
              record("mamba3-tiny", "early", 0.3, score=0.3)]
     built = by_name(found)
     table = rows(built["mamba3_offline_full"])
-    assert table[("mamba3-tiny", "kept", "0 %", "dense")]["Avg"].startswith("60.0")
-    assert table[("mamba3-tiny", "kept", "30 %", "UTR (ours)")]["Avg"].startswith("50.0")
-    assert table[("mamba3-tiny", "none", "30 %", "UTR (ours)")]["Avg"].startswith("40.0")
-    assert table[("mamba3-tiny", "kept", "30 %", "early")]["Avg"].startswith("30.0")
-    # dense, nine methods with the trapezoid kept, the data-driven five and the official path's without
-    assert built["mamba3_offline_full"].n_expected == 1 + 9 * 3 + 5 * 3
-    assert ("mamba3-tiny", "none", "30 %", "early") not in table
+    assert table[("mamba3-tiny", "kept", "kept", "0 %", "dense")]["Avg"].startswith("60.0")
+    assert table[("mamba3-tiny", "kept", "kept", "30 %", "UTR (ours)")]["Avg"].startswith("50.0")
+    assert table[("mamba3-tiny", "none", "kept", "30 %", "UTR (ours)")]["Avg"].startswith("40.0")
+    assert table[("mamba3-tiny", "kept", "positions", "30 %", "UTR (ours)")]["Avg"].startswith("45.0")
+    assert table[("mamba3-tiny", "kept", "sizes", "30 %", "UTR (ours)")]["Avg"] == tables.MISSING
+    assert table[("mamba3-tiny", "kept", "kept", "30 %", "early")]["Avg"].startswith("30.0")
+    # dense, nine methods with both defaults, the data-driven five and the official path's with trapezoid=none and
+    # with each of the two other rotations
+    assert built["mamba3_offline_full"].n_expected == 1 + 9 * 3 + 5 * 3 + 2 * 5 * 3
+    assert ("mamba3-tiny", "none", "kept", "30 %", "early") not in table
+    assert ("mamba3-tiny", "none", "positions", "30 %", "UTR (ours)") not in table
     # the Mamba-1/2 tables (Tables 1 and 2, the positional baselines) take no Mamba-3 record
     others = [name for name in built if name.startswith(("main_", "positional_"))]
     assert others and not [name for name in others if not name.endswith(("_mamba", "_mamba2"))]

@@ -277,6 +277,17 @@ def _route_mamba3() -> None:
         return (fast if _triton_runs_on(values.device) else mamba3_reference.mamba3_siso)(*args, **kwargs)
 
     m3.mamba3_siso_combined = mamba3_siso_combined
+    import mamba_ssm.ops.triton.mamba3.mamba3_siso_combined as combined
+
+    if not getattr(combined.angle_dt_fwd, "_ssmcompress_routed", False):  # the kernel's angle cumsum, with the
+        exact_angles = combined.angle_dt_fwd  # reducer's factors on the steps (mamba3_reference.ANGLE_STEP_SCALE;
+        # the forward only: a scaled step's gradient is not the layer's, and nothing trains under reduction)
+
+        def angle_dt_fwd(angle, dt, *args, **kwargs):
+            return exact_angles(angle, mamba3_reference.angle_dt(dt), *args, **kwargs)
+
+        angle_dt_fwd._ssmcompress_routed = True
+        combined.angle_dt_fwd = angle_dt_fwd
     fast_step = m3.Mamba3.step
 
     def mamba3_step(self, u, *states, **kwargs):

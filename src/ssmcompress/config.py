@@ -56,7 +56,7 @@ def available(group: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- run key
 
 # top-level reducer settings newer than the first records, with their defaults (conf/config.yaml)
-REDUCER_KEYS = {"schedule": "smooth", "reduce_at": "ssm", "trapezoid": "kept"}
+REDUCER_KEYS = {"schedule": "smooth", "reduce_at": "ssm", "trapezoid": "kept", "rotation": "kept"}
 
 
 def run_key(cfg: DictConfig | dict, results_version: int = RESULTS_VERSION) -> str:

@@ -20,10 +20,16 @@ Everything is computed in float32 and returned in V's dtype.
 `return_final_states` gives what decoding continues from (the angles, the state, the last token's k and v), and `step`
 is `Mamba3.step` (mamba-ssm's runs on its CuTe kernel only), so a Mamba-3 model generates on a CPU. Not covered:
 `Input_States` (a prefill continuing from a cache) and `cu_seqlens` (packed sequences): NotImplementedError.
+
+`ANGLE_STEP_SCALE` is this repository's addition for token reduction: a factor per token on the angle step
+π·tanh(angles_t)·dt_t, set around a mixer's forward (hosts.mamba_ssm.attach_rotation) and applied here and, through
+compat, on mamba-ssm's kernel path (its angle cumsum, `angle_dt_fwd`). The step's dt also scales the token's input, so
+no change of the layer's inputs could scale the rotation alone.
 """
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +45,16 @@ def rotate(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     if rest:  # pairs past the angles are not rotated
         cos, sin = F.pad(cos, (0, rest), value=1.0), F.pad(sin, (0, rest), value=0.0)
     return torch.stack([first * cos - second * sin, first * sin + second * cos], dim=-1).flatten(-2)
+
+
+# (b, l) factors on the angle steps of the Mamba-3 mixer running, or None: every step as the layer computes it
+ANGLE_STEP_SCALE: ContextVar[torch.Tensor | None] = ContextVar("angle_step_scale", default=None)
+
+
+def angle_dt(dt: torch.Tensor) -> torch.Tensor:
+    """dt (b, h, l) as the angle steps read it: times ANGLE_STEP_SCALE's factors where they are set."""
+    scale = ANGLE_STEP_SCALE.get()
+    return dt if scale is None else dt * scale.to(dt.dtype)[:, None, :]
 
 
 def cumulative_angles(angles: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
@@ -66,7 +82,7 @@ def mamba3_siso(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     batch, length, nheads, _ = V.shape
     heads = lambda M: repeat(M.float(), "b l g n -> b l (g r) n", r=nheads // M.shape[2])  # noqa: E731
     dt, share = DT.float(), torch.sigmoid(Trap.float())  # (b, h, l)
-    theta = cumulative_angles(Angles, dt)
+    theta = cumulative_angles(Angles, angle_dt(dt))
     q = rotate(heads(Q) + Q_bias.float(), theta)
     k = rotate(heads(K) + K_bias.float(), theta)
     following = F.pad(dt[..., 1:] * (1 - share[..., 1:]), (0, 1))  # the next token's (1 - λ) dt; none after the last

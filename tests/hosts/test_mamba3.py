@@ -6,9 +6,10 @@ from functools import partial
 import pytest
 import torch
 
-from ssmcompress import flops, reduction
+from ssmcompress import flops, mamba3_reference, reduction
 from ssmcompress.errors import ConfigError
 from ssmcompress.hosts import mamba_ssm
+from ssmcompress.reduction.patch import MERGED
 from conftest import TINY, batch_of, compose_config, tiny_model
 
 METHODS = ["ours", "official", "evit", "tome", "pumer", "random", "early", "strided", "late", "utr_early"]
@@ -144,6 +145,80 @@ def test_trapezoid_none_changes_nothing_without_a_gap_and_is_refused_off_mamba3(
                               mamba_ssm.model_info(mamba2))
     with pytest.raises(ConfigError, match="unknown trapezoid"):
         reduction.check_config(compose_config(["method=ours", "ratio=0.3", "trapezoid=euler"]), dict(TINY[2]))
+
+
+def reduced_logits(model, info, overrides, ids, **kwargs):
+    reducer = reduction.from_config(model, compose_config(overrides), info)
+    try:
+        return reducer(ids, **kwargs)
+    finally:
+        reducer.remove()
+
+
+@pytest.mark.parametrize("rotation", ["positions", "sizes"])
+def test_rotation_factors_are_the_tokens_each_kept_token_stands_for_after_the_first_reduction(mamba3, monkeypatch,
+                                                                                             rotation):
+    """rotation=positions | sizes: every Mamba-3 mixer after the first reduction layer multiplies a kept token's
+    angle step by the original positions since the previous kept token (positions) or the tokens merged into it
+    (sizes); the mixers up to it, and every forward after the reducer's, take none."""
+    model, info = mamba3
+    seen = []
+    step_factors = mamba3_reference.angle_dt
+
+    def record(dt):
+        factors = mamba3_reference.ANGLE_STEP_SCALE.get()
+        seen.append(None if factors is None else factors.clone())
+        return step_factors(dt)
+
+    monkeypatch.setattr(mamba3_reference, "angle_dt", record)
+    ids = torch.randint(1, 4000, (2, 48), generator=torch.Generator().manual_seed(5))
+    out = reduced_logits(model, info, ["method=ours", "ratio=0.3", "layers=[4]", f"rotation={rotation}"], ids,
+                         trace=True)
+    assert len(seen) == 12 and all(factors is None for factors in seen[:5])
+    kept = out.positions
+    if rotation == "positions":
+        expected = torch.diff(kept, dim=1, prepend=torch.full_like(kept[:, :1], -1)).float()
+    else:  # one reduction layer: each token merged in the hidden stream adds one to its receiver's size
+        entry = out.trace[0]
+        into = torch.where(entry["hidden"] == MERGED, entry["into"], -1)
+        expected = (1 + (into[:, :, None] == kept[:, None, :]).sum(1)).float()
+    for factors in seen[5:]:
+        assert torch.equal(factors, expected)
+    assert (expected > 1).any() and mamba3_reference.ANGLE_STEP_SCALE.get() is None
+
+
+def test_rotation_changes_nothing_where_no_kept_token_stands_for_another(mamba3):
+    """Keeping each row's first tokens (`late`) leaves every gap and size at 1: the kept rotation, bit for bit; a
+    method that only prunes has sizes of 1 everywhere, so rotation=sizes is its kept rotation, positions is not."""
+    model, info = mamba3
+    ids = torch.randint(1, 4000, (2, 48), generator=torch.Generator().manual_seed(6))
+    late = [reduced_logits(model, info, ["method=late", "ratio=0.3", f"rotation={r}"], ids).logits
+            for r in ("kept", "positions", "sizes")]
+    assert torch.equal(late[0], late[1]) and torch.equal(late[0], late[2])
+    evit = {r: reduced_logits(model, info, ["method=evit", "ratio=0.3", f"rotation={r}"], ids).logits
+            for r in ("kept", "positions", "sizes")}
+    assert torch.equal(evit["kept"], evit["sizes"]) and not torch.allclose(evit["kept"], evit["positions"])
+
+
+def test_rotation_keeps_a_padded_batch_equal_to_each_sequence_alone_and_is_refused_off_mamba3(mamba3):
+    model, info = mamba3
+    ids, lengths, protect = batch_of([48, 29], 48, seed=2)
+    reducer = reduction.from_config(model, compose_config(["method=ours", "ratio=0.3", "rotation=positions"]), info)
+    try:
+        out = reducer(ids, lengths=lengths, protect=protect)
+        for row, length in enumerate(lengths.tolist()):
+            alone = reducer(ids[row:row + 1, :length], protect=protect[row:row + 1, :length])
+            kept = int(out.counts[row])
+            assert torch.equal(out.positions[row, :kept], alone.positions[0])
+            torch.testing.assert_close(out.logits[row, :kept], alone.logits[0], atol=1e-5, rtol=1e-4)
+    finally:
+        reducer.remove()
+    mamba2 = tiny_model(2)
+    with pytest.raises(ConfigError, match="Mamba-3's data-dependent rotation"):
+        reduction.from_config(mamba2, compose_config(["method=ours", "ratio=0.3", "rotation=positions"]),
+                              mamba_ssm.model_info(mamba2))
+    with pytest.raises(ConfigError, match="unknown rotation"):
+        reduction.check_config(compose_config(["method=ours", "ratio=0.3", "rotation=carried"]), dict(TINY[3]))
 
 
 def test_decoding_from_the_prefills_states_equals_running_the_whole_sequence(mamba3):

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ssmcompress import architecture, compat, hub
+from ssmcompress import architecture, compat, hub, mamba3_reference
 from ssmcompress.errors import ConfigError, ModelSourceError
 from ssmcompress.hosts import mamba2_dt
 from ssmcompress.models import (check_settings, check_tokenizer, load_tokenizer, local_dir, needs_tokenizer,  # noqa: F401
@@ -398,6 +398,42 @@ def attach_trapezoid(model, first: int, state) -> list:
     return [layer.mixer.in_proj.register_forward_hook(partial(hook, index, layer.mixer))
             for index, layer in enumerate(model.backbone.layers)
             if index > first and type(layer.mixer).__name__ == "Mamba3"]
+
+
+def attach_rotation(model, first: int, state, rule: str) -> list:
+    """rotation=positions | sizes: in every Mamba-3 mixer after layer `first`, each kept token's angle step
+    π·tanh(angle)·dt is multiplied by the original tokens it stands for, so that its rotation advances over the tokens
+    removed before it as if they had its own step. positions: the original positions from the previous kept token's to
+    its own (the rotation follows the original positions, as a transformer's RoPE positions carried by a reducer);
+    sizes: the tokens averaged into it in the hidden stream (a merged token's combined step; 1 for a token a method only
+    keeps or prunes around). The factors hold during the mixer's forward (mamba3_reference.ANGLE_STEP_SCALE, read on
+    both kernel paths). `state()`: the reducer's ForwardState, None outside its calls (decoding steps run dense)."""
+    held = {}
+
+    def before(index, module, args, kwargs):
+        current = state()
+        u = args[0] if args else kwargs["u"]
+        if current is None or not current.counts:  # no removal yet in this forward; a decoding step
+            return
+        rows, width = current.next_rows(("rotation", index), int(u.shape[0])), int(u.shape[1])
+        if rule == "positions":
+            positions = current.positions[rows, :width]
+            scale = positions - torch.cat([torch.full_like(positions[:, :1], -1), positions[:, :-1]], 1)
+        else:
+            scale = current.hidden_sizes[rows, :width]
+        held[index] = mamba3_reference.ANGLE_STEP_SCALE.set(scale.float())
+
+    def after(index, module, args, kwargs, output):
+        token = held.pop(index, None)
+        if token is not None:
+            mamba3_reference.ANGLE_STEP_SCALE.reset(token)
+
+    handles = []
+    for index, layer in enumerate(model.backbone.layers):
+        if index > first and type(layer.mixer).__name__ == "Mamba3":
+            handles += [layer.mixer.register_forward_pre_hook(partial(before, index), with_kwargs=True),
+                        layer.mixer.register_forward_hook(partial(after, index), with_kwargs=True, always_call=True)]
+    return handles
 
 
 def prefill(model, begin, settle) -> list:

@@ -35,6 +35,7 @@ or, on Mamba-1, multiples of 16 tokens (budget.chunk_counts, budget.count_multip
 `official` the chunk counts replace its ceil counts (rows too short for a chunk schedule keep them); its
 `reduce_ratio`, which fixes those ceil counts, cannot be combined with it.
 `trapezoid` (top-level key, Mamba-3 only): a kept token's trapezoid neighbour after removals (`check_trapezoid`).
+`rotation` (top-level key, Mamba-3 only): how far a kept token's rotation advances after removals (`check_rotation`).
 `ceiling` is no method for accuracy but a measuring device for efficiency: the cheapest cut at a schedule (both
 streams cut to the budget's counts, keeping each row's first tokens: no importance, no decision, no merge).
 """
@@ -55,6 +56,7 @@ from ssmcompress.reduction.patch import Reducer, Schedule, Setup
 SCHEDULES = ("smooth", "chunk")
 REDUCE_AT = ("ssm", "all")
 TRAPEZOIDS = ("kept", "none")
+ROTATIONS = ("kept", "positions", "sizes")
 STRATEGIES = ("prune", "merge", "hybrid")
 IMPORTANCE = ("clip", "raw", "l1", "l2", "delta")  # delta: the SSM's Δ (patch.delta_importance), not its output
 PRUNE_LINKS = ("most_similar", "least_similar", "least_important")
@@ -279,6 +281,7 @@ def resolve(cfg, info: dict) -> Setup:
     reference_length = int(model_cfg.get("max_length") or 2048)
     schedule = check_schedule(cfg.get("schedule", "smooth"), info, params)
     trapezoid = check_trapezoid(cfg.get("trapezoid", "kept"), info)
+    rotation = check_rotation(cfg.get("rotation", "kept"), info)
     if name == "ceiling" and (cfg.get("benchmark") or {}).get("kind") == "lm_eval" and not params["allow_accuracy"]:
         raise ConfigError("method=ceiling is a measuring device for efficiency (the cheapest cut at the budget's "
                           "counts, keeping each row's first tokens), not a method for accuracy: use "
@@ -296,7 +299,7 @@ def resolve(cfg, info: dict) -> Setup:
                   rule=entry.rule, overhead=entry.overhead, min_keep_rate=min_keep_rate, ratio=target,
                   reference_length=reference_length, strict=params["strict"], schedule=schedule,
                   uses_importance=entry.uses_importance, per_length=bool(architecture.attention_layers(info)),
-                  trapezoid=trapezoid)
+                  trapezoid=trapezoid, rotation=rotation)
     return setup if name == "ceiling" else replace(setup, ceiling=ceiling_of(setup))
 
 
@@ -365,6 +368,21 @@ def check_trapezoid(trapezoid, info: dict) -> str:
         raise ConfigError("trapezoid=none is for Mamba-3's trapezoidal step; this model's SSM is Mamba-"
                           f"{info.get('mamba_version')}")
     return trapezoid
+
+
+def check_rotation(rotation, info: dict) -> str:
+    """`rotation` (top-level key): Mamba-3 rotates B and C by an angle each token advances by its own step; after a
+    reduction a kept token advances it by its step alone, over the kept tokens only (`kept`), or by its step times
+    the original tokens it stands for (`positions`: the positions since the previous kept token; `sizes`: the tokens
+    merged into it), as if the removed ones had its step (hosts.mamba_ssm.attach_rotation)."""
+    if rotation not in ROTATIONS:
+        raise ConfigError(f"unknown rotation {rotation!r}: use kept (a kept token's own step), positions (its step "
+                          f"times the positions since the previous kept token) or sizes (times the tokens merged "
+                          f"into it)")
+    if rotation != "kept" and info.get("mamba_version") != 3:
+        raise ConfigError("rotation=positions / sizes is for Mamba-3's data-dependent rotation; this model's SSM is "
+                          f"Mamba-{info.get('mamba_version')}")
+    return rotation
 
 
 def check_schedule(schedule, info: dict, params: dict) -> str:

@@ -112,6 +112,7 @@ class Setup:
     filter_layers: tuple = ()  # layers whose Mamba-2 heads the Δ filter acts in (longmamba), none elsewhere
     calibration: longmamba.Calibration | None = None  # the Δ filter's, set by reduction.from_config
     trapezoid: str = "kept"  # Mamba-3: kept | none (reduction.check_trapezoid)
+    rotation: str = "kept"  # Mamba-3: kept | positions | sizes (reduction.check_rotation)
 
 
 class Schedule:
@@ -239,6 +240,8 @@ class Reducer:
             self._handles += self.host.attach_context(model, setup.layers[0], lambda: self._state)
         if setup.layers and setup.trapezoid == "none":
             self._handles += self.host.attach_trapezoid(model, setup.layers[0], lambda: self._state)
+        if setup.layers and setup.rotation != "kept":
+            self._handles += self.host.attach_rotation(model, setup.layers[0], lambda: self._state, setup.rotation)
         for slot, index in enumerate(setup.filter_layers):
             self._handles += self.host.attach_delta_filter(model, index, partial(self._filter_delta, slot))
 

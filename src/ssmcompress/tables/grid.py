@@ -182,8 +182,10 @@ def expected_keys(experiments: list[Experiment], axes: tuple, split: dict, model
                and e.fixed.get("benchmark") in (None, split.get("benchmark", e.fixed.get("benchmark")))]
         for experiment in own or experiments[:1]:
             skip = {"model", "seed"} | (set() if own else set(MODEL_SPECIFIC))
-            # runs of another choice the sweep fixes (trapezoid=none beside kept) do not extend its grid
-            extending = [r for r in rows if all(value(r, k) == v for k, v in experiment.fixed.items() if k in CLOSED)]
+            # runs of another choice than the sweep's, fixed (trapezoid=none beside kept) or swept (rotation=kept
+            # beside positions and sizes), do not extend its grid
+            extending = [r for r in rows if all(value(r, k) == v for k, v in experiment.fixed.items() if k in CLOSED)
+                         and all(value(r, k) in experiment.values(k) for k in REDUCER_KEYS if k in experiment.swept)]
             dims = []
             for alternatives in experiment.dims:
                 axis = next(iter(alternatives[0])) if len(alternatives[0]) == 1 else None

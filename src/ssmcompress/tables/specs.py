@@ -261,11 +261,13 @@ SPECS = [
          axes=("model", "reduce_at", "ratio", "method"), block=3,
          notes=("reduce_at: ssm reduces at layers with an SSM mixer only, all at the attention layers too (docs/reduction.md: "
                 "Hybrids).",)),
-    Spec("mamba3", "Token reduction on Mamba-3", ("mamba3", "mamba3_trapezoid"), axes=("model", "trapezoid", "ratio", "method"), block=3,
-         generations=(3,),
+    Spec("mamba3", "Token reduction on Mamba-3", ("mamba3", "mamba3_trapezoid", "mamba3_rotation"),
+         axes=("model", "trapezoid", "rotation", "ratio", "method"), block=4, generations=(3,),
          notes=("trapezoid: kept takes a kept token's trapezoid neighbour to be the previous token it receives, none "
-                "gives a token whose original predecessor was removed the step of the token alone (docs/hosts.md: "
-                "Mamba-3).",)),
+                "gives a token whose original predecessor was removed the step of the token alone. rotation: kept "
+                "advances a kept token's rotation by its own angle step, positions by its step times the original "
+                "positions since the previous kept token, sizes by its step times the tokens merged into it "
+                "(docs/hosts.md: Mamba-3).",)),
     Spec("pruning", "Weight pruning", ("pruning",), axes=("model", "sparsity", "pruner")),
     Spec("pruning_hf", "Weight pruning (transformer)", ("pruning_hf",), axes=("model", "sparsity", "pruner"),
          family="hf"),
