@@ -96,6 +96,10 @@ def test_unusable_model_sources_are_refused_before_any_work(no_work, tmp_path):
     with pytest.raises(ModelSourceError, match="cannot be read as JSON") as error:
         runner.run(compose_config(["model=local", f"model.path={broken}", "logger=none"]), run_dir=tmp_path / "r")
     assert "\n" not in str(error.value)
+    # an architecture without released weights (mamba3-1.3b) runs with random weights only
+    with pytest.raises(ModelSourceError, match="has no released weights"):
+        runner.run(compose_config(["model=mamba3-1.3b", "model.random_init=false", "logger=none"]),
+                   run_dir=tmp_path / "r")
 
 
 def test_a_truncated_weights_file_is_one_line_and_no_record(tiny_mamba2_dir, tmp_path):

@@ -101,6 +101,9 @@ def check_settings(cfg) -> dict:
     if model["random_init"] and not isinstance(model.get("config"), dict):
         raise ModelSourceError(f"model.random_init=true needs model.config (the architecture), got "
                                f"{model.get('config')!r}")
+    if not model["random_init"] and model.get("path") is None:
+        raise ModelSourceError(f"model {model.get('name')!r} has no released weights (model.path is null): run it with "
+                               f"model.random_init=true, or load a checkpoint with model=local model.path=DIR")
     return model
 
 
