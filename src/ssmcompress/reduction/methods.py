@@ -97,7 +97,7 @@ def evit(tokens: Tokens, n_remove: Tensor, *, fuse_token: bool = False, **_) -> 
     count = torch.minimum(n_remove, (movable.sum(1) - extra).clamp(min=0))
     dropped = lowest(tokens.importance, count + extra * (count > 0), movable)
     if not fuse_token:
-        return apply(tokens, prune_plan(dropped))
+        return apply(tokens, prune_plan(tokens, dropped))
     fused = torch.where(dropped, tokens.slots, -1).amax(1, keepdim=True)  # the latest dropped slot, -1 if none
     removed = dropped & (tokens.slots != fused)
     peak = tokens.importance.masked_fill(~dropped, -INF).amax(1, keepdim=True)
@@ -144,7 +144,7 @@ def random_prune(tokens: Tokens, n_remove: Tensor, *, seed: int = 0, **_) -> Red
     reproducible and does not depend on the batch a sequence is in."""
     key = hash_int(hash_int(tokens.positions + 7919 * seed) ^ (tokens.layer + 1))
     dropped = lowest(key.double(), n_remove, tokens.movable)
-    return apply(tokens, prune_plan(dropped))
+    return apply(tokens, prune_plan(tokens, dropped))
 
 
 # ---------------------------------------------------------------------------------- positional baselines
@@ -154,7 +154,7 @@ def random_prune(tokens: Tokens, n_remove: Tensor, *, seed: int = 0, **_) -> Red
 
 def early(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
     """Prune the `n_remove` earliest movable tokens."""
-    return apply(tokens, prune_plan(first_of(tokens.movable, n_remove)))
+    return apply(tokens, prune_plan(tokens, first_of(tokens.movable, n_remove)))
 
 
 def late(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
@@ -162,7 +162,9 @@ def late(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
     It is also the `ceiling` measuring device: the cheapest cut at the budget's counts. The last position is
     the one whose logits start generation or score a continuation: under protocol=exact scored positions are
     protected (never removed), under protocol=paper nothing is and `late` drops them first."""
-    return apply(tokens, prune_plan(last_of(tokens.movable, n_remove)))
+    if tokens.host_counts is not None:  # every slot movable, every row the same count: a row's slots past the kept
+        return apply(tokens, prune_plan(tokens, tokens.slots >= tokens.host_counts[1]))  # (two launches, not five)
+    return apply(tokens, prune_plan(tokens, last_of(tokens.movable, n_remove)))
 
 
 def strided(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
@@ -175,7 +177,7 @@ def strided(tokens: Tokens, n_remove: Tensor, **_) -> Reduced:
     rank = movable.long().cumsum(1) - 1
     # rank t is floor(i · m / r) for some integer i  <=>  ceil(t · r / m) · m < (t + 1) · r
     first_i = (rank * r + m - 1).div(m.clamp(min=1), rounding_mode="floor")
-    return apply(tokens, prune_plan(movable & (first_i * m < (rank + 1) * r)))
+    return apply(tokens, prune_plan(tokens, movable & (first_i * m < (rank + 1) * r)))
 
 
 def early_merge(tokens: Tokens, n_remove: Tensor, *, sizes: str = "reset", **_) -> Reduced:
@@ -193,10 +195,9 @@ def early_merge(tokens: Tokens, n_remove: Tensor, *, sizes: str = "reset", **_) 
     return apply(tokens, Plan(removed, target, merged, merged, merge_weights(tokens, sizes)))
 
 
-def prune_plan(dropped: Tensor) -> Plan:
-    slots = torch.arange(dropped.shape[1], device=dropped.device).expand_as(dropped)
+def prune_plan(tokens: Tokens, dropped: Tensor) -> Plan:
     nothing = torch.zeros_like(dropped)
-    return Plan(dropped, slots, nothing, nothing, None, prune_only=True)
+    return Plan(dropped, tokens.slots, nothing, nothing, None, prune_only=True)
 
 
 def hash_int(x: Tensor) -> Tensor:
