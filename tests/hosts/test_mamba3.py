@@ -6,7 +6,7 @@ from functools import partial
 import pytest
 import torch
 
-from ssmcompress import flops, mamba3_reference, reduction
+from ssmcompress import flops, generation, mamba3_reference, reduction
 from ssmcompress.errors import ConfigError
 from ssmcompress.hosts import mamba_ssm
 from ssmcompress.reduction.patch import MERGED
@@ -219,6 +219,24 @@ def test_rotation_keeps_a_padded_batch_equal_to_each_sequence_alone_and_is_refus
                               mamba_ssm.model_info(mamba2))
     with pytest.raises(ConfigError, match="unknown rotation"):
         reduction.check_config(compose_config(["method=ours", "ratio=0.3", "rotation=carried"]), dict(TINY[3]))
+
+
+def test_a_reduced_prefill_with_the_rotation_carried_decodes_from_its_last_logits(mamba3):
+    """Generation with rotation=positions: the prefill (its last position kept) gives the scored forward's last
+    logits, and decoding runs on from its cache with no factor left set."""
+    model, info = mamba3
+    ids = torch.randint(1, 4000, (2, 40), generator=torch.Generator().manual_seed(7))
+    reducer = reduction.from_config(model, compose_config(["method=ours", "ratio=0.3", "rotation=positions"]), info)
+    try:
+        generated = generation.generate(model, ids, 3, reducer=reducer)
+        last = torch.zeros(ids.shape, dtype=torch.bool)
+        last[:, -1] = True
+        traced = reducer(ids, protect=last)
+    finally:
+        reducer.remove()
+    first = traced.logits[torch.arange(2), traced.counts - 1].argmax(-1)
+    assert generated.shape == (2, 43) and torch.equal(generated[:, 40], first)
+    assert mamba3_reference.ANGLE_STEP_SCALE.get() is None
 
 
 def test_decoding_from_the_prefills_states_equals_running_the_whole_sequence(mamba3):
