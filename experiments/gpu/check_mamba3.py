@@ -1,7 +1,8 @@
 """Mamba-3's pure-torch SISO layer (ssmcompress.mamba3_reference, what a CPU runs) against mamba-ssm's Triton kernel
 `mamba3_siso_combined` on a GPU, at a tiny shape and at a 1.5B-class layer's (bf16 inputs, as the kernel takes them;
 standard normals, and the distributions of mamba-ssm's own kernel test), with that test's metric (95th percentile of
-the relative error, bound 5e-2) beside the absolute differences.
+the relative error, bound 5e-2) beside the absolute differences; the last case with factors on the angle steps (a
+token reduction's `rotation`), which both paths must apply alike.
 
     python experiments/gpu/check_mamba3.py OUT.json
 """
@@ -44,23 +45,31 @@ def inputs(batch, length, nheads, headdim, dstate, n_angles, g, test_like: bool)
                 Z=bf(r(batch, length, nheads, headdim)))
 
 
-def case(batch, length, nheads, headdim, dstate, n_angles, chunk, test_like=False, seed=0) -> dict:
+def case(batch, length, nheads, headdim, dstate, n_angles, chunk, test_like=False, seed=0, steps=False) -> dict:
+    """`steps`: with factors of 1 to 4 on the angle steps (a token reduction's rotation=positions / sizes), which
+    compat hands to the kernel's angle cumsum."""
     from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
 
-    given = inputs(batch, length, nheads, headdim, dstate, n_angles, torch.Generator(device="cuda").manual_seed(seed),
-                   test_like)
-    kernel = mamba3_siso_combined(**given, chunk_size=chunk).float()
-    reference = mamba3_reference.mamba3_siso(**given, chunk_size=chunk)
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    given = inputs(batch, length, nheads, headdim, dstate, n_angles, generator, test_like)
+    factors = torch.randint(1, 5, (batch, length), device="cuda", generator=generator).float() if steps else None
+    token = mamba3_reference.ANGLE_STEP_SCALE.set(factors)
+    try:
+        kernel = mamba3_siso_combined(**given, chunk_size=chunk).float()
+        reference = mamba3_reference.mamba3_siso(**given, chunk_size=chunk)
+    finally:
+        mamba3_reference.ANGLE_STEP_SCALE.reset(token)
     diff = (kernel - reference).abs()
     return dict(shape=dict(batch=batch, length=length, nheads=nheads, headdim=headdim, dstate=dstate,
                            n_angles=n_angles, chunk=chunk), inputs="mamba-ssm's test" if test_like else "normal",
+                angle_step_factors=steps,
                 p95_relative=p95_relative(kernel, reference), max_abs=diff.max().item(), mean_abs=diff.mean().item(),
                 scale=reference.abs().mean().item())
 
 
 def main() -> None:
     cases = [case(2, 100, 4, 16, 16, 4, 64), case(2, 2048, 32, 64, 128, 32, 64),
-             case(2, 2048, 32, 64, 128, 32, 64, test_like=True)]
+             case(2, 2048, 32, 64, 128, 32, 64, test_like=True), case(2, 2048, 32, 64, 128, 32, 64, test_like=True, steps=True)]
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cases=cases)
     print(json.dumps(out, indent=1))
     with open(sys.argv[1], "w") as f:
