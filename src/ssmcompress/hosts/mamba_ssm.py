@@ -379,6 +379,19 @@ def attach_context(model, first: int, state) -> list:
     return []
 
 
+def later_mamba3_mixers(model, first: int) -> list:
+    """(index, mixer) of every Mamba-3 mixer after layer `first`: those that see the reduced sequence."""
+    return [(index, layer.mixer) for index, layer in enumerate(model.backbone.layers)
+            if index > first and type(layer.mixer).__name__ == "Mamba3"]
+
+
+def position_gaps(current, key, rows: int, width: int) -> torch.Tensor:
+    """(rows, width): each kept token's original position minus the previous kept token's (the first token's: its
+    position + 1), over the rows of the forward that a hook's call on `rows` rows sees (ForwardState.next_rows)."""
+    positions = current.positions[current.next_rows(key, rows), :width]
+    return torch.diff(positions, dim=1, prepend=torch.full_like(positions[:, :1], -1))
+
+
 def attach_trapezoid(model, first: int, state) -> list:
     """trapezoid=none: in every Mamba-3 mixer after layer `first`, a kept token whose original predecessor was removed
     (or merged away) takes no neighbour term: its trap column is set so that λ = sigmoid(trap) is 1 (mamba3.py: the
@@ -388,16 +401,14 @@ def attach_trapezoid(model, first: int, state) -> list:
         current = state()
         if current is None or not current.counts or out.dim() != 3:  # no removal yet in this forward; a decoding step
             return None
-        positions = current.positions[current.next_rows(("trapezoid", index), int(out.shape[0])), :out.shape[1]]
-        before = torch.cat([torch.full_like(positions[:, :1], -1), positions[:, :-1]], 1)
-        gap = positions != before + 1  # (b, n): the original predecessor is not the previous kept token
+        # (b, n): the original predecessor is not the previous kept token
+        gap = position_gaps(current, ("trapezoid", index), int(out.shape[0]), int(out.shape[1])) != 1
         end = out.shape[-1] - mixer.num_rope_angles
         out[..., end - mixer.nheads:end].masked_fill_(gap[..., None], TRAP_OWN_STEP)
         return out
 
-    return [layer.mixer.in_proj.register_forward_hook(partial(hook, index, layer.mixer))
-            for index, layer in enumerate(model.backbone.layers)
-            if index > first and type(layer.mixer).__name__ == "Mamba3"]
+    return [mixer.in_proj.register_forward_hook(partial(hook, index, mixer))
+            for index, mixer in later_mamba3_mixers(model, first)]
 
 
 def attach_rotation(model, first: int, state, rule: str) -> list:
@@ -415,12 +426,10 @@ def attach_rotation(model, first: int, state, rule: str) -> list:
         u = args[0] if args else kwargs["u"]
         if current is None or not current.counts:  # no removal yet in this forward; a decoding step
             return
-        rows, width = current.next_rows(("rotation", index), int(u.shape[0])), int(u.shape[1])
         if rule == "positions":
-            positions = current.positions[rows, :width]
-            scale = positions - torch.cat([torch.full_like(positions[:, :1], -1), positions[:, :-1]], 1)
+            scale = position_gaps(current, ("rotation", index), int(u.shape[0]), int(u.shape[1]))
         else:
-            scale = current.hidden_sizes[rows, :width]
+            scale = current.hidden_sizes[current.next_rows(("rotation", index), int(u.shape[0])), :u.shape[1]]
         held[index] = mamba3_reference.ANGLE_STEP_SCALE.set(scale.float())
 
     def after(index, module, args, kwargs, output):
@@ -428,12 +437,9 @@ def attach_rotation(model, first: int, state, rule: str) -> list:
         if token is not None:
             mamba3_reference.ANGLE_STEP_SCALE.reset(token)
 
-    handles = []
-    for index, layer in enumerate(model.backbone.layers):
-        if index > first and type(layer.mixer).__name__ == "Mamba3":
-            handles += [layer.mixer.register_forward_pre_hook(partial(before, index), with_kwargs=True),
-                        layer.mixer.register_forward_hook(partial(after, index), with_kwargs=True, always_call=True)]
-    return handles
+    return [handle for index, mixer in later_mamba3_mixers(model, first)
+            for handle in (mixer.register_forward_pre_hook(partial(before, index), with_kwargs=True),
+                           mixer.register_forward_hook(partial(after, index), with_kwargs=True, always_call=True))]
 
 
 def prefill(model, begin, settle) -> list:
