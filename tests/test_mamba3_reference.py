@@ -158,3 +158,120 @@ def test_the_kernels_angle_cumsum_takes_the_same_factors(monkeypatch):
         finally:
             mamba3_reference.ANGLE_STEP_SCALE.reset(token)
         assert wrapped_distance(got, expected) < 1e-5 and wrapped_distance(last, expected[:, -1]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------- MIMO
+
+
+def mimo_inputs(batch=2, length=37, rank=3, nheads=4, groups=1, dstate=16, headdim=8, n_angles=4, seed=0,
+                outputs=True):
+    """`mamba3_mimo`'s arguments: R = rank pairs per token; `outputs`: with Z, MIMO_Z and MIMO_Out (the module's
+    call without its output norm), else without them (the module norms and sums the ranks itself)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    dt = torch.nn.functional.softplus(r(batch, nheads, length) - 1)
+    given = dict(Q=r(batch, length, rank, groups, dstate), K=r(batch, length, rank, groups, dstate),
+                 V=r(batch, length, nheads, headdim), ADT=-dt * torch.rand(batch, nheads, length, generator=g), DT=dt,
+                 Trap=r(batch, nheads, length), Q_bias=r(nheads, rank, dstate), K_bias=r(nheads, rank, dstate),
+                 MIMO_V=r(nheads, rank, headdim) / rank, MIMO_Z=None, MIMO_Out=None,
+                 Angles=r(batch, length, nheads, n_angles), D=r(nheads), Z=None)
+    if outputs:
+        given.update(MIMO_Z=r(nheads, rank, headdim), MIMO_Out=r(nheads, rank, headdim) / rank,
+                     Z=r(batch, length, nheads, headdim))
+    return given
+
+
+def halves_rotation(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """The MIMO kernel's rotation, element by element: dimension i < n_angles with i + n/2."""
+    out, half = x.clone(), x.shape[-1] // 2
+    for i in range(theta.shape[-1]):
+        cos, sin = theta[..., i].cos(), theta[..., i].sin()
+        out[..., i] = x[..., i] * cos - x[..., half + i] * sin
+        out[..., half + i] = x[..., i] * sin + x[..., half + i] * cos
+    return out
+
+
+def mimo_recurrence(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z):
+    """The MIMO layer token by token: R pairs (k_r, v_r = x ⊙ ψ_r) enter the state (b, h, n, p) per token, each rank's
+    query reads it, the ranks' outputs gated by silu(z ⊙ ζ_r) and summed with weights φ_r. Also the final state, the
+    angles and the last token's rotated k (b, R, h, n)."""
+    b, length, h, p = V.shape
+    rank = Q.shape[2]
+    Q, K = Q.double().repeat_interleave(h // Q.shape[3], 3), K.double().repeat_interleave(h // K.shape[3], 3)
+    q_bias, k_bias = Q_bias.double().transpose(0, 1), K_bias.double().transpose(0, 1)  # (R, h, n)
+    S = torch.zeros(b, h, Q.shape[-1], p, dtype=torch.float64)
+    theta = torch.zeros(b, h, Angles.shape[-1], dtype=torch.float64)
+    k_prev, v_prev = torch.zeros(b, rank, h, Q.shape[-1], dtype=torch.float64), torch.zeros(b, rank, h, p,
+                                                                                            dtype=torch.float64)
+    out = []
+    for t in range(length):
+        dt, adt, share = DT[:, :, t].double(), ADT[:, :, t].double(), torch.sigmoid(Trap[:, :, t].double())
+        theta = theta + math.pi * torch.tanh(Angles[:, t].double()) * dt[..., None]
+        q = halves_rotation(Q[:, t] + q_bias, theta[:, None])  # (b, R, h, n)
+        k = halves_rotation(K[:, t] + k_bias, theta[:, None])
+        v = V[:, t].double()[:, None] * MIMO_V.double().transpose(0, 1)  # (b, R, h, p)
+        decay = adt.exp()[..., None, None]
+        S = decay * S + ((1 - share) * dt)[..., None, None] * decay * torch.einsum("brhn,brhp->bhnp", k_prev, v_prev) \
+            + (share * dt)[..., None, None] * torch.einsum("brhn,brhp->bhnp", k, v)
+        y = torch.einsum("bhnp,brhn->brhp", S, q) + D.double()[:, None] * v
+        if Z is None:
+            out.append(y)
+        else:
+            gate = torch.nn.functional.silu(Z[:, t].double()[:, None] * MIMO_Z.double().transpose(0, 1))
+            out.append(((y * gate) * MIMO_Out.double().transpose(0, 1)).sum(1))
+        k_prev, v_prev = k, v
+    return torch.stack(out, 1), S, torch.remainder(theta, 2 * math.pi), k
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(groups=2, length=16, rank=2), dict(length=5, n_angles=8, rank=4),
+                                   dict(length=70, rank=1), dict(outputs=False)])
+def test_the_chunked_mimo_layer_is_the_recurrence_it_unrolls(shape):
+    given = mimo_inputs(**shape)
+    expected, state, theta, k = mimo_recurrence(**given)
+    got, last_theta, last_state, last_k, last_v = mamba3_reference.mamba3_mimo(**given, chunk_size=8,
+                                                                               return_state=True)
+    assert got.shape == expected.shape and got.dtype == given["V"].dtype
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(last_state.double(), state.transpose(-1, -2), atol=1e-4, rtol=1e-4)
+    assert wrapped_distance(last_theta.double(), theta) < 1e-5
+    torch.testing.assert_close(last_k.double(), k, atol=1e-5, rtol=1e-5)
+    assert torch.equal(last_v, given["V"][:, -1])
+    torch.testing.assert_close(got, mamba3_reference.mamba3_mimo(**given, chunk_size=16))  # any chunk size
+
+
+def test_the_mimo_layer_takes_the_angle_step_factors():
+    given = mimo_inputs(length=30)
+    steps = torch.randint(1, 5, (2, 30), generator=torch.Generator().manual_seed(1)).float()
+    token = mamba3_reference.ANGLE_STEP_SCALE.set(steps)
+    try:
+        scaled = mamba3_reference.mamba3_mimo(**given, chunk_size=8, return_state=True)[1]
+    finally:
+        mamba3_reference.ANGLE_STEP_SCALE.reset(token)
+    expected = mamba3_reference.cumulative_angles(given["Angles"], given["DT"] * steps[:, None])[:, -1]
+    assert wrapped_distance(scaled, expected) < 1e-5
+    assert wrapped_distance(mamba3_reference.mamba3_mimo(**given, chunk_size=8, return_state=True)[1], expected) > 0.1
+
+
+@pytest.mark.parametrize("outproj_norm", [False, True])
+def test_mamba_ssms_mimo_module_runs_on_a_cpu_and_its_steps_continue_its_prefill(outproj_norm):
+    """mamba-ssm builds a MIMO mixer without TileLang (compat routes its kernel to the pure-torch layer); stepping
+    token by token from a prefill's states (mamba3_reference.step, MIMO) gives the outputs of the whole sequence."""
+    from mamba_ssm.modules.mamba3 import Mamba3
+    from mamba_ssm.utils.generation import InferenceParams
+
+    torch.manual_seed(0)
+    layer = Mamba3(d_model=32, d_state=16, headdim=16, chunk_size=8, is_mimo=True, mimo_rank=2,
+                   is_outproj_norm=outproj_norm, layer_idx=0)
+    with torch.no_grad():  # away from the initial biases of 1 and projections of 1/R, which hide a rank mix-up
+        for weight in (layer.B_bias, layer.C_bias, layer.mimo_x, layer.mimo_z, layer.mimo_o):
+            weight.copy_(torch.randn_like(weight))
+    u = torch.randn(2, 30, 32)
+    cache = InferenceParams(max_seqlen=30, max_batch_size=2)
+    with torch.no_grad():
+        whole = layer(u)
+        outputs = [layer(u[:, :20], inference_params=cache)]
+        for t in range(20, 30):
+            cache.seqlen_offset = t
+            outputs.append(layer(u[:, t:t + 1], inference_params=cache))
+    assert whole.shape == u.shape and torch.isfinite(whole).all()
+    torch.testing.assert_close(torch.cat(outputs, 1), whole, atol=1e-4, rtol=1e-4)

@@ -2,7 +2,9 @@
 `mamba3_siso_combined` on a GPU, at a tiny shape and at a 1.5B-class layer's (bf16 inputs, as the kernel takes them;
 standard normals, and the distributions of mamba-ssm's own kernel test), with that test's metric (95th percentile of
 the relative error, bound 5e-2) beside the absolute differences; the last case with factors on the angle steps (a
-token reduction's `rotation`), which both paths must apply alike.
+token reduction's `rotation`), which both paths must apply alike. Then the MIMO layer (`mamba3_reference.mamba3_mimo`)
+against mamba-ssm's TileLang kernel `mamba3_mimo` at its tuned shape (rank 4, chunk 16, d_state 128, headdim 64), with
+and without the factors, where TileLang is installed (`pip install tilelang`); the record says when it is not.
 
     python experiments/gpu/check_mamba3.py OUT.json
 """
@@ -67,9 +69,44 @@ def case(batch, length, nheads, headdim, dstate, n_angles, chunk, test_like=Fals
                 scale=reference.abs().mean().item())
 
 
+def mimo_case(batch, length, rank, nheads, headdim, dstate, chunk, seed=0, steps=False) -> dict:
+    """The MIMO kernel against the pure-torch layer, bf16 inputs as mamba-ssm's MIMO test draws them (its
+    rotary_dim_divisor 4: d_state / 4 angles), Z, MIMO_Z and MIMO_Out given (the module's call without its output
+    norm)."""
+    from mamba_ssm.ops.tilelang.mamba3.mamba3_mimo import mamba3_mimo
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, device="cuda")  # noqa: E731
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    dt = torch.nn.functional.softplus(-3.0 + r(batch, nheads, length))
+    given = dict(Q=bf(r(batch, length, rank, 1, dstate)), K=bf(r(batch, length, rank, 1, dstate)),
+                 V=bf(r(batch, length, nheads, headdim)), ADT=-dt * torch.rand(dt.shape, generator=g, device="cuda"),
+                 DT=dt, Trap=bf(torch.rand(dt.shape, generator=g, device="cuda")), Q_bias=r(nheads, rank, dstate),
+                 K_bias=r(nheads, rank, dstate), MIMO_V=r(nheads, rank, headdim) / rank,
+                 MIMO_Z=r(nheads, rank, headdim), MIMO_Out=r(nheads, rank, headdim) / rank,
+                 Angles=torch.rand(batch, length, nheads, dstate // 4, generator=g, device="cuda"), D=r(nheads),
+                 Z=bf(r(batch, length, nheads, headdim)))
+    factors = torch.randint(1, 5, (batch, length), device="cuda", generator=g).float() if steps else None
+    token = mamba3_reference.ANGLE_STEP_SCALE.set(factors)
+    try:
+        kernel = mamba3_mimo(**given, chunk_size=chunk, rotary_dim_divisor=4, dtype=torch.bfloat16).float()
+        reference = mamba3_reference.mamba3_mimo(**given, chunk_size=chunk).float()
+    finally:
+        mamba3_reference.ANGLE_STEP_SCALE.reset(token)
+    diff = (kernel - reference).abs()
+    return dict(layer="MIMO", shape=dict(batch=batch, length=length, rank=rank, nheads=nheads, headdim=headdim,
+                                         dstate=dstate, chunk=chunk), inputs="mamba-ssm's MIMO test",
+                angle_step_factors=steps, p95_relative=p95_relative(kernel, reference), max_abs=diff.max().item(),
+                mean_abs=diff.mean().item(), scale=reference.abs().mean().item())
+
+
 def main() -> None:
     cases = [case(2, 100, 4, 16, 16, 4, 64), case(2, 2048, 32, 64, 128, 32, 64),
              case(2, 2048, 32, 64, 128, 32, 64, test_like=True), case(2, 2048, 32, 64, 128, 32, 64, test_like=True, steps=True)]
+    if compat.HAS_MAMBA3_MIMO:
+        cases += [mimo_case(2, 2048, 4, 16, 64, 128, 16), mimo_case(2, 2048, 4, 16, 64, 128, 16, steps=True)]
+    else:
+        cases.append(dict(layer="MIMO", skipped="TileLang is not installed: mamba-ssm's MIMO kernel does not import"))
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cases=cases)
     print(json.dumps(out, indent=1))
     with open(sys.argv[1], "w") as f:

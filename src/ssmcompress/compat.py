@@ -263,40 +263,57 @@ def _mamba3_blocks(create_block):
     return create
 
 
+HAS_MAMBA3_MIMO = False  # mamba-ssm's TileLang MIMO kernel imports (TileLang installed)
+
+
 def _route_mamba3() -> None:
-    """Mamba-3's SISO layer: mamba-ssm's Triton kernel where Triton runs, else the pure-torch layer
-    (ssmcompress.mamba3_reference). Skipped where mamba-ssm's Mamba-3 module does not import."""
+    """Mamba-3's layers: mamba-ssm's Triton SISO kernel where Triton runs, its TileLang MIMO kernel where TileLang is
+    installed and Triton runs, else the pure-torch layers (ssmcompress.mamba3_reference), which also let mamba-ssm
+    build a MIMO mixer without TileLang. Skipped where mamba-ssm's Mamba-3 module does not import."""
+    global HAS_MAMBA3_MIMO
     try:
         import mamba_ssm.modules.mamba3 as m3
     except ImportError:
         return
     fast = m3.mamba3_siso_combined
+    if getattr(fast, "_ssmcompress_routed", False):
+        return
 
     def mamba3_siso_combined(*args, **kwargs):
         values = kwargs["V"] if "V" in kwargs else args[2]
         return (fast if _triton_runs_on(values.device) else mamba3_reference.mamba3_siso)(*args, **kwargs)
 
-    m3.mamba3_siso_combined = mamba3_siso_combined
+    fast_mimo = m3.mamba3_mimo_combined  # None without TileLang (mamba3.py's guarded import)
+    HAS_MAMBA3_MIMO = fast_mimo is not None
+
+    def mamba3_mimo_combined(*args, **kwargs):
+        values = kwargs["V"] if "V" in kwargs else args[2]
+        runs_kernel = fast_mimo is not None and _triton_runs_on(values.device)
+        return (fast_mimo if runs_kernel else mamba3_reference.mamba3_mimo)(*args, **kwargs)
+
+    mamba3_siso_combined._ssmcompress_routed = mamba3_mimo_combined._ssmcompress_routed = True
+    m3.mamba3_siso_combined, m3.mamba3_mimo_combined = mamba3_siso_combined, mamba3_mimo_combined
     import mamba_ssm.ops.triton.mamba3.mamba3_siso_combined as combined
 
-    if not getattr(combined.angle_dt_fwd, "_ssmcompress_routed", False):  # the kernel's angle cumsum, with the
-        exact_angles = combined.angle_dt_fwd  # reducer's factors on the steps (mamba3_reference.ANGLE_STEP_SCALE;
-        # the forward only: a scaled step's gradient is not the layer's, and nothing trains under reduction)
+    # both kernels' angle cumsum, with the reducer's factors on the steps (mamba3_reference.ANGLE_STEP_SCALE; the
+    # forward only: a scaled step's gradient is not the layer's, and nothing trains under reduction)
+    exact_angles = combined.angle_dt_fwd
 
-        def angle_dt_fwd(angle, dt, *args, **kwargs):
-            return exact_angles(angle, mamba3_reference.angle_dt(dt), *args, **kwargs)
+    def angle_dt_fwd(angle, dt, *args, **kwargs):
+        return exact_angles(angle, mamba3_reference.angle_dt(dt), *args, **kwargs)
 
-        angle_dt_fwd._ssmcompress_routed = True
-        combined.angle_dt_fwd = angle_dt_fwd
+    combined.angle_dt_fwd = angle_dt_fwd
+    if HAS_MAMBA3_MIMO:
+        import mamba_ssm.ops.tilelang.mamba3.mamba3_mimo as mimo
+
+        mimo.angle_dt_fwd = angle_dt_fwd
     fast_step = m3.Mamba3.step
 
     def mamba3_step(self, u, *states, **kwargs):
         return (fast_step(self, u, *states, **kwargs) if _triton_runs_on(u.device)
                 else mamba3_reference.step(self, u, *states))
 
-    if not getattr(m3.Mamba3.step, "_ssmcompress_routed", False):
-        mamba3_step._ssmcompress_routed = True
-        m3.Mamba3.step = mamba3_step
+    m3.Mamba3.step = mamba3_step
     import mamba_ssm.models.mixer_seq_simple as mixer_seq
 
     if not getattr(mixer_seq.create_block, "_ssmcompress_mamba3", False):

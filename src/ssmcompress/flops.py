@@ -30,15 +30,16 @@ NORM_FLOPS_PER_ELEMENT = 5
 
 
 def ssd_scan_flops_per_token(n_tokens: float, nheads: int, headdim: int, ngroups: int, d_state: int,
-                             chunk_size: int) -> float:
+                             chunk_size: int, rank: int = 1) -> float:
     """Mamba-2's chunked SSD per token at sequence length n_tokens: within a chunk C·Bᵀ (per group) and
-    (L∘CBᵀ)·x (per head), then the chunk states Bᵀx and their read-out C·state (per head)."""
+    (L∘CBᵀ)·x (per head), then the chunk states Bᵀx and their read-out C·state (per head). With `rank` R (Mamba-3's
+    MIMO) every token has R (B, x) pairs and R queries C: R² products within a chunk, R of each state term."""
     inner = nheads * headdim
     if isinstance(n_tokens, np.ndarray):  # many lengths at once (the budget solves them together), elementwise
         chunk = np.minimum(chunk_size, np.maximum(1, np.ceil(n_tokens)))
     else:
         chunk = min(chunk_size, max(1, math.ceil(n_tokens)))
-    return chunk * ngroups * d_state + chunk * inner + 2 * inner * d_state
+    return rank * rank * chunk * (ngroups * d_state + inner) + 2 * rank * inner * d_state
 
 
 def selective_scan_flops_per_token(d_inner: int, d_state: int) -> float:
@@ -85,16 +86,24 @@ def mixer_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
 
 
 def mamba3_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:
-    """Mamba-3's SISO block per token: in_proj (z, x, B, C, dt, A, trapezoid, angles), the RMSNorms of B and C, the
-    scan, the optional gated RMSNorm of y, out_proj. The scan is SSD's contractions with per-head B and C (each head
-    adds its own bias and rotates them), plus each token's q·k (the trapezoid's correction, mamba3_reference)."""
+    """Mamba-3's block per token: in_proj (z, x, B, C, dt, A, trapezoid, angles), the RMSNorms of B and C, the scan,
+    the optional gated RMSNorm of y, out_proj. The scan is SSD's contractions with per-head B and C (each head adds its
+    own bias and rotates them), plus each token's q·k (the trapezoid's correction, mamba3_reference). MIMO (rank R,
+    `mimo_rank` in info): R B's and C's per token, the SSD of rank R, the correction's R x R products q·k and their
+    weighted values, and `mimo_out`, the outputs' weighted sum over the ranks (R·d_inner); the up-projections of x and
+    z per rank are elementwise (0). The gated norm then norms each rank's output."""
     d, e, n, g, h = info["d_model"], info["d_inner"], info["d_state"], info["ngroups"], info["nheads"]
-    return dict(
-        in_proj=d * (2 * e + 2 * g * n + 3 * h + info["n_angles"]),
-        scan=ssd_scan_flops_per_token(n_tokens, h, info["headdim"], h, n, info["chunk_size"]) + h * n,
-        norm=norm_flops(d + 2 * g * n + e * info["outproj_norm"]),  # the block's add+RMSNorm, B's and C's, y's
+    rank = info.get("mimo_rank", 1)
+    scan = ssd_scan_flops_per_token(n_tokens, h, info["headdim"], h, n, info["chunk_size"], rank)
+    parts = dict(
+        in_proj=d * (2 * e + 2 * g * n * rank + 3 * h + info["n_angles"]),
+        scan=scan + (h * n if "mimo_rank" not in info else rank * rank * (h * n + e)),
+        norm=norm_flops(d + 2 * g * n * rank + rank * e * info["outproj_norm"]),  # add+RMSNorm, B's and C's, y's
         out_proj=e * d,
     )
+    if "mimo_rank" in info:
+        parts["mimo_out"] = rank * e
+    return parts
 
 
 def attention_flops_per_token(info: dict, n_tokens: float) -> dict[str, float]:

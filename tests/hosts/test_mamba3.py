@@ -29,6 +29,63 @@ def test_a_mamba3_model_is_described_by_its_config(mamba3):
     assert flops.mixer_flops_per_token(info, 64)["in_proj"] == 64 * (2 * 128 + 2 * 16 + 3 * 8 + 4)
 
 
+MIMO = dict(TINY[3], ssm_cfg=dict(TINY[3]["ssm_cfg"], is_mimo=True, mimo_rank=2, chunk_size=8))
+
+
+@pytest.fixture(scope="module")
+def mimo():
+    """A MIMO model (rank 2) on the pure-torch layer, its biases and rank projections away from their initial values
+    (biases 1, projections 1/R), which would hide a mix-up of the ranks."""
+    model = tiny_model(3, seed=2, **{**MIMO, "n_layer": 8})
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o"):
+                weight.copy_(torch.randn_like(weight) * 0.5 + 1)
+    return model, mamba_ssm.model_info(model)
+
+
+def test_a_mimo_model_is_described_by_its_config(mimo):
+    model, info = mimo
+    assert model.backbone.layers[0].mixer.is_mimo
+    assert info == {**mamba_ssm.info_from_config({**MIMO, "n_layer": 8}), "params": info["params"]}
+    assert info["mimo_rank"] == 2 and "mimo_rank" not in mamba_ssm.info_from_config(TINY[3])
+    parts = flops.mixer_flops_per_token(info, 64)
+    assert parts["in_proj"] == 64 * (2 * 128 + 2 * 16 * 2 + 3 * 8 + 4) and parts["mimo_out"] == 2 * 128
+
+
+@pytest.mark.parametrize("method", ["ours", "tome", "evit", "official"])
+def test_every_method_reduces_a_mimo_model_a_padded_batch_as_each_sequence_alone(mimo, method):
+    model, info = mimo
+    ids, lengths, protect = batch_of([40, 23], 40, seed=2)
+    reducer = reduction.from_config(model, compose_config([f"method={method}", "ratio=0.3", "rotation=positions"]),
+                                    info)
+    try:
+        out = reducer(ids, lengths=lengths, protect=protect)
+        for row, length in enumerate(lengths.tolist()):
+            alone = reducer(ids[row:row + 1, :length], protect=protect[row:row + 1, :length])
+            kept = int(out.counts[row])
+            assert kept == alone.logits.shape[1] < length
+            assert torch.allclose(out.logits[row, :kept], alone.logits[0], atol=1e-5, rtol=1e-4)
+        assert reducer.describe()["observed"]["achieved_ratio"] == pytest.approx(0.3, abs=0.05)
+    finally:
+        reducer.remove()
+
+
+def test_a_mimo_model_decodes_from_its_prefills_states_as_the_whole_sequence(mimo):
+    from mamba_ssm.utils.generation import InferenceParams
+
+    model, info = mimo
+    ids = torch.randint(1, 4000, (2, 19), generator=torch.Generator().manual_seed(5))
+    cache = InferenceParams(max_seqlen=32, max_batch_size=2)
+    with torch.no_grad():
+        logits = model(ids, inference_params=cache).logits[:, -1]
+        for _ in range(4):
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            cache.seqlen_offset = ids.shape[1] - 1
+            logits = model(ids[:, -1:], inference_params=cache).logits[:, -1]
+            torch.testing.assert_close(logits, model(ids).logits[:, -1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("overrides", [[f"method={method}"] for method in METHODS]
                          + [["method=ours", "rotation=positions"], ["method=tome", "rotation=sizes"]])
 def test_every_method_reduces_mamba3_a_padded_batch_as_each_sequence_alone(mamba3, overrides):
@@ -64,8 +121,6 @@ def test_what_mamba3_does_not_support_is_a_clear_error(mamba3):
     model, info = mamba3
     with pytest.raises(ConfigError, match="Mamba-3's"):
         reduction.from_config(model, compose_config(["method=decimamba", "ratio=0.3"]), info)
-    with pytest.raises(ConfigError, match="MIMO"):
-        mamba_ssm.info_from_config(dict(TINY[3], ssm_cfg=dict(TINY[3]["ssm_cfg"], is_mimo=True)))
     with pytest.raises(ConfigError, match="unknown ssm_cfg.layer 'Mamba4'"):
         mamba_ssm.info_from_config(dict(TINY[3], ssm_cfg=dict(layer="Mamba4")))
 

@@ -25,6 +25,11 @@ def test_scan_kernel_names_the_scan_that_runs(monkeypatch):
     monkeypatch.setattr(compat, "MAMBA1_SCAN", "auto")
     assert efficiency.scan_kernel(dict(mamba_version=1), cuda) == "ssmcompress Triton selective scan"
     assert efficiency.scan_kernel(dict(mamba_version=2), cuda) == "mamba-ssm Triton SSD"
+    assert efficiency.scan_kernel(dict(mamba_version=3), cuda) == "mamba-ssm Triton Mamba-3 SISO"
+    monkeypatch.setattr(compat, "HAS_MAMBA3_MIMO", False)
+    assert "not representative" in efficiency.scan_kernel(dict(mamba_version=3, mimo_rank=4), cuda)
+    monkeypatch.setattr(compat, "HAS_MAMBA3_MIMO", True)
+    assert efficiency.scan_kernel(dict(mamba_version=3, mimo_rank=4), cuda) == "mamba-ssm TileLang Mamba-3 MIMO"
     assert efficiency.scan_kernel(dict(mamba_version=1), torch.device("cpu")) == "pure-torch reference (CPU)"
     monkeypatch.setattr(compat, "MAMBA1_SCAN", "ref")
     assert "not representative" in efficiency.scan_kernel(dict(mamba_version=1), cuda)

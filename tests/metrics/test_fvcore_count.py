@@ -51,6 +51,25 @@ def test_cpu_count_equals_the_analytic_model(generation):
     assert not any("einsum" in op for op in counted["by_operator"])  # the reference's einsums stay inside
 
 
+@pytest.mark.parametrize("outproj_norm", [False, True])
+def test_a_mimo_models_count_equals_the_analytic_model(outproj_norm):
+    """Mamba-3 MIMO: the scan (mamba-ssm's MIMO Function, with the ranks' weighted sum where it takes MIMO_Out) as
+    the analytic model's; with the output norm the module sums the ranks in an einsum of its own, which fvcore counts,
+    and gates each rank's output in another, which it counts at half a multiply-add per element (within the 2 %)."""
+    cfg = dict(TINY[3]["ssm_cfg"], is_mimo=True, mimo_rank=2, chunk_size=8, is_outproj_norm=outproj_norm)
+    model = tiny_model(3, ssm_cfg=cfg)
+    counted, info = count(model, ids())
+    expected = flops.forward_flops(info, [40] * info["n_layer"])
+    assert counted["total"] / 2 == pytest.approx(expected["total"], rel=0.02)
+    for layer, analytic in zip(counted["per_layer"], expected["per_layer"]):
+        assert layer / 2 == pytest.approx(analytic, rel=0.02)
+    parts = flops.mixer_flops_per_token(info, 40)
+    kernel = parts["scan"] + (0 if outproj_norm else parts["mimo_out"])
+    assert counted["by_operator"]["PythonOp._Mamba3Function"] / 2 == pytest.approx(kernel * 40 * info["n_layer"])
+    norms = parts["norm"] * 40 * info["n_layer"] + expected["final_norm"]
+    assert counted["by_operator"]["PythonOp.LayerNormFn"] / 2 == pytest.approx(norms)
+
+
 def test_counting_leaves_the_model_and_the_references_unchanged():
     model, input_ids = tiny_model(2), ids()
     with torch.no_grad():

@@ -106,14 +106,13 @@ def info_from_config(config: dict) -> dict:
                     chunk_size=int(s["chunk_size"]))
     elif info["mamba_version"] == 3:
         s = {**MAMBA3_DEFAULTS, **ssm}
-        if s["is_mimo"]:
-            raise ConfigError("Mamba-3 MIMO (ssm_cfg.is_mimo) runs on mamba-ssm's TileLang kernels only, with no "
-                              "pure-torch path here: use the SISO layer (is_mimo: false)")
         d_inner, d_state = int(s["expand"] * d_model), int(s["d_state"])
         rotated = int(d_state * float(s["rope_fraction"]))  # Mamba3.__init__: the rotated state dimensions, even
         info.update(d_inner=d_inner, d_state=d_state, d_conv=0, nheads=d_inner // int(s["headdim"]),
                     headdim=int(s["headdim"]), ngroups=int(s["ngroups"]), chunk_size=int(s["chunk_size"]),
                     n_angles=(rotated - rotated % 2) // 2, outproj_norm=int(bool(s["is_outproj_norm"])))
+        if s["is_mimo"]:  # R (k, v) pairs and queries per token; SISO's descriptions stay as they were
+            info["mimo_rank"] = int(s["mimo_rank"])
     else:
         s = {**MAMBA1_DEFAULTS, **ssm}
         dt_rank = math.ceil(d_model / 16) if s["dt_rank"] == "auto" else int(s["dt_rank"])

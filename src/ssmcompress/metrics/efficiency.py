@@ -101,6 +101,11 @@ def scan_kernel(info: dict, device: torch.device) -> str:
         return "transformers' own kernel choice (mamba-ssm's where it imports)"
     if info["mamba_version"] == 2:
         return "mamba-ssm Triton SSD"
+    if info["mamba_version"] == 3 and "mimo_rank" not in info:
+        return "mamba-ssm Triton Mamba-3 SISO"
+    if info["mamba_version"] == 3:  # compat runs the pure-torch layer where TileLang is missing
+        return ("mamba-ssm TileLang Mamba-3 MIMO" if compat.HAS_MAMBA3_MIMO else
+                f"pure-torch Mamba-3 MIMO (no TileLang): {NOT_REPRESENTATIVE}")
     return {"cuda": "mamba-ssm CUDA selective scan",
             "triton": "ssmcompress Triton selective scan",
             "parallel": f"mambapy parallel scan (pure torch): {NOT_REPRESENTATIVE}",

@@ -54,12 +54,20 @@ def selective_scan_handle(inputs, outputs) -> float:
 
 
 def mamba3_handle(chunk_size: int):
-    """`_Mamba3Function(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, ...)`: Q (b, l, g, n), V (b, l, h, p)."""
+    """mamba-ssm's two Functions named `_Mamba3Function`: SISO's (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D,
+    Z, ...) with Q (b, l, g, n), and MIMO's (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, ...)
+    with Q (b, l, R, g, n), which sums the ranks' outputs itself where MIMO_Out is given (its output has no rank
+    axis then); V (b, l, h, p)."""
     def handle(inputs, outputs) -> float:
-        d_state = _shape(inputs[0])[-1]
+        query = _shape(inputs[0])
         batch, length, nheads, headdim = _shape(inputs[2])
-        return batch * length * (analytic.ssd_scan_flops_per_token(length, nheads, headdim, nheads, d_state,
-                                                                    chunk_size) + nheads * d_state)
+        info = dict(d_model=0, d_inner=nheads * headdim, d_state=query[-1], ngroups=query[-2], nheads=nheads,
+                    headdim=headdim, chunk_size=chunk_size, n_angles=0, outproj_norm=0)
+        if len(query) == 5:
+            info["mimo_rank"] = query[2]
+        parts = analytic.mamba3_flops_per_token(info, length)
+        sums_ranks = len(query) == 5 and len(_shape(outputs[0])) == 4  # (b, l, h, p), not (b, l, R, h, p)
+        return batch * length * (parts["scan"] + (parts["mimo_out"] if sums_ranks else 0))
     return handle
 
 
@@ -182,6 +190,16 @@ def kernels_as_ops():
             raise NotImplementedError("fvcore counts plain forwards of whole sequences")
         return mamba3_op.apply(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, chunk_size)
 
+    mimo_ref = mamba3_reference.mamba3_mimo
+    mimo_op = _named_op("_Mamba3Function", mimo_ref)
+
+    def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z, chunk_size,
+                    rotary_dim_divisor=4, dtype=None, return_state=False, cu_seqlens=None):
+        if return_state or cu_seqlens is not None:
+            raise NotImplementedError("fvcore counts plain forwards of whole sequences")
+        return mimo_op.apply(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
+                             chunk_size, rotary_dim_divisor, dtype)
+
     def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
                    dt_limit=(0.0, float("inf")), return_final_states=False):
         if return_final_states:  # a prefill into an inference cache: not what the FLOPs of a forward count
@@ -204,7 +222,7 @@ def kernels_as_ops():
 
     compat.chunk_scan_reference, compat.add_norm_reference = chunk_scan, add_norm
     lng.rms_norm_ref, m1.selective_scan_fn = gated_norm, selective_scan
-    mamba3_reference.mamba3_siso = mamba3
+    mamba3_reference.mamba3_siso, mamba3_reference.mamba3_mimo = mamba3, mamba3_mimo
     # on a GPU too, route to the references while tracing: Triton kernels cannot run under torch.jit.trace (their
     # block sizes, computed from traced shapes, are no longer constants), and one route counts both devices alike
     try:
@@ -213,7 +231,7 @@ def kernels_as_ops():
     finally:
         compat.chunk_scan_reference, compat.add_norm_reference = chunk_scan_ref, add_norm_ref
         lng.rms_norm_ref, m1.selective_scan_fn = gated_norm_ref, selective_scan_router
-        mamba3_reference.mamba3_siso = mamba3_ref
+        mamba3_reference.mamba3_siso, mamba3_reference.mamba3_mimo = mamba3_ref, mimo_ref
 
 
 NORM_CLASSES = ("RMSNorm", "RMSNormGated", "LayerNorm")  # transformers' norm modules, by class-name suffix
