@@ -1,4 +1,8 @@
 """The compatibility layer: mamba-ssm imports and runs on a CPU, and our scan paths agree with its references."""
+import contextlib
+import importlib
+import inspect
+
 import pytest
 import torch
 
@@ -196,3 +200,62 @@ def test_a_reduced_mamba1_on_aligned_mixers_keeps_what_it_kept(triton_mamba1, mo
         reducer.remove()
         assert aligned.positions.shape[1] < 45 and torch.equal(aligned.positions, plain.positions), method
         assert torch.allclose(aligned.logits, plain.logits, atol=1e-5, rtol=1e-5), method
+
+
+NORM_FAMILIES = ("mamba2", "mamba", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "jamba")
+
+
+def norm_classes(family: str) -> dict:
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    compat.route_transformers(module)
+    return {name: cls for name, cls in vars(module).items()
+            if inspect.isclass(cls) and name.endswith(("RMSNorm", "RMSNormGated")) and cls.__module__ == module.__name__}
+
+
+@pytest.fixture
+def triton_norms(monkeypatch):
+    """The GPU route on CPU tensors: mamba-ssm's Triton norms under Triton's interpreter (their launch enters
+    torch.cuda.device(x.device.index), which a CPU build cannot, and the plain norm's autotuner, which times its
+    configurations on a GPU, gets one)."""
+    import mamba_ssm.ops.triton.layer_norm as ln
+
+    monkeypatch.setattr(compat, "_triton_runs_on", lambda device: True)
+    launches = []  # one per kernel launch, which enters the device's context
+    monkeypatch.setattr(torch.cuda, "device", lambda index: launches.append(index) or contextlib.nullcontext())
+    monkeypatch.setattr(ln._layer_norm_fwd_1pass_kernel, "configs", ln._layer_norm_fwd_1pass_kernel.configs[:1])
+    return launches
+
+
+@pytest.mark.parametrize("family", NORM_FAMILIES)
+def test_transformers_rmsnorms_of_the_shared_forms_run_mamba_ssms_triton_norms_and_compute_what_they_do(
+        family, triton_norms):
+    routed = {name: cls for name, cls in norm_classes(family).items()
+              if getattr(cls.forward, "_ssmcompress_routed", False)}
+    assert routed, family  # every family has at least its block norm in the plain form
+    g = torch.Generator().manual_seed(0)
+    for name, cls in routed.items():
+        gated = name.endswith("Gated")
+        norm = cls(64, group_size=16, eps=1e-5) if gated else cls(64, eps=1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(64, generator=g))
+        x, gate = torch.randn(2, 5, 64, generator=g), torch.randn(2, 5, 64, generator=g)
+        own = cls.forward.__wrapped__
+        with torch.no_grad():
+            for args in ((x, gate), (x, None)) if gated else ((x,),):
+                launched = len(triton_norms)
+                torch.testing.assert_close(norm(*args), own(norm, *args), atol=1e-5, rtol=1e-5)
+                assert len(triton_norms) == launched + 1, name
+            half = x.to(torch.bfloat16)  # weights in float32, input in bf16: the output is float32, not the kernel's
+            launched = len(triton_norms)
+            assert torch.equal(norm(half), own(norm, half)) and norm(half).dtype == torch.float32
+            assert len(triton_norms) == launched
+
+
+def test_norms_of_other_forms_keep_transformers_code():
+    """FalconH1's gated norm (norm before the gate, weights per group) and NemotronH's block norm are not the shared
+    forms: not routed."""
+    assert not getattr(norm_classes("falcon_h1")["FalconH1RMSNormGated"].forward, "_ssmcompress_routed", False)
+    assert not getattr(norm_classes("nemotron_h")["NemotronHRMSNorm"].forward, "_ssmcompress_routed", False)
+    plain = norm_classes("mamba2")["Mamba2RMSNorm"]
+    x = torch.randn(3, 64)
+    assert torch.equal(plain(64)(x), plain.forward.__wrapped__(plain(64), x))  # CPU tensors: transformers' code

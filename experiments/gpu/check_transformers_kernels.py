@@ -1,7 +1,8 @@
 """GPU check of the transformers host's kernel routing (compat.route_transformers) on a hybrid: a Granite 4.0-H 1B
 layout cut to a few layers (Mamba-2 layers and one NoPE attention layer, transformers' GraniteMoeHybrid) and
 transformers' Mamba2, random weights, float32 and bfloat16. On the same GPU, the routed kernels (mamba-ssm's Triton
-SSD scan and state update, torch's conv1d) against transformers' own pure-torch code (compat.reference_kernels):
+SSD scan and state update, our Triton causal conv, mamba-ssm's Triton RMSNorms) against transformers' own pure-torch
+code (compat.reference_kernels):
 - prefill logits of 2 x LENGTH (512) tokens, dense and token-reduced (method=ours ratio=0.3), where both paths kept
   the same tokens;
 - greedy generation of 16 tokens after a dense and a reduced prefill (float32: the same tokens);

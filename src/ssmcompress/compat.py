@@ -12,7 +12,8 @@ runs on a GPU without it on our Triton port (`ssmcompress.selective_scan`); `MAM
 conv, which mamba-ssm has only in the compiled causal-conv1d, runs on a GPU without it on our Triton kernel
 (`ssmcompress.causal_conv`, conv and SiLU in one pass).
 The model code itself is never copied or changed. `route_transformers(module)` does the same for the kernel functions
-of a transformers SSM modeling module (Mamba, Mamba2, the hybrids): pure torch on a CPU, kernels on a GPU.
+and RMSNorm modules of a transformers SSM modeling module (Mamba, Mamba2, the hybrids): pure torch on a CPU, kernels on
+a GPU.
 
 Call `install()` before importing anything from `mamba_ssm` (importing `ssmcompress.models` does it).
 """
@@ -343,13 +344,74 @@ MAMBA_SSM_KERNELS = {
 
 
 def route_transformers(module: types.ModuleType) -> None:
-    """Route the kernel functions of a transformers modeling module (e.g. `modeling_mamba2`) per call; idempotent."""
+    """Route the kernel functions and RMSNorm modules of a transformers modeling module (e.g. `modeling_mamba2`) per
+    call; idempotent."""
     for name in TRANSFORMERS_KERNELS:
         resolved = getattr(module, name, None)
         if resolved is None or getattr(resolved, "_ssmcompress_routed", False):
             continue
         pure = getattr(resolved, "__wrapped__", resolved)  # functools.wraps keeps transformers' own function
         setattr(module, name, _routed(name, resolved, pure))
+    for norm in vars(module).values():
+        form = norm_form(norm)
+        if form is not None and not getattr(norm.forward, "_ssmcompress_routed", False):
+            norm.forward = _routed_norm(norm.forward, gated=form == "gated")
+
+
+# transformers' RMSNorm modules compute in float32 with one kernel per operation (a cast, the square, the mean, the
+# reciprocal root, two products, a cast back: measured on an H100, about half of a Mamba-2 2.7B's bf16 forward at batch
+# 8 x 2048 went to such elementwise kernels, where mamba-ssm's host runs its Triton norms). On CUDA tensors the two
+# forms every SSM family shares run on mamba-ssm's Triton RMSNorms instead: the plain one (T5LayerNorm: weight times
+# the normed input, cast back to its dtype) and the grouped one that gates first (norm_before_gate=False, `group_size`).
+# A module class takes the route only where its forward is bytecode for bytecode one of modeling_mamba2's two; one
+# whose output dtype is not its input's (weights of another dtype) and calls under torch.compile, which fuses them
+# itself, keep transformers' code. The kernels round once where transformers rounds the normed input, then the product.
+CANONICAL_NORMS = ("transformers.models.mamba2.modeling_mamba2", {"plain": "Mamba2RMSNorm", "gated": "MambaRMSNormGated"})
+
+
+def _bytecode(function) -> tuple:
+    code = function.__code__
+    return code.co_code, code.co_consts, code.co_names, code.co_varnames
+
+
+@functools.cache
+def _canonical_norms() -> dict:
+    module = importlib.import_module(CANONICAL_NORMS[0])
+    return {_bytecode(getattr(module, name).forward): form for form, name in CANONICAL_NORMS[1].items()}
+
+
+def norm_form(candidate) -> str | None:
+    """"plain" or "gated" for a transformers RMSNorm class whose forward is one of the canonical two, else None."""
+    if not (inspect.isclass(candidate) and issubclass(candidate, torch.nn.Module)
+            and candidate.__name__.endswith(("RMSNorm", "RMSNormGated"))):
+        return None
+    forward = getattr(candidate.forward, "__wrapped__", candidate.forward)
+    return _canonical_norms().get(_bytecode(forward)) if hasattr(forward, "__code__") else None
+
+
+def _routed_norm(forward, gated: bool):
+    install()  # mamba-ssm's norm functions, as install() routes them per device
+    ln = importlib.import_module("mamba_ssm.ops.triton.layer_norm")
+    lng = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
+
+    def kernel_runs(module, x) -> bool:
+        return (_triton_runs_on(x.device) and not torch.compiler.is_compiling()
+                and torch.result_type(module.weight, x) == x.dtype)
+
+    def plain(self, hidden_states):
+        if not kernel_runs(self, hidden_states):
+            return forward(self, hidden_states)
+        return ln.rms_norm_fn(hidden_states, self.weight, None, eps=self.variance_epsilon)
+
+    def grouped(self, hidden_states, gate=None):
+        if not kernel_runs(self, hidden_states):
+            return forward(self, hidden_states, gate)
+        return lng.rmsnorm_fn(hidden_states, self.weight, None, z=gate, eps=self.variance_epsilon,
+                              group_size=self.group_size, norm_before_gate=False)
+
+    route = functools.wraps(forward)(grouped if gated else plain)
+    route._ssmcompress_routed = True
+    return route
 
 
 def _cuda_kernel(name: str, resolved, pure):

@@ -69,11 +69,26 @@ def transformers_paths(model, info: dict, device: torch.device) -> dict:
             if found is not None:
                 paths[key] = _describe(found, name, device)
                 break
+    paths["norm_kernel"] = norm_kernel(module, device)
     if architecture.attention_layers(info):
         implementation = getattr(model.config, "_attn_implementation", None) or "eager"
         paths["attention_kernel"] = ATTENTION.get(implementation, implementation) + (
             f": {NOT_REPRESENTATIVE}" if device.type == "cuda" and implementation == "eager" else "")
     return paths
+
+
+def norm_kernel(module, device: torch.device) -> str:
+    """What a transformers modeling module's RMSNorm modules run on `device` (compat.route_transformers: mamba-ssm's
+    Triton norms for the two forms the SSM families share, transformers' code for any other)."""
+    if device.type != "cuda":
+        return "pure-torch reference (CPU)"
+    norms = {name: getattr(cls.forward, "_ssmcompress_routed", False) for name, cls in vars(module).items()
+             if isinstance(cls, type) and name.endswith(("RMSNorm", "RMSNormGated"))}
+    routed, other = [n for n, r in norms.items() if r], [n for n, r in norms.items() if not r]
+    if not routed:
+        return "transformers' pure-torch RMSNorm"
+    return "mamba-ssm Triton RMSNorm" + (f" ({', '.join(routed)}); transformers' pure torch ({', '.join(other)})"
+                                         if other else "")
 
 
 TRITON_CONV = "ssmcompress Triton causal conv (conv and SiLU in one kernel)"
