@@ -53,13 +53,16 @@ docs: install
 	$(PY) -m ssmcompress.tables.docs
 	$(PY) -m mkdocs build --strict --quiet
 
-# the accuracy-vs-FLOPs figures of the main and positional tables (results/figures), by the analysis notebook
+# the accuracy-vs-FLOPs figures of the main and positional tables and the long-context accuracy-vs-speed-up figures
+# (results/figures), by the analysis notebooks
 figures: install
 	mkdir -p outputs/notebooks
 	for table in main positional; do \
 	  $(PY) -m papermill --no-progress-bar --log-level WARNING -k python3 --cwd analysis -p table $$table analysis/accuracy_vs_flops.ipynb \
 	    outputs/notebooks/accuracy_vs_flops_$$table.ipynb || exit 1; \
 	done
+	$(PY) -m papermill --no-progress-bar --log-level WARNING -k python3 --cwd analysis analysis/accuracy_vs_speed.ipynb \
+	  outputs/notebooks/accuracy_vs_speed.ipynb
 
 clean:
 	rm -rf outputs multirun wandb site .pytest_cache

@@ -9,6 +9,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ssmcompress import plots, tables  # noqa: E402
+from ssmcompress.metrics.capture import CUDA_GRAPH  # noqa: E402
 
 
 def test_every_method_has_its_own_style_in_every_figure():
@@ -66,3 +67,35 @@ def test_every_committed_figure_has_one_title_and_one_legend_naming_every_series
             assert panel["title"] and panel["xlabel"] and panel["ylabel"], (path.name, panel["title"])
             assert not panel["legend"], (path.name, panel["title"])  # the figure's legend serves every panel
             assert {series["label"] for series in panel["series"]} <= set(entries), (path.name, panel["title"])
+
+
+def test_accuracy_against_the_measured_speedup():
+    points = pd.DataFrame([dict(method="dense", speedup=1.0, value=60, error=2),
+                           dict(method="ours", speedup=1.3, value=50, error=2.5),
+                           dict(method="ours", speedup=1.1, value=55, error=None),
+                           dict(method="evit", speedup=0.9, value=45, error=2)])
+    fig, ax = plt.subplots()
+    plots.accuracy_vs_speedup(ax, points)
+    (panel,) = plots.describe(fig)["panels"]
+    xs = {c.get_label(): list(c.lines[0].get_xdata()) for c in ax.containers}
+    plt.close(fig)
+    assert panel["xlabel"] == "measured speed-up over dense (×)" and panel["ylabel"] == "average accuracy (%)"
+    series = {s["label"]: s for s in panel["series"]}
+    assert series["UTR (ours)"]["points"] == 3 and series["EViT"]["points"] == 2 and series["dense"]["points"] == 1
+    assert xs["UTR (ours)"] == [1.0, 1.1, 1.3]  # from dense, in order of speed
+
+
+def test_speedup_points_read_the_long_context_speed_tables():
+    from test_tables import record
+
+    measured = dict(device="cuda:0", device_name="NVIDIA H100", batch_size=1, length=4096, dense_latency_ms=12.0,
+                    reduced_latency_ms=10.0, speedup=1.2, forward_path=CUDA_GRAPH)
+    found = [record("mamba2-1.3b", "ours", 0.3, "model.random_init=true", "model.device=cuda", "model.dtype=bfloat16",
+                    "benchmark.measure.fvcore=false", "benchmark.measure.capture=true",
+                    "benchmark.measure.shape.cuda.batch_size=1", "benchmark.measure.shape.cuda.length=4096",
+                    benchmark="efficiency", efficiency=measured, flops=dict(achieved_ratio=0.3))]
+    runs = tables.frame(found)
+    (table,) = [t for t in tables.build(runs) if t.name.startswith("long_speed")]
+    points = plots.speedup_points(table, runs)
+    assert points.to_dict("records") == [dict(model="mamba2-1.3b", method="ours", target=30.0, length=4096,
+                                              speedup=1.2)]

@@ -19,11 +19,13 @@ sweep = pytest.fixture(scope="session")(tiny_sweep)
 SWEEPS = ["main", "ablation_importance", "ablation_location", "ablation_location_hub", "ablation_design",
           "ablation_share", "efficiency", "generation", "memory", "schedule", "positional", "hybrid",
           "hybrid_efficiency", "hybrid_generation", "efficiency_sizes", "mamba3", "mamba3_trapezoid",
-          "mamba3_rotation"]
-BEYOND_PAPER = {"schedule", "positional", "hybrid", "mamba3", "mamba3_trapezoid", "mamba3_rotation"}  # studies of our own, run on their own (not by experiments/paper.sh)
+          "mamba3_rotation", "long", "long_filter", "long_efficiency"]
+BEYOND_PAPER = {"schedule", "positional", "hybrid", "mamba3", "mamba3_trapezoid", "mamba3_rotation", "long",
+                "long_filter", "long_efficiency"}  # studies of our own, run on their own (not by experiments/paper.sh)
 # the paper's efficiency protocol on hub models (experiments/gpu/generation.sh), on a hybrid (experiments/gpu/hybrid.sh),
-# and at every size and shape (experiments/gpu/sizes.sh)
-GPU_ONLY = {"generation", "memory", "hybrid_efficiency", "hybrid_generation", "efficiency_sizes"}
+# at every size and shape (experiments/gpu/sizes.sh), and the long-context suite (an hour a run on a CPU)
+GPU_ONLY = {"generation", "memory", "hybrid_efficiency", "hybrid_generation", "efficiency_sizes", "long", "long_filter",
+            "long_efficiency"}
 BUNDLED = {"mamba2-tiny", "mamba-tiny", "hybrid-tiny", "mamba3-tiny"}
 
 

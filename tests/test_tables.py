@@ -45,7 +45,7 @@ def evaluation(bench: dict, score: float, docs=None) -> tuple[dict, dict, dict]:
     right = np.array(documents(score, docs))
     for task in bench["tasks"]:
         wanted = [bench["main_metric"][task]] if task in bench["main_metric"] else []
-        wanted += bench["extra_metrics"].get(task, [])
+        wanted += bench.get("extra_metrics", {}).get(task, [])
         metrics[task], stderr[task], samples[task] = {}, {}, {"doc_id": list(range(len(right)))}
         for metric in wanted:
             if metric == "token_perplexity":  # derived by the harness: no per-document values
@@ -588,3 +588,24 @@ def test_make_tables_cli_on_a_real_tiny_sweep(sweep, tmp_path, capsys):
     for name in ("main_offline_full_mamba2", "main_offline_full_mamba", "importance_offline_full",
                  "location_offline_full", "design_offline_full", "share_offline_full", "efficiency"):
         assert all((tmp_path / f"{name}{suffix}").exists() for suffix in (".md", ".tex", ".records.csv"))
+
+
+def test_long_context_table_averages_each_length_and_places_the_filter_at_no_flops():
+    found = [record("mamba2-tiny", "dense", benchmark="long", score=0.6),
+             record("mamba2-tiny", "ours", 0.3, benchmark="long", score=0.4),
+             record("mamba2-tiny", "longmamba", None, benchmark="long", score=0.7)]
+    built = by_name(found)
+    table = built["long"]
+    assert list(table.frame.columns) == ["model", "FLOPs↓", "method", "1024 tokens", "2048 tokens", "4096 tokens",
+                                         "8192 tokens", "Avg"]
+    cells = rows(table)
+    se = np.std(documents(0.4), ddof=1) / math.sqrt(DOCS)
+    assert cells[("mamba2-tiny", "30 %", "UTR (ours)")]["1024 tokens"] == f"40.0 ± {100 * se / math.sqrt(5):.1f}"
+    assert cells[("mamba2-tiny", "30 %", "UTR (ours)")]["Avg"].startswith("40.0 ± ")
+    assert cells[("mamba2-tiny", "0 %", "longmamba")]["8192 tokens"].startswith("70.0 ± ")  # no token removed: 0 %
+    assert cells[("mamba2-tiny", "0 %", "dense")]["Avg"].startswith("60.0 ± ")
+    # dense, ten methods at three budgets, the filter; and Mamba-1's, without the filter (Mamba-2 only)
+    assert table.n_expected == (1 + 10 * 3 + 1) + (1 + 10 * 3)
+    assert ("mamba2-tiny", "0 %", "longmamba") in cells and ("mamba-tiny", "0 %", "longmamba") not in cells
+    assert not [name for name in built if "_long" in name]  # no main_long_*, positional_long_*: the suite is its alone
+    assert rows(by_name(found + [record(score=0.9)])["long"]) == cells  # nor does it take the short suite's records

@@ -75,6 +75,39 @@ def accuracy_vs_flops(ax, points: pd.DataFrame, ylabel: str = "accuracy (%)") ->
     ax.grid(alpha=0.3)
 
 
+def speedup_points(table: Table, runs: pd.DataFrame) -> pd.DataFrame:
+    """One point per filled cell of an efficiency table (model, ratio and method axes): the prompt length its runs
+    were measured at, the budget (% of the FLOPs removed) and the measured speed-up over dense."""
+    shapes = dict(zip(runs.run_id, runs["shape"]))
+    points = []
+    for i, key in enumerate(table.keys):
+        cell = dict(zip(table.axes, key))
+        found = table.values.loc[i, "speed-up"]
+        if found is not None and table.used[i]:
+            length = int(shapes[table.used[i][0]].rsplit(" x ", 1)[1])
+            points.append(dict(model=cell["model"], method=cell["method"], target=100 * cell["ratio"],
+                               length=length, speedup=found))
+    return pd.DataFrame(points, columns=["model", "method", "target", "length", "speedup"])
+
+
+def accuracy_vs_speedup(ax, points: pd.DataFrame, ylabel: str = "average accuracy (%)") -> None:
+    """Per method a line from the dense point (speed-up 1) through its budgets, accuracy against the speed-up
+    measured at the same budget and prompt length (points: method, speedup, value, error)."""
+    dense = points[points.method == "dense"]
+    for method in [m for m in ORDER if m in set(points.method)] + sorted(set(points.method) - set(ORDER)):
+        if method == "dense":
+            continue
+        curve = pd.concat([dense, points[points.method == method]]).sort_values("speedup")
+        ax.errorbar(curve.speedup, curve.value, yerr=curve.error.fillna(0).to_numpy(dtype=float), capsize=2,
+                    linewidth=1.2, markersize=4, **style(method))
+    if len(dense):
+        ax.errorbar(dense.speedup, dense.value, yerr=dense.error.fillna(0).to_numpy(dtype=float), capsize=2,
+                    linestyle="none", markersize=6, zorder=3, **style("dense"))
+    ax.axvline(1.0, color="#808080", linewidth=0.8, linestyle=":")  # slower than dense on its left
+    ax.set(xlabel="measured speed-up over dense (×)", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+
+
 def tokens_per_layer(ax, counts: pd.DataFrame) -> None:
     """Tokens entering each layer (rows: layers, columns: methods), one line per method."""
     for method in counts.columns:

@@ -95,3 +95,34 @@ def test_token_reduction_notebook(sweep, tmp_path):
     fates = summary(tmp_path, "token_fates")["panels"]
     assert sorted(p["title"] for p in fates) == sorted(tables.METHODS[m] for m in sweep.methods[1:])
     assert all(p["legend"] == list(plots.FATES) and p["xlabel"] and p["ylabel"] for p in fates)
+
+
+def test_accuracy_vs_speed_notebook(tmp_path):
+    """Long-suite accuracies of a bundled model against the speed-ups of its paired size, per prompt length."""
+    from ssmcompress import tracking
+    from ssmcompress.metrics.capture import CUDA_GRAPH
+    from test_tables import record
+
+    store = tmp_path / "store"
+    tracking.append(record("mamba2-tiny", "dense", benchmark="long", score=0.6), store)
+    for method, score in (("ours", 0.5), ("evit", 0.4)):
+        tracking.append(record("mamba2-tiny", method, 0.3, benchmark="long", score=score), store)
+        for length in (1024, 2048, 4096, 8192):
+            measured = dict(device="cuda:0", device_name="NVIDIA H100", batch_size=1, length=length, speedup=1.2,
+                            dense_latency_ms=12.0, reduced_latency_ms=10.0, forward_path=CUDA_GRAPH)
+            tracking.append(record("mamba2-1.3b", method, 0.3, "model.random_init=true", "model.device=cuda",
+                                   "model.dtype=bfloat16", "benchmark.measure.fvcore=false",
+                                   "benchmark.measure.capture=true", "benchmark.measure.shape.cuda.batch_size=1",
+                                   f"benchmark.measure.shape.cuda.length={length}", benchmark="efficiency",
+                                   efficiency=measured, flops=dict(achieved_ratio=0.3)), store)
+    sweep = type("Store", (), {"results": store})
+    text = run_notebook("accuracy_vs_speed", sweep, tmp_path, figures=["accuracy_vs_speed_mamba2-tiny"])
+    assert "long: 3 of 63 runs" in text
+    figure = summary(tmp_path, "accuracy_vs_speed_mamba2-tiny")
+    assert [p["title"] for p in figure["panels"]] == ["1024 tokens", "2048 tokens", "4096 tokens", "8192 tokens"]
+    for panel in figure["panels"]:
+        series = {s["label"]: s for s in panel["series"]}
+        assert series["UTR (ours)"]["points"] == series["EViT"]["points"] == 2 and series["dense"]["points"] == 1
+        assert panel["xlabel"] == "measured speed-up over dense (×)"
+    assert sorted(figure["legends"][0]) == sorted(["UTR (ours)", "EViT", "dense"])
+    assert not (tmp_path / "figures" / "accuracy_vs_speed_mamba-tiny.png").exists()  # no run of it

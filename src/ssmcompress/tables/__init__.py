@@ -50,7 +50,8 @@ def build(df: pd.DataFrame, specs: list[Spec] | None = None, include_limited: bo
     specs = specs or SPECS
     sweeps = {spec.name: _experiments(spec, directory) for spec in SPECS + specs}  # each spec's sweeps, read once
     pruning = set().union(*(sweep_benchmarks(e) for e in sweeps.values() if prunes(e)))
-    foreign = {name: set() if prunes(e) else pruning - sweep_benchmarks(e) for name, e in sweeps.items()}
+    owned = set().union(*(sweep_benchmarks(sweeps[spec.name]) for spec in SPECS + specs if "benchmark" in spec.closed))
+    foreign = {name: set() if prunes(e) else (pruning | owned) - sweep_benchmarks(e) for name, e in sweeps.items()}
     return [table for spec in specs
             for table in build_spec(df, spec, sweeps[spec.name], include_limited, results_version, foreign[spec.name])]
 
@@ -73,7 +74,8 @@ def build_spec(df: pd.DataFrame, spec: Spec, experiments: list[Experiment], incl
                results_version=None, foreign: set = frozenset()) -> list[Table]:
     """The spec's tables from its sweeps (`experiments`). A table of a benchmark the sweeps do not run is made only
     from admitted records, and not for a `foreign` one (the pruning sweeps' benchmark, for a reduction table: it is
-    the pruning tables', although its dense and reduction-only runs also have Table 1's settings)."""
+    the pruning tables', although its dense and reduction-only runs also have Table 1's settings; the benchmark of a
+    spec that owns its sweeps' benchmark, as the long-context table its suite)."""
     if not experiments:
         return []
     grouped = set().union(*(e.grouped for e in experiments))
@@ -104,8 +106,9 @@ def build_spec(df: pd.DataFrame, spec: Spec, experiments: list[Experiment], incl
 
     # the tables (splits): those the records make, and the sweeps' own for their models
     splits: dict[tuple, dict] = {}
+    closed = {axis: {v for e in experiments for v in e.values(axis)} for axis in spec.closed}
     for row in rows:
-        if row["reason"] is not None or row["benchmark"] in foreign:
+        if row["reason"] is not None or row["benchmark"] in foreign or any(row[a] not in v for a, v in closed.items()):
             continue
         if not interesting or set(row["variant"]) & interesting:  # an ablation's table needs an ablated run
             splits.setdefault(tuple(row[s] for s in spec.split), {}).setdefault(row["model"], [])

@@ -121,13 +121,16 @@ def load_experiment(name: str, directory: Path = EXPERIMENTS) -> Experiment:
 def normalize(cell: dict) -> dict | None:
     """dense has no ratio (0 %), no method parameters and the reducer's default settings (config.REDUCER_KEYS: the
     schedule, the reduction layers, the trapezoid; also where a sweep says nothing); no pruner means sparsity 0; a
-    reduction method at ratio 0, or a pruner at sparsity 0, is not a run (None)."""
+    reduction method at ratio 0, or a pruner at sparsity 0, is not a run (None); a method run without a ratio (one that
+    removes no token: LongMamba's filter) is at 0 %, as its records are."""
     cell = {**REDUCER_KEYS, **cell}
     if cell.get("method") == "dense":
         cell = {k: v for k, v in cell.items() if not k.startswith("method.") and k != "layers"}
         cell.update(REDUCER_KEYS, ratio=0.0)
     elif "method" in cell and cell.get("ratio") in (0, 0.0):
         return None
+    elif "method" in cell and cell.get("ratio") is None:
+        cell["ratio"] = 0.0
     if cell.get("ratio") is not None:
         cell["ratio"] = round(float(cell["ratio"]), 6)
     if cell.get("pruner") == "none":
@@ -135,6 +138,12 @@ def normalize(cell: dict) -> dict | None:
     elif "pruner" in cell and cell.get("sparsity") in (0, 0.0):
         return None
     return cell
+
+
+def produces(experiment: Experiment, row: dict) -> bool:
+    """The sweep has the record's settings and runs its value of every axis it sweeps (its model's and seed aside)."""
+    return matches(row, experiment) and all(value(row, a) in experiment.values(a) for a in experiment.swept
+                                            if a not in ("model", "seed") and not a.startswith("+"))
 
 
 def matches(row: dict, experiment: Experiment, axes: tuple = ()) -> bool:
@@ -185,7 +194,10 @@ def expected_keys(experiments: list[Experiment], axes: tuple, split: dict, model
             # runs of another choice than the sweep's, fixed (trapezoid=none beside kept) or swept (rotation=kept
             # beside positions and sizes), do not extend its grid
             extending = [r for r in rows if all(value(r, k) == v for k, v in experiment.fixed.items() if k in CLOSED)
-                         and all(value(r, k) in experiment.values(k) for k in REDUCER_KEYS if k in experiment.swept)]
+                         and all(value(r, k) in experiment.values(k) for k in REDUCER_KEYS if k in experiment.swept)
+                         # nor do the runs another of the table's sweeps makes (LongMamba's, which has no ratio)
+                         and (produces(experiment, r) or not any(produces(e, r) for e in experiments
+                                                                  if e is not experiment))]
             dims = []
             for alternatives in experiment.dims:
                 axis = next(iter(alternatives[0])) if len(alternatives[0]) == 1 else None

@@ -79,7 +79,13 @@ def accuracy_columns(tasks: list[str], extras: dict, main: dict | None = None) -
     columns = [_task_column(t, m, f"{TASKS.get(t, t)} {LOWER[m]}", f"{t}/{m}", "lower")
                for t in tasks for m in extras.get(t, []) if m in LOWER]
     columns += [_task_column(t, main[t], TASKS.get(t, t), t, "higher") for t in scored]
-    per_task = columns[-len(scored):] if scored else []
+    return columns + [average_column("Avg", scored, main)]
+
+
+def average_column(header: str, tasks: list[str], main: dict) -> Column:
+    """The mean of the tasks' headline metrics (`main[task]`), its standard error from theirs, and for the paired test
+    the mean of their per-document aggregates."""
+    per_task = [_task_column(t, main[t], TASKS.get(t, t), t, "higher") for t in tasks]
 
     def average(row):  # over the table's tasks: a run on fewer tasks has no comparable average
         values = [c.get(row) for c in per_task]
@@ -90,11 +96,26 @@ def accuracy_columns(tasks: list[str], extras: dict, main: dict | None = None) -
         return None if not found or None in found else [task[0] for task in found]
 
     def statistic(values):
-        return sum(stats.AGGREGATES[main[t]](v) for t, v in zip(scored, values)) / len(scored)
+        return sum(stats.AGGREGATES[main[t]](v) for t, v in zip(tasks, values)) / len(tasks)
 
-    return columns + [Column("Avg", "acc", "higher", average,
-                             stderr=lambda row: stats.average_stderr([c.stderr(row) for c in per_task]),
-                             documents=documents, statistic=statistic)]
+    return Column(header, "acc", "higher", average,
+                  stderr=lambda row: stats.average_stderr([c.stderr(row) for c in per_task]),
+                  documents=documents, statistic=statistic)
+
+
+# the long-context suite (conf/benchmark/long.yaml): five tasks at each of four prompt lengths, shown per length
+LONG_LENGTHS = (1024, 2048, 4096, 8192)
+LONG_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "mqar_long", "story_long")
+
+
+def long_tasks(length: int) -> list[str]:
+    return [f"{task}_{length}" for task in LONG_TASKS]
+
+
+LONG_COLUMNS = [average_column(f"{length} tokens", long_tasks(length), dict.fromkeys(long_tasks(length), "acc"))
+                for length in LONG_LENGTHS] + [
+    average_column("Avg", [t for n in LONG_LENGTHS for t in long_tasks(n)],
+                   {t: "acc" for n in LONG_LENGTHS for t in long_tasks(n)})]
 
 
 def _measured(section: str, name: str):
@@ -210,6 +231,8 @@ class Spec:
     optional_axes: tuple = ()          # row axes shown only where the table's rows differ in them
     generations: tuple = ()            # only records of these Mamba generations (model_info.mamba_version; empty: any)
     notes: tuple = ()                  # lines the table's footer always has
+    closed: tuple = ()                 # axes whose values are its sweeps' alone ("benchmark": no other table takes
+                                       # those records; "model": no other model's records enter it)
 
     @property
     def section(self) -> str:
@@ -268,6 +291,15 @@ SPECS = [
                 "advances a kept token's rotation by its own angle step, positions by its step times the original "
                 "positions since the previous kept token, sizes by its step times the tokens merged into it "
                 "(docs/hosts.md: Mamba-3).",)),
+    Spec("long", "Long-context accuracy", ("long", "long_filter"), columns=LONG_COLUMNS, closed=("benchmark",),
+         notes=("Per prompt length, the mean accuracy of its five tasks (needle, multi-key and multi-value retrieval, "
+                "long MQAR, long story QA; four choices each, chance 25 %); Avg over all twenty. longmamba removes no "
+                "token (0 % of the FLOPs; docs/suite.md: Long context).",)),
+    Spec("long_speed", "Long-context speed, CUDA graph replays", ("long_efficiency",), kind="efficiency", family=None,
+         split=("device", "shape"), axes=("model", "ratio", "method"), columns=EFFICIENCY_COLUMNS, captured=True,
+         shapes=tuple(f"batch 1 x {length}" for length in LONG_LENGTHS), closed=("model",),
+         notes=EFFICIENCY + ("The speed-ups behind the long-context accuracies: the same methods and budgets at the "
+                             "suite's lengths, batch 1, every forward timed as replays of one CUDA graph capture.",)),
     Spec("pruning", "Weight pruning", ("pruning",), axes=("model", "sparsity", "pruner")),
     Spec("pruning_hf", "Weight pruning (transformer)", ("pruning_hf",), axes=("model", "sparsity", "pruner"),
          family="hf"),
