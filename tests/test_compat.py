@@ -202,7 +202,8 @@ def test_a_reduced_mamba1_on_aligned_mixers_keeps_what_it_kept(triton_mamba1, mo
         assert torch.allclose(aligned.logits, plain.logits, atol=1e-5, rtol=1e-5), method
 
 
-NORM_FAMILIES = ("mamba2", "mamba", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "jamba")
+NORM_FAMILIES = ("mamba2", "mamba", "falcon_mamba", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2",
+                 "jamba")
 
 
 def norm_classes(family: str) -> dict:
@@ -245,17 +246,24 @@ def test_transformers_rmsnorms_of_the_shared_forms_run_mamba_ssms_triton_norms_a
                 launched = len(triton_norms)
                 torch.testing.assert_close(norm(*args), own(norm, *args), atol=1e-5, rtol=1e-5)
                 assert len(triton_norms) == launched + 1, name
-            half = x.to(torch.bfloat16)  # weights in float32, input in bf16: the output is float32, not the kernel's
+            half = x.to(torch.bfloat16)  # weights in float32, input in bf16
             launched = len(triton_norms)
-            assert torch.equal(norm(half), own(norm, half)) and norm(half).dtype == torch.float32
-            assert len(triton_norms) == launched
+            if compat.norm_form(cls) == "plain_float32":  # it casts its output to bf16, as the kernel does
+                assert norm(half).dtype == torch.bfloat16 and len(triton_norms) == launched + 1
+                torch.testing.assert_close(norm(half), own(norm, half))
+            else:  # the output is float32, not the kernel's: transformers' code
+                assert torch.equal(norm(half), own(norm, half)) and norm(half).dtype == torch.float32
+                assert len(triton_norms) == launched
 
 
 def test_norms_of_other_forms_keep_transformers_code():
-    """FalconH1's gated norm (norm before the gate, weights per group) and NemotronH's block norm are not the shared
-    forms: not routed."""
+    """FalconH1's gated norm (norm before the gate, weights per group) and FalconMamba's weightless norm of B, C and
+    Δ are not shared forms: not routed; every other RMSNorm of these families is."""
+    found = {name: compat.norm_form(cls) for family in NORM_FAMILIES for name, cls in norm_classes(family).items()}
+    assert sorted(name for name, form in found.items() if form is None) == ["FalconH1RMSNormGated",
+                                                                           "FalconMambaWeightlessRMSNorm"]
     assert not getattr(norm_classes("falcon_h1")["FalconH1RMSNormGated"].forward, "_ssmcompress_routed", False)
-    assert not getattr(norm_classes("nemotron_h")["NemotronHRMSNorm"].forward, "_ssmcompress_routed", False)
+    assert found["NemotronHRMSNorm"] == "plain_float32" and found["Mamba2RMSNorm"] == "plain"
     plain = norm_classes("mamba2")["Mamba2RMSNorm"]
     x = torch.randn(3, 64)
     assert torch.equal(plain(64)(x), plain.forward.__wrapped__(plain(64), x))  # CPU tensors: transformers' code

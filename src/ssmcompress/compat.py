@@ -355,18 +355,21 @@ def route_transformers(module: types.ModuleType) -> None:
     for norm in vars(module).values():
         form = norm_form(norm)
         if form is not None and not getattr(norm.forward, "_ssmcompress_routed", False):
-            norm.forward = _routed_norm(norm.forward, gated=form == "gated")
+            norm.forward = _routed_norm(norm.forward, form)
 
 
 # transformers' RMSNorm modules compute in float32 with one kernel per operation (a cast, the square, the mean, the
 # reciprocal root, two products, a cast back: measured on an H100, about half of a Mamba-2 2.7B's bf16 forward at batch
-# 8 x 2048 went to such elementwise kernels, where mamba-ssm's host runs its Triton norms). On CUDA tensors the two
-# forms every SSM family shares run on mamba-ssm's Triton RMSNorms instead: the plain one (T5LayerNorm: weight times
-# the normed input, cast back to its dtype) and the grouped one that gates first (norm_before_gate=False, `group_size`).
-# A module class takes the route only where its forward is bytecode for bytecode one of modeling_mamba2's two; one
-# whose output dtype is not its input's (weights of another dtype) and calls under torch.compile, which fuses them
-# itself, keep transformers' code. The kernels round once where transformers rounds the normed input, then the product.
-CANONICAL_NORMS = ("transformers.models.mamba2.modeling_mamba2", {"plain": "Mamba2RMSNorm", "gated": "MambaRMSNormGated"})
+# 8 x 2048 went to such elementwise kernels, where mamba-ssm's host runs its Triton norms). On CUDA tensors the forms
+# the SSM families share run on mamba-ssm's Triton RMSNorms instead: the plain one (T5LayerNorm: weight times the normed
+# input cast back to its dtype), the plain one that casts after the product (NemotronH's), and the grouped one that
+# gates first (norm_before_gate=False, `group_size`). A module class takes the route only where its forward is bytecode
+# for bytecode one of these classes'; one whose output dtype would not be its input's (weights of another dtype) and
+# calls under torch.compile, which fuses them itself, keep transformers' code. The kernels round once, where the plain
+# form rounds the normed input, then the product.
+CANONICAL_NORMS = {"plain": ("transformers.models.mamba2.modeling_mamba2", "Mamba2RMSNorm"),
+                   "plain_float32": ("transformers.models.nemotron_h.modeling_nemotron_h", "NemotronHRMSNorm"),
+                   "gated": ("transformers.models.mamba2.modeling_mamba2", "MambaRMSNormGated")}
 
 
 def _bytecode(function) -> tuple:
@@ -376,12 +379,16 @@ def _bytecode(function) -> tuple:
 
 @functools.cache
 def _canonical_norms() -> dict:
-    module = importlib.import_module(CANONICAL_NORMS[0])
-    return {_bytecode(getattr(module, name).forward): form for form, name in CANONICAL_NORMS[1].items()}
+    forms = {}
+    for form, (module, name) in CANONICAL_NORMS.items():
+        forward = getattr(importlib.import_module(module), name).forward
+        forms[_bytecode(getattr(forward, "__wrapped__", forward))] = form
+    return forms
 
 
 def norm_form(candidate) -> str | None:
-    """"plain" or "gated" for a transformers RMSNorm class whose forward is one of the canonical two, else None."""
+    """"plain", "plain_float32" or "gated" for a transformers RMSNorm class whose forward is one of the canonical
+    forms, else None."""
     if not (inspect.isclass(candidate) and issubclass(candidate, torch.nn.Module)
             and candidate.__name__.endswith(("RMSNorm", "RMSNormGated"))):
         return None
@@ -389,14 +396,14 @@ def norm_form(candidate) -> str | None:
     return _canonical_norms().get(_bytecode(forward)) if hasattr(forward, "__code__") else None
 
 
-def _routed_norm(forward, gated: bool):
+def _routed_norm(forward, form: str):
     install()  # mamba-ssm's norm functions, as install() routes them per device
     ln = importlib.import_module("mamba_ssm.ops.triton.layer_norm")
     lng = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
 
-    def kernel_runs(module, x) -> bool:
+    def kernel_runs(module, x) -> bool:  # the float32 form casts its output to the input's dtype whatever the weights'
         return (_triton_runs_on(x.device) and not torch.compiler.is_compiling()
-                and torch.result_type(module.weight, x) == x.dtype)
+                and (form == "plain_float32" or torch.result_type(module.weight, x) == x.dtype))
 
     def plain(self, hidden_states):
         if not kernel_runs(self, hidden_states):
@@ -409,7 +416,7 @@ def _routed_norm(forward, gated: bool):
         return lng.rmsnorm_fn(hidden_states, self.weight, None, z=gate, eps=self.variance_epsilon,
                               group_size=self.group_size, norm_before_gate=False)
 
-    route = functools.wraps(forward)(grouped if gated else plain)
+    route = functools.wraps(forward)(grouped if form == "gated" else plain)
     route._ssmcompress_routed = True
     return route
 

@@ -190,9 +190,7 @@ def test_kernel_paths_name_each_op_of_a_transformers_hybrid():
     cuda = efficiency.kernel_paths(model, info, torch.device("cuda"))  # routing only: nothing runs on the GPU
     assert cuda["scan_kernel"] == "mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined"
     assert cuda["conv_kernel"] == efficiency.TRITON_CONV and cuda["attention_kernel"] == "torch SDPA"
-    # NemotronH's gated norm has the shared form, its block norm does not (tests/test_compat.py)
-    assert cuda["norm_kernel"] == ("mamba-ssm Triton RMSNorm (NemotronHRMSNormGated); transformers' pure torch "
-                                   "(NemotronHRMSNorm)")
+    assert cuda["norm_kernel"] == "mamba-ssm Triton RMSNorm"  # both of NemotronH's norms (tests/test_compat.py)
     assert not records.unrepresentative_paths(cuda)
     model.config._attn_implementation = "eager"
     eager = efficiency.kernel_paths(model, info, torch.device("cuda"))
