@@ -265,13 +265,14 @@ def _mamba3_blocks(create_block):
 
 
 HAS_MAMBA3_MIMO = False  # mamba-ssm's TileLang MIMO kernel imports (TileLang installed)
+HAS_MAMBA3_STEP = False  # mamba-ssm's CuTe Mamba-3 decoding step imports (elsewhere: mamba3_reference.step)
 
 
 def _route_mamba3() -> None:
     """Mamba-3's layers: mamba-ssm's Triton SISO kernel where Triton runs, its TileLang MIMO kernel where TileLang is
     installed and Triton runs, else the pure-torch layers (ssmcompress.mamba3_reference), which also let mamba-ssm
     build a MIMO mixer without TileLang. Skipped where mamba-ssm's Mamba-3 module does not import."""
-    global HAS_MAMBA3_MIMO
+    global HAS_MAMBA3_MIMO, HAS_MAMBA3_STEP
     try:
         import mamba_ssm.modules.mamba3 as m3
     except ImportError:
@@ -309,9 +310,10 @@ def _route_mamba3() -> None:
 
         mimo.angle_dt_fwd = angle_dt_fwd
     fast_step = m3.Mamba3.step
+    HAS_MAMBA3_STEP = m3.mamba3_step_fn is not None  # its CuTe decoding kernel imports (nvidia-cutlass-dsl installed)
 
     def mamba3_step(self, u, *states, **kwargs):
-        return (fast_step(self, u, *states, **kwargs) if _triton_runs_on(u.device)
+        return (fast_step(self, u, *states, **kwargs) if HAS_MAMBA3_STEP and _triton_runs_on(u.device)
                 else mamba3_reference.step(self, u, *states))
 
     m3.Mamba3.step = mamba3_step

@@ -26,7 +26,8 @@ SCHEMA = 4
 # efficiency keys naming the path a measurement's forwards took per op (metrics.efficiency.kernel_paths, reduction_kernels,
 # forward_path: eager launches or CUDA graph replays);
 # a value carrying the marker is a pure-torch path on a GPU, whose latencies are not the kernels'
-PATH_KEYS = ("scan_kernel", "conv_kernel", "norm_kernel", "attention_kernel", "reduction_kernels", "forward_path")
+PATH_KEYS = ("scan_kernel", "conv_kernel", "norm_kernel", "attention_kernel", "decode_kernel", "reduction_kernels",
+             "forward_path")
 NOT_REPRESENTATIVE = "not representative"
 
 

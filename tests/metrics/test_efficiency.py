@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_model
 from ssmcompress import compat, records
+from ssmcompress.hosts import mamba_ssm
 from ssmcompress.metrics import efficiency
 from ssmcompress.reduction import kernels
 
@@ -36,6 +38,18 @@ def test_scan_kernel_names_the_scan_that_runs(monkeypatch):
     monkeypatch.setattr(compat, "HAS_SELECTIVE_SCAN_CUDA", True)
     monkeypatch.setattr(compat, "MAMBA1_SCAN", "auto")
     assert efficiency.scan_kernel(dict(mamba_version=1), cuda) == "mamba-ssm CUDA selective scan"
+
+
+def test_a_mamba3_record_names_its_decoding_step(monkeypatch):
+    model = tiny_model(3)
+    info = mamba_ssm.model_info(model)
+    cuda = torch.device("cuda")  # routing only: nothing runs on the GPU
+    monkeypatch.setattr(compat, "HAS_MAMBA3_STEP", False)  # mamba-ssm's CuTe step did not import: pure torch
+    assert records.unrepresentative_paths(efficiency.kernel_paths(model, info, cuda)) == {
+        "decode_kernel": f"pure-torch Mamba-3 step (no CuTe kernel): {records.NOT_REPRESENTATIVE}"}
+    monkeypatch.setattr(compat, "HAS_MAMBA3_STEP", True)
+    assert efficiency.kernel_paths(model, info, cuda)["decode_kernel"] == "mamba-ssm CuTe Mamba-3 step"
+    assert "decode_kernel" not in efficiency.kernel_paths(tiny_model(2), mamba_ssm.model_info(tiny_model(2)), cuda)
 
 
 def test_reduction_kernels_names_the_path_matching_takes(monkeypatch):

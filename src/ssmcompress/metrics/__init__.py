@@ -103,6 +103,8 @@ def from_config(model, reducer, cfg, info: dict) -> dict:
         if described else {}
     if cfg.benchmark.kind == "generation":
         sections["generation"] = generation_report(model, reducer, info, input_ids, settings)
+        if described:
+            sections["generation"].update(efficiency.kernel_paths(model, info, device))
     elif settings["efficiency"]:
         ceiling = reducer.ceiling() if settings["ceiling"] and hasattr(reducer, "ceiling") else None
         try:

@@ -47,6 +47,10 @@ def kernel_paths(model, info: dict, device: torch.device) -> dict:
     """The implementation each op of the forwards ran, as record keys: `scan_kernel`, `conv_kernel` and, on hybrids,
     `attention_kernel` (a pure-torch path on a GPU carries NOT_REPRESENTATIVE)."""
     paths = dict(scan_kernel=scan_kernel(info, device))
+    if info.get("mamba_version") == 3:  # its decoding step has a kernel of its own (generation)
+        paths["decode_kernel"] = ("pure-torch reference (CPU)" if device.type != "cuda" else
+                                  "mamba-ssm CuTe Mamba-3 step" if compat.HAS_MAMBA3_STEP else
+                                  f"pure-torch Mamba-3 step (no CuTe kernel): {NOT_REPRESENTATIVE}")
     if info.get("family") == "hf":
         paths.update(transformers_paths(model, info, device))
     elif device.type == "cuda":

@@ -314,10 +314,9 @@ def table_legend(spec: Spec, columns: list[Column], by_seed: bool, untested: int
 
 def unrepresentative(chosen: dict, label) -> list[str]:
     """The footer's line on cells whose record says its forwards took a path nobody would time on that device (a
-    pure-torch scan or reduction on a GPU: efficiency.scan_kernel / reduction_kernels): their latencies are not the
-    kernels'."""
+    pure-torch scan, reduction or decoding step on a GPU: records.PATH_KEYS): their latencies are not the kernels'."""
     cells = [label(key) for key, used in chosen.items()
-             if any(records.unrepresentative_paths(r.get("efficiency") or {}) for r in used)]
+             if any(records.unrepresentative_paths(r.get("efficiency") or r.get("generation") or {}) for r in used)]
     if not cells:
         return []
     return [f"Not representative: {len(cells)} cell(s) ran a pure-torch scan or reduction on the GPU "
