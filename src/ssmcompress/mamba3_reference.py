@@ -25,8 +25,9 @@ instead of 2i with 2i + 1, and its B/C biases are per head and rank. mamba-ssm's
 token, so the MIMO layer's chunks are contracted here (`ranked_ssd`, its listing with a rank index on B, C and X).
 
 `return_final_states` gives what decoding continues from (the angles, the state, the last token's k and v), and `step`
-is `Mamba3.step` (mamba-ssm's runs on its CuTe kernel only), SISO and MIMO, so a Mamba-3 model generates on a CPU. Not covered:
-`Input_States` (a prefill continuing from a cache) and `cu_seqlens` (packed sequences): NotImplementedError.
+is `Mamba3.step` (mamba-ssm's runs on its CuTe kernel only), SISO and MIMO, so a Mamba-3 model generates on a CPU.
+Not covered: `Input_States` (a prefill continuing from a cache) and `cu_seqlens` (packed sequences):
+NotImplementedError.
 
 `ANGLE_STEP_SCALE` is this repository's addition for token reduction: a factor per token on the angle step
 π·tanh(angles_t)·dt_t, set around a mixer's forward (hosts.mamba_ssm.attach_rotation) and applied here and, through
@@ -133,6 +134,11 @@ def mamba3_siso(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     return y.to(V.dtype), theta[:, -1], state, k[:, -1].to(V.dtype), V[:, -1]
 
 
+def by_rank(per_head: torch.Tensor) -> torch.Tensor:
+    """A per-head, per-rank parameter (h, R, ...) as (R, h, ...) in float32, the layout the ranks' inputs have."""
+    return per_head.float().transpose(0, 1)
+
+
 def ranked_ssd(X, A, B, C, block_len):
     """mamba-ssm's `ssd_minimal_discrete` (its chunked listing, same steps) with R (B, X) pairs and R queries C per
     token: X (b, l, r, h, p), A (b, l, h), B (b, l, r, h, n), C (b, l, R, h, n); y_{t,R} = Σ_{s<=t} exp(A_{s+1} + ... +
@@ -167,7 +173,6 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
         raise NotImplementedError("packed sequences (cu_seqlens) are not supported by the pure-torch Mamba-3 layer")
     length, nheads = V.shape[1], V.shape[2]
     heads = lambda M: repeat(M.float(), "b l r g n -> b l r (g x) n", x=nheads // M.shape[3])  # noqa: E731
-    by_rank = lambda bias: rearrange(bias.float(), "h r n -> r h n")  # noqa: E731
     dt = DT.float()
     theta = cumulative_angles(Angles, angle_dt(dt))  # (b, l, h, n_angles): one rotation for every rank
     q = rotate_halves(heads(Q) + by_rank(Q_bias), theta[:, :, None])
@@ -206,7 +211,6 @@ def step(layer, u, angle_state, ssm_state, k_state, v_state):
     dt, share = dt.float(), share.float()
     theta = wrapped(angle_state + torch.tanh(angles.float()) * math.pi * dt.unsqueeze(-1))
     turn = rotate_halves if layer.is_mimo else rotate
-    by_rank = lambda bias: rearrange(bias.float(), "h r n -> r h n")  # noqa: E731
     q = turn(C.float() + by_rank(layer.C_bias), theta[:, None])  # (b, R, h, n)
     k = turn(B.float() + by_rank(layer.B_bias), theta[:, None])
     ranks = ((lambda t: torch.einsum("bhp,hrp->brhp", t.float(), layer.mimo_x.float())) if layer.is_mimo
@@ -218,8 +222,8 @@ def step(layer, u, angle_state, ssm_state, k_state, v_state):
         "brhp,brhn->bhpn", v, k)  # (b, h, p, n)
     y = torch.einsum("bhpn,brhn->brhp", state, q) + layer.D.float()[:, None] * v  # (b, R, h, p)
     if layer.is_mimo and layer.is_outproj_norm:
-        y = layer._postprocess(y, rearrange(layer.mimo_o, "h r p -> r h p"), z,
-                               rearrange(layer.mimo_z, "h r p -> r h p"), layer.headdim).flatten(1)
+        y = layer._postprocess(y, layer.mimo_o.transpose(0, 1), z, layer.mimo_z.transpose(0, 1),
+                               layer.headdim).flatten(1)
     elif layer.is_mimo:
         gate = F.silu(torch.einsum("bhp,hrp->brhp", z.float(), layer.mimo_z.float()))
         y = torch.einsum("brhp,hrp->bhp", y * gate, layer.mimo_o.float()).flatten(1)

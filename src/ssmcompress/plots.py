@@ -59,20 +59,26 @@ def accuracy_points(table: Table, runs: pd.DataFrame, column: str) -> pd.DataFra
     return pd.DataFrame(points, columns=["model", "method", "target", "achieved", "value", "error"])
 
 
-def accuracy_vs_flops(ax, points: pd.DataFrame, ylabel: str = "accuracy (%)") -> None:
-    """Per method a line from the dense point through its budgets, with standard-error bars."""
+def method_curves(ax, points: pd.DataFrame, x: str) -> None:
+    """Per method a line from the dense point through its budgets, ordered by column `x`, with standard-error bars
+    on `value`; the dense point on top."""
     dense = points[points.method == "dense"]
     for method in [m for m in ORDER if m in set(points.method)] + sorted(set(points.method) - set(ORDER)):
         if method == "dense":
             continue
-        curve = pd.concat([dense, points[points.method == method]]).sort_values("achieved")
-        ax.errorbar(curve.achieved, curve.value, yerr=curve.error.fillna(0).to_numpy(dtype=float), capsize=2,
+        curve = pd.concat([dense, points[points.method == method]]).sort_values(x)
+        ax.errorbar(curve[x], curve.value, yerr=curve.error.fillna(0).to_numpy(dtype=float), capsize=2,
                     linewidth=1.2, markersize=4, **style(method))
     if len(dense):
-        ax.errorbar(dense.achieved, dense.value, yerr=dense.error.fillna(0).to_numpy(dtype=float), capsize=2,
+        ax.errorbar(dense[x], dense.value, yerr=dense.error.fillna(0).to_numpy(dtype=float), capsize=2,
                     linestyle="none", markersize=6, zorder=3, **style("dense"))
-    ax.set(xlabel="FLOPs removed (%)", ylabel=ylabel)
     ax.grid(alpha=0.3)
+
+
+def accuracy_vs_flops(ax, points: pd.DataFrame, ylabel: str = "accuracy (%)") -> None:
+    """Per method a line from the dense point through its budgets, accuracy against the FLOPs removed."""
+    method_curves(ax, points, "achieved")
+    ax.set(xlabel="FLOPs removed (%)", ylabel=ylabel)
 
 
 def speedup_points(table: Table, runs: pd.DataFrame) -> pd.DataFrame:
@@ -93,19 +99,9 @@ def speedup_points(table: Table, runs: pd.DataFrame) -> pd.DataFrame:
 def accuracy_vs_speedup(ax, points: pd.DataFrame, ylabel: str = "average accuracy (%)") -> None:
     """Per method a line from the dense point (speed-up 1) through its budgets, accuracy against the speed-up
     measured at the same budget and prompt length (points: method, speedup, value, error)."""
-    dense = points[points.method == "dense"]
-    for method in [m for m in ORDER if m in set(points.method)] + sorted(set(points.method) - set(ORDER)):
-        if method == "dense":
-            continue
-        curve = pd.concat([dense, points[points.method == method]]).sort_values("speedup")
-        ax.errorbar(curve.speedup, curve.value, yerr=curve.error.fillna(0).to_numpy(dtype=float), capsize=2,
-                    linewidth=1.2, markersize=4, **style(method))
-    if len(dense):
-        ax.errorbar(dense.speedup, dense.value, yerr=dense.error.fillna(0).to_numpy(dtype=float), capsize=2,
-                    linestyle="none", markersize=6, zorder=3, **style("dense"))
+    method_curves(ax, points, "speedup")
     ax.axvline(1.0, color="#808080", linewidth=0.8, linestyle=":")  # slower than dense on its left
     ax.set(xlabel="measured speed-up over dense (×)", ylabel=ylabel)
-    ax.grid(alpha=0.3)
 
 
 def tokens_per_layer(ax, counts: pd.DataFrame) -> None:

@@ -56,30 +56,44 @@ def test_a_mimo_model_is_described_by_its_config(mimo):
 @pytest.mark.parametrize("method", ["ours", "tome", "evit", "official"])
 def test_every_method_reduces_a_mimo_model_a_padded_batch_as_each_sequence_alone(mimo, method):
     model, info = mimo
-    ids, lengths, protect = batch_of([40, 23], 40, seed=2)
-    reducer = reduction.from_config(model, compose_config([f"method={method}", "ratio=0.3", "rotation=positions"]),
-                                    info)
+    achieved = reduces_a_padded_batch_as_each_row_alone(model, info, [f"method={method}", "rotation=positions"],
+                                                        [40, 23], 40, seed=2)
+    assert achieved == pytest.approx(0.3, abs=0.05)
+
+
+def test_a_mimo_model_decodes_from_its_prefills_states_as_the_whole_sequence(mimo):
+    steps_continue_the_prefill(mimo[0], prompt=19, steps=4, seed=5)
+
+
+def reduces_a_padded_batch_as_each_row_alone(model, info, overrides, lengths, total, seed) -> float:
+    """Reduce a right-padded batch at 30 % and each of its rows alone: the same kept positions and logits per row.
+    Returns the padded batch's achieved FLOPs ratio."""
+    ids, lengths, protect = batch_of(lengths, total, seed=seed)
+    reducer = reduction.from_config(model, compose_config([*overrides, "ratio=0.3"]), info)
     try:
         out = reducer(ids, lengths=lengths, protect=protect)
+        achieved = reducer.describe()["observed"]["achieved_ratio"]
         for row, length in enumerate(lengths.tolist()):
             alone = reducer(ids[row:row + 1, :length], protect=protect[row:row + 1, :length])
             kept = int(out.counts[row])
             assert kept == alone.logits.shape[1] < length
+            assert torch.equal(out.positions[row, :kept], alone.positions[0])
             assert torch.allclose(out.logits[row, :kept], alone.logits[0], atol=1e-5, rtol=1e-4)
-        assert reducer.describe()["observed"]["achieved_ratio"] == pytest.approx(0.3, abs=0.05)
     finally:
         reducer.remove()
+    return achieved
 
 
-def test_a_mimo_model_decodes_from_its_prefills_states_as_the_whole_sequence(mimo):
+def steps_continue_the_prefill(model, prompt: int, steps: int, seed: int) -> None:
+    """Greedy decoding from a prefill's cache (the layer's final angles, state, last k and v), one token per step:
+    each step's logits are the whole sequence's last ones."""
     from mamba_ssm.utils.generation import InferenceParams
 
-    model, info = mimo
-    ids = torch.randint(1, 4000, (2, 19), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(1, 4000, (2, prompt), generator=torch.Generator().manual_seed(seed))
     cache = InferenceParams(max_seqlen=32, max_batch_size=2)
     with torch.no_grad():
         logits = model(ids, inference_params=cache).logits[:, -1]
-        for _ in range(4):
+        for _ in range(steps):
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
             cache.seqlen_offset = ids.shape[1] - 1
             logits = model(ids[:, -1:], inference_params=cache).logits[:, -1]
@@ -89,19 +103,7 @@ def test_a_mimo_model_decodes_from_its_prefills_states_as_the_whole_sequence(mim
 @pytest.mark.parametrize("overrides", [[f"method={method}"] for method in METHODS]
                          + [["method=ours", "rotation=positions"], ["method=tome", "rotation=sizes"]])
 def test_every_method_reduces_mamba3_a_padded_batch_as_each_sequence_alone(mamba3, overrides):
-    model, info = mamba3
-    ids, lengths, protect = batch_of([48, 29], 48, seed=1)
-    reducer = reduction.from_config(model, compose_config([*overrides, "ratio=0.3"]), info)
-    try:
-        out = reducer(ids, lengths=lengths, protect=protect)
-        for row, length in enumerate(lengths.tolist()):
-            alone = reducer(ids[row:row + 1, :length], protect=protect[row:row + 1, :length])
-            kept = int(out.counts[row])
-            assert kept == alone.logits.shape[1] < length
-            assert torch.equal(out.positions[row, :kept], alone.positions[0])
-            assert torch.allclose(out.logits[row, :kept], alone.logits[0], atol=1e-5, rtol=1e-4)
-    finally:
-        reducer.remove()
+    reduces_a_padded_batch_as_each_row_alone(*mamba3, overrides, [48, 29], 48, seed=1)
 
 
 def test_the_budget_is_met_and_removal_restores_the_dense_model(mamba3):
@@ -287,15 +289,4 @@ def test_decoding_from_the_prefills_states_equals_running_the_whole_sequence(mam
     """A prefill that fills the cache (the layer's final angles, state, last k and v) and steps from it
     (mamba3_reference.step, in place of mamba-ssm's CuTe kernel) give each new token the logits the full forward
     gives it: the trapezoid's previous token and the rotation carry over the cache boundary."""
-    from mamba_ssm.utils.generation import InferenceParams
-
-    model, info = mamba3
-    ids = torch.randint(1, 4000, (2, 21), generator=torch.Generator().manual_seed(3))
-    cache = InferenceParams(max_seqlen=32, max_batch_size=2)
-    with torch.no_grad():
-        logits = model(ids, inference_params=cache).logits[:, -1]
-        for _ in range(5):
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-            cache.seqlen_offset = ids.shape[1] - 1
-            logits = model(ids[:, -1:], inference_params=cache).logits[:, -1]
-            torch.testing.assert_close(logits, model(ids).logits[:, -1], atol=1e-4, rtol=1e-4)
+    steps_continue_the_prefill(mamba3[0], prompt=21, steps=5, seed=3)
